@@ -1,0 +1,149 @@
+"""Run one Llama-family decoder block on a subset of the sequence's tokens.
+
+This is the only place a decoder block is executed, in every mode: dense, routed with real
+gather/scatter, routed by mask emulation (training), prefill and cached decode. We call the HF
+layer's own modules (norms, projections, MLP) but drive attention ourselves, because routing needs
+what HF's layer does not offer: queries and keys from different token sets (kv_policy=dense),
+per-layer ragged KV caches, and the attention-score window for the learned router.
+
+Shapes: B batch, q query rows, T keys, H hidden, nh/nkv query/KV heads, d head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class LayerKV:
+    """Keys/values a block attended over, post-RoPE: what a KV cache stores for that block."""
+
+    key: Tensor  # [B,nkv,T,d]
+    value: Tensor  # [B,nkv,T,d]
+    pos: Tensor  # [B,T] int64 original positions
+    valid: Tensor  # [B,T] bool (False: padding)
+
+    def append(self, other: "LayerKV") -> "LayerKV":
+        return LayerKV(torch.cat([self.key, other.key], 2), torch.cat([self.value, other.value], 2),
+                       torch.cat([self.pos, other.pos], 1), torch.cat([self.valid, other.valid], 1))
+
+    @property
+    def length(self) -> int:
+        return self.key.shape[2]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B,n,q,d], cos/sin [B,q,d] for the tokens' original positions."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def expand_kv(x: Tensor, groups: int) -> Tensor:
+    """[B,nkv,T,d] -> [B,nkv*groups,T,d] (GQA), with ops every exporter understands."""
+    if groups == 1:
+        return x
+    b, n, t, d = x.shape
+    return x[:, :, None].expand(b, n, groups, t, d).reshape(b, n * groups, t, d)
+
+
+def attention_allowed(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, k_active: Tensor | None = None) -> Tensor:
+    """Causal-by-original-position mask [B,q,T] (True = attend), intersected with padding/skipping.
+
+    A row with no allowed key (a padding query) would give NaN in softmax; it attends to every
+    key instead. Its output is garbage by construction but finite, and is never used.
+    """
+    allowed = (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)) & k_valid.unsqueeze(1)  # [B,q,T]
+    if k_active is not None:
+        allowed = allowed & k_active.unsqueeze(1)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tensor, window: int,
+                            scaling: float) -> tuple[Tensor, Tensor]:
+    """Attention each key received from the last `window` usable query rows, without a q x T matrix.
+
+    q [B,nh,q,d] (post-RoPE), k [B,nh,T,d] (expanded), allowed [B,q,T], row_ok [B,q] (rows that are
+    real, kept tokens). Returns (score [B,T], seen [B,T]): the mean over heads of the attention
+    probability, averaged over the window queries that may see the key; `seen` is False for keys
+    no window query can see (the caller keeps their previous score). Cost: window x T per head.
+    """
+    nrows = q.shape[2]
+    w = min(window, nrows)
+    ar = torch.arange(nrows, device=q.device).expand_as(row_ok)  # [B,q]
+    rank_key = torch.where(row_ok, ar, torch.full_like(ar, -1))
+    rows = torch.topk(rank_key, w, dim=-1).indices  # [B,w] the last w usable rows
+    rows_ok = row_ok.gather(1, rows)  # [B,w]
+    qw = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B,nh,w,d]
+    mask = allowed.gather(1, rows.unsqueeze(-1).expand(-1, -1, allowed.shape[2]))  # [B,w,T]
+    mask = mask & rows_ok.unsqueeze(-1)
+    logits = torch.matmul(qw, k.transpose(2, 3)) * scaling  # [B,nh,w,T]
+    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
+    total = probs.sum(dim=2).mean(dim=1)  # [B,T]
+    count = mask.sum(dim=1)  # [B,T] window queries that see each key
+    score = total / count.clamp(min=1).to(total.dtype)
+    return score.float(), count > 0
+
+
+@dataclass
+class BlockResult:
+    out: Tensor  # [B,q,H] the block's output for the query rows
+    kv: LayerKV  # what the rows attended over (this call's keys, past included)
+    attn_score: Tensor | None = None  # [B,T] window attention score per key
+    attn_seen: Tensor | None = None  # [B,T] bool
+
+
+def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q_valid: Tensor, *,
+              kv_x: Tensor | None = None, kv_cos_sin: tuple[Tensor, Tensor] | None = None,
+              kv_pos: Tensor | None = None, kv_valid: Tensor | None = None, k_active: Tensor | None = None,
+              q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0) -> BlockResult:
+    """One decoder block for the query rows x [B,q,H].
+
+    Keys/values come from `kv_x` [B,T,H] (the block input of other tokens: kv_policy=dense) or,
+    by default, from x itself; `past` (a cache) is prepended. `k_active` [B,T] removes keys by mask
+    (training emulation of kv_policy=skip); `q_active` [B,q] says which rows are real kept tokens
+    (for the score window). RoPE uses each token's original position.
+    """
+    attn = layer.self_attn
+    bsz, nq, _ = x.shape
+    head_dim = attn.head_dim
+    residual = x
+    xn = layer.input_layernorm(x)  # [B,q,H]
+    q = attn.q_proj(xn).view(bsz, nq, -1, head_dim).transpose(1, 2)  # [B,nh,q,d]
+    if kv_x is None:
+        kv_src, kv_cos_sin, kv_pos, kv_valid = xn, cos_sin, q_pos, q_valid
+    else:
+        kv_src = layer.input_layernorm(kv_x)  # [B,T,H]
+    nkv_tok = kv_src.shape[1]
+    k = attn.k_proj(kv_src).view(bsz, nkv_tok, -1, head_dim).transpose(1, 2)  # [B,nkv,T,d]
+    v = attn.v_proj(kv_src).view(bsz, nkv_tok, -1, head_dim).transpose(1, 2)  # [B,nkv,T,d]
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = apply_rope(q, *cos_sin)
+    k = apply_rope(k, *kv_cos_sin)
+    kv = LayerKV(k, v, kv_pos, kv_valid)
+    if past is not None:
+        kv = past.append(kv)
+        if k_active is not None:
+            k_active = torch.cat([torch.ones_like(past.valid), k_active], 1)
+    groups = q.shape[1] // k.shape[1]
+    keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]
+    allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=attn.scaling)
+    o = attn.o_proj(o.transpose(1, 2).reshape(bsz, nq, -1))  # [B,q,H]
+    h = residual + o
+    out = h + layer.mlp(layer.post_attention_layernorm(h))  # [B,q,H]
+    result = BlockResult(out=out, kv=kv)
+    if score_window > 0:
+        row_ok = q_valid if q_active is None else (q_valid & q_active)
+        result.attn_score, result.attn_seen = window_attention_scores(q, keys, allowed, row_ok, score_window,
+                                                                      attn.scaling)
+    return result

@@ -1,0 +1,216 @@
+"""The routed model: a frozen HF causal LM whose blocks run on router-chosen token subsets.
+
+method.md section 1, for real: per routed block, score tokens, keep k_l of them (forced tokens
+included), gather them in original order, run the whole block on that subsequence only (original
+positions for RoPE, causal + padding mask over the kept tokens), and scatter the block's delta
+back. Skipped tokens pass through unchanged.
+
+Two execution modes share every line that decides *which* tokens run:
+- "gather": real gather -> block on k rows -> scatter (inference, export, evaluation);
+- "mask": the block runs on all rows, skipped keys are masked out and the update is multiplied
+  by the hard keep mask (training: gradients reach the router through a straight-through
+  estimator on sigmoid scores). Both give the same numbers for the kept tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .block import LayerKV, run_block
+from .routers import RouteContext, Router
+from .schedule import MIN_KEEP, Schedule
+
+KV_POLICIES = ("skip", "dense")
+DEFAULT_WINDOW = 64  # query rows used for the attention-score feature (see docs/design.md)
+
+
+@dataclass
+class LayerTrace:
+    """What routing did in one block (for tests, training losses and validation)."""
+
+    k: int  # rows that ran through the block
+    index: Tensor | None = None  # [B,k] kept positions (gather mode)
+    keep_mask: Tensor | None = None  # [B,S] bool hard keep mask
+    logits: Tensor | None = None  # [B,S] raw router scores (before forcing)
+    forced: Tensor | None = None  # [B,S] bool tokens kept whatever the score
+
+
+@dataclass
+class RoutedOutput:
+    logits: Tensor  # [B,S,V] or [B,1,V] (last position)
+    traces: list[LayerTrace] = field(default_factory=list)
+    cache: list[LayerKV] | None = None  # per-layer KV (prefill)
+
+
+def default_positions(valid: Tensor) -> Tensor:
+    """Position ids that skip left padding: 0 at each row's first valid token."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forced_tokens(valid: Tensor, n_tail: int) -> Tensor:
+    """[B,S] bool: the first valid token (attention sink), the last valid token of the routed part
+    (it makes the next-token logits), and the last n_tail valid tokens (the scored continuation)."""
+    idx = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)  # [B,S]
+    big = valid.shape[1]
+    first = torch.where(valid, idx, torch.full_like(idx, big)).min(-1, keepdim=True).values  # [B,1]
+    last = torch.where(valid, idx, torch.full_like(idx, -1)).max(-1, keepdim=True).values  # [B,1]
+    # the last n_tail+1 valid tokens: the continuation plus the prompt's last token
+    rank_from_end = valid.long().flip(-1).cumsum(-1).flip(-1)  # [B,S] 1 at the last valid token
+    tail = valid & (rank_from_end <= n_tail + 1)
+    return (idx == first) | (idx == last) | tail
+
+
+def routing_scores(raw: Tensor, valid: Tensor, forced: Tensor) -> Tensor:
+    """Router scores -> selection scores: forced tokens +inf, padding -inf ([B,S] float32)."""
+    s = raw.to(torch.float32)
+    s = torch.where(forced, torch.full_like(s, float("inf")), s)
+    return torch.where(valid, s, torch.full_like(s, float("-inf")))
+
+
+class RoutedModel(nn.Module):
+    """Wraps a frozen Llama-family *ForCausalLM. `router=None` or an all-zero schedule is dense."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule, router: Router | None, kv_policy: str = "skip",
+                 score_window: int = DEFAULT_WINDOW) -> None:
+        super().__init__()
+        if kv_policy not in KV_POLICIES:
+            raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
+        layers = model.model.layers
+        if schedule.num_layers != len(layers):
+            raise ValueError(f"schedule has {schedule.num_layers} blocks, model has {len(layers)}")
+        self.model = model
+        self.schedule = schedule
+        self.router = router
+        self.kv_policy = kv_policy
+        self.score_window = score_window
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def layers(self):
+        return self.model.model.layers
+
+    def layer_is_routed(self, layer: int) -> bool:
+        return self.router is not None and self.schedule.is_routed(layer)
+
+    def _rope(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.model.rotary_emb(h, positions)  # cos, sin [B,S,d]
+
+    def _needs_scores(self) -> bool:
+        return self.router is not None and self.router.needs_attention
+
+    # -- full-sequence forward (prefill, evaluation, training) ------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
+                mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
+                return_cache: bool = False, trace: bool = False, ste: bool = False) -> RoutedOutput:
+        """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
+        scored continuation in evaluation); keep counts are computed over the other tokens."""
+        if mode not in ("gather", "mask"):
+            raise ValueError(f"mode must be 'gather' or 'mask', got {mode!r}")
+        bsz, seq = input_ids.shape
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions = default_positions(valid) if position_ids is None else position_ids
+        h = self.model.model.embed_tokens(input_ids)  # [B,S,H]
+        cos_sin = self._rope(h, positions)
+        forced = forced_tokens(valid, n_tail)
+        want_scores = self._needs_scores()
+        table = torch.zeros(bsz, seq, dtype=torch.float32, device=h.device)  # latest attention score
+        traces: list[LayerTrace] = []
+        cache: list[LayerKV] = []
+        for li, layer in enumerate(self.layers):
+            if not self.layer_is_routed(li):
+                res = run_block(layer, h, cos_sin, positions, valid, score_window=self.score_window if want_scores else 0)
+                h = res.out
+                if want_scores:
+                    table = torch.where(res.attn_seen, res.attn_score, table)
+                cache.append(res.kv)
+                if trace:
+                    traces.append(LayerTrace(k=seq))
+                continue
+            ctx = RouteContext(layer=li, sparsity=self.schedule.sparsity[li], positions=positions, valid=valid,
+                               attn=table if want_scores else None)
+            raw = self.router.scores(ctx)  # [B,S]
+            sel = routing_scores(raw.detach(), valid, forced)  # [B,S]
+            k = self.schedule.keep_count(li, seq - n_tail) + n_tail
+            if mode == "gather":
+                h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table)
+            else:
+                h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste)
+            cache.append(kv)
+            if trace:
+                tr.logits, tr.forced = raw, forced
+                traces.append(tr)
+        if last_only:
+            h = h[:, -1:]  # [B,1,H] (callers left-pad so the last position is real)
+        logits = self.model.lm_head(self.model.model.norm(h))
+        return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
+
+    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table):
+        if n_tail == 0:  # exactly the exported op: k from the keep fraction and S
+            num, den = self.schedule.keep_fraction(li)
+            kept, index = ops.topk_gather(h, sel, num, den, MIN_KEEP)  # [B,k,H], [B,k]
+        else:
+            index = ops.select_topk(sel, k)  # [B,k]
+            kept = ops.gather_rows(h, index)  # [B,k,H]
+        kpos = positions.gather(1, index)  # [B,k] original positions -> RoPE
+        kvalid = valid.gather(1, index)  # [B,k]
+        kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
+        window = self.score_window if self._needs_scores() else 0
+        if self.kv_policy == "skip":
+            res = run_block(layer, kept, kcos_sin, kpos, kvalid, score_window=window)
+        else:  # skipped tokens stay keys, from their un-updated hidden state
+            res = run_block(layer, kept, kcos_sin, kpos, kvalid, kv_x=h, kv_cos_sin=cos_sin, kv_pos=positions,
+                            kv_valid=valid, score_window=window)
+        h = ops.scatter_tokens(h, res.out - kept, index)  # [B,S,H]: skipped rows unchanged
+        if window:
+            if self.kv_policy == "skip":  # keys are the kept tokens: scatter their scores back
+                old = table.gather(1, index)
+                table = table.scatter(1, index, torch.where(res.attn_seen, res.attn_score, old))
+            else:
+                table = torch.where(res.attn_seen, res.attn_score, table)
+        return h, table, res.kv, LayerTrace(k=index.shape[1], index=index)
+
+    def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste):
+        index = ops.select_topk(sel, k)  # [B,k]
+        hard = torch.zeros_like(sel).scatter(1, index, 1.0)  # [B,S] 1 = keep
+        keep = hard.bool()
+        window = self.score_window if self._needs_scores() else 0
+        k_active = keep if self.kv_policy == "skip" else None
+        res = run_block(layer, h, cos_sin, positions, valid, k_active=k_active, q_active=keep, score_window=window)
+        gate = hard
+        if ste:  # forward value = hard mask, gradient = d sigmoid(logit)
+            soft = torch.sigmoid(raw.float())
+            gate = hard + soft - soft.detach()
+        h = h + gate.unsqueeze(-1).to(h.dtype) * (res.out - h)  # [B,S,H]
+        if window:
+            seen = res.attn_seen & keep if self.kv_policy == "skip" else res.attn_seen
+            table = torch.where(seen, res.attn_score, table)
+        kv = res.kv
+        return h, table, kv, LayerTrace(k=k, index=index, keep_mask=keep)
+
+    # -- cached decoding -------------------------------------------------------------------------
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerKV]]:
+        """Routed prefill: logits of the last position [B,V] and the per-layer KV cache.
+
+        With kv_policy=skip a routed layer's cache holds only its kept tokens (lengths differ per
+        layer, equal across the batch). Left-pad batches so the last position is real.
+        """
+        out = self.forward(input_ids, attention_mask, last_only=True, return_cache=True)
+        return out.logits[:, -1], out.cache
+
+    def decode_step(self, token: Tensor, position: Tensor, cache: list[LayerKV]) -> tuple[Tensor, list[LayerKV]]:
+        """One generated token per row, token/position [B,1]: runs every block, attending to each
+        layer's cached keys (method.md section 5). Returns logits [B,V] and the extended cache."""
+        h = self.model.model.embed_tokens(token)  # [B,1,H]
+        cos_sin = self._rope(h, position)
+        valid = torch.ones_like(token, dtype=torch.bool)
+        new_cache = []
+        for layer, past in zip(self.layers, cache):
+            res = run_block(layer, h, cos_sin, position, valid, past=past)
+            h = res.out
+            new_cache.append(res.kv)
+        logits = self.model.lm_head(self.model.model.norm(h))  # [B,1,V]
+        return logits[:, -1], new_cache

@@ -1,0 +1,121 @@
+"""Routers: who decides which tokens a block runs on.
+
+All routers return a raw score per token; the routed model turns scores into a keep set the same
+way for every router (forced tokens +inf, padding -inf, top-k, ascending order). So swapping the
+router never changes how tokens are selected, only their ranking.
+
+- static ("sink + recency"): keep the first token, then the most recent ones. FTP's static router;
+  it drives the sparsity search and is the guide-loss target.
+- random: seeded noise, a baseline.
+- learned: FTP's shared router, an MLP 4 -> 64 -> 1 over four per-token features (normalised
+  position, latest attention received, its rank, and the block's target sparsity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ROUTER_KINDS = ("dense", "static", "random", "learned")
+NUM_FEATURES = 4
+HIDDEN = 64
+
+
+@dataclass
+class RouteContext:
+    """What a router may look at for one block."""
+
+    layer: int
+    sparsity: float  # the block's target sparsity s_l
+    positions: Tensor  # [B,S] int64 original position ids
+    valid: Tensor  # [B,S] bool, False on padding
+    attn: Tensor | None  # [B,S] float32 latest attention score each token received (learned router)
+
+
+class Router(nn.Module):
+    needs_attention = False  # whether the routed model must keep the attention-score table
+
+    def scores(self, ctx: RouteContext) -> Tensor:  # [B,S] float32, higher = keep
+        raise NotImplementedError
+
+
+class StaticRouter(Router):
+    """Recency: a later position scores higher. The first token is forced by the routed model."""
+
+    def scores(self, ctx: RouteContext) -> Tensor:
+        return ctx.positions.to(torch.float32)  # [B,S]
+
+
+class RandomRouter(Router):
+    """Uniform noise, reproducible per (seed, block, call) on CPU."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def scores(self, ctx: RouteContext) -> Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + ctx.layer)
+        noise = torch.rand(ctx.positions.shape, generator=gen, dtype=torch.float32)  # [B,S]
+        return noise.to(ctx.positions.device)
+
+
+def normalized_rank(values: Tensor, valid: Tensor) -> Tensor:
+    """values [B,S] -> rank among the valid tokens of each row (0 = largest), divided by (L-1).
+
+    A double argsort; padding sorts last. Ties are broken by position (stable sort), as everywhere.
+    """
+    masked = values.masked_fill(~valid, float("-inf"))  # [B,S]
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices  # [B,S]
+    rank = torch.argsort(order, dim=-1).to(torch.float32)  # [B,S] rank of each position
+    denom = (valid.sum(-1, keepdim=True) - 1).clamp(min=1).to(torch.float32)  # [B,1]
+    return rank / denom
+
+
+def router_features(ctx: RouteContext) -> Tensor:
+    """The four FTP router inputs, [B,S,4]: position/(L-1), attention, its rank, s_l."""
+    valid = ctx.valid
+    denom = (valid.sum(-1, keepdim=True) - 1).clamp(min=1).to(torch.float32)  # [B,1]
+    pos = ctx.positions.to(torch.float32) / denom  # [B,S]
+    attn = ctx.attn if ctx.attn is not None else torch.zeros_like(pos)  # [B,S]
+    rank = normalized_rank(attn, valid)  # [B,S]
+    sparsity = torch.full_like(pos, float(ctx.sparsity))  # [B,S]
+    return torch.stack([pos, attn, rank, sparsity], dim=-1)  # [B,S,4]
+
+
+class LearnedRouter(Router):
+    """FTP's shared router: standardised features -> Linear(4,64) -> ReLU -> Linear(64,1).
+
+    One router serves every block; the s_l feature is what lets it adapt its ranking per block.
+    `feature_mean`/`feature_std` are set from calibration data before training (buffers, so they
+    are saved with the weights and baked into the exported graph).
+    """
+
+    needs_attention = True
+
+    def __init__(self, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.register_buffer("feature_mean", torch.zeros(NUM_FEATURES))
+        self.register_buffer("feature_std", torch.ones(NUM_FEATURES))
+
+    def forward(self, features: Tensor) -> Tensor:  # [B,S,4] -> [B,S] logits
+        z = (features - self.feature_mean) / self.feature_std
+        return self.mlp(z).squeeze(-1)
+
+    def scores(self, ctx: RouteContext) -> Tensor:
+        return self.forward(router_features(ctx))
+
+
+def make_router(kind: str, seed: int = 0) -> Router | None:
+    """A router by name; `dense` means no routing at all (None). `learned` starts untrained."""
+    if kind == "dense":
+        return None
+    if kind == "static":
+        return StaticRouter()
+    if kind == "random":
+        return RandomRouter(seed)
+    if kind == "learned":
+        return LearnedRouter()
+    raise ValueError(f"unknown router {kind!r} (choose from {', '.join(ROUTER_KINDS)})")

@@ -1,0 +1,1 @@
+"""tokenskip.deploy"""
