@@ -75,7 +75,7 @@ class RoutedModel(nn.Module):
     """Wraps a frozen Llama-family *ForCausalLM. `router=None` or an all-zero schedule is dense."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, router: Router | None, kv_policy: str = "skip",
-                 score_window: int = DEFAULT_WINDOW) -> None:
+                 score_window: int = DEFAULT_WINDOW, removed_layers: frozenset[int] = frozenset()) -> None:
         super().__init__()
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
@@ -87,6 +87,8 @@ class RoutedModel(nn.Module):
         self.router = router
         self.kv_policy = kv_policy
         self.score_window = score_window
+        # ShortGPT-style baseline: whole blocks removed for every token (not routing; no router call)
+        self.removed_layers = frozenset(removed_layers)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -105,7 +107,8 @@ class RoutedModel(nn.Module):
     # -- full-sequence forward (prefill, evaluation, training) ------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
                 mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
-                return_cache: bool = False, trace: bool = False, ste: bool = False) -> RoutedOutput:
+                num_logits: int | None = None, return_cache: bool = False, trace: bool = False,
+                ste: bool = False) -> RoutedOutput:
         """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
         scored continuation in evaluation); keep counts are computed over the other tokens."""
         if mode not in ("gather", "mask"):
@@ -121,6 +124,11 @@ class RoutedModel(nn.Module):
         traces: list[LayerTrace] = []
         cache: list[LayerKV] = []
         for li, layer in enumerate(self.layers):
+            if li in self.removed_layers:
+                cache.append(None)
+                if trace:
+                    traces.append(LayerTrace(k=0))
+                continue
             if not self.layer_is_routed(li):
                 res = run_block(layer, h, cos_sin, positions, valid, score_window=self.score_window if want_scores else 0)
                 h = res.out
@@ -145,6 +153,8 @@ class RoutedModel(nn.Module):
                 traces.append(tr)
         if last_only:
             h = h[:, -1:]  # [B,1,H] (callers left-pad so the last position is real)
+        elif num_logits is not None:
+            h = h[:, -num_logits:]  # [B,n,H] only the positions the caller scores
         logits = self.model.lm_head(self.model.model.norm(h))
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
 
@@ -191,6 +201,15 @@ class RoutedModel(nn.Module):
         kv = res.kv
         return h, table, kv, LayerTrace(k=k, index=index, keep_mask=keep)
 
+    def dense_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> RoutedOutput:
+        """The unrouted model through the same block code (bit-identical to HF's forward)."""
+        saved = self.router, self.removed_layers
+        self.router, self.removed_layers = None, frozenset()
+        try:
+            return self.forward(input_ids, attention_mask, **kw)
+        finally:
+            self.router, self.removed_layers = saved
+
     # -- cached decoding -------------------------------------------------------------------------
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerKV]]:
         """Routed prefill: logits of the last position [B,V] and the per-layer KV cache.
@@ -208,7 +227,10 @@ class RoutedModel(nn.Module):
         cos_sin = self._rope(h, position)
         valid = torch.ones_like(token, dtype=torch.bool)
         new_cache = []
-        for layer, past in zip(self.layers, cache):
+        for li, (layer, past) in enumerate(zip(self.layers, cache)):
+            if li in self.removed_layers:
+                new_cache.append(None)
+                continue
             res = run_block(layer, h, cos_sin, position, valid, past=past)
             h = res.out
             new_cache.append(res.kv)
