@@ -89,9 +89,9 @@ def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, te
         router = "learned" if routers_dir else "static"
     torch.manual_seed(seed)
     lm = load_model(model)
-    ids = load_windows(lm.tokenizer, text_file, seq_len, windows)
     routed, cfg = build_routed(lm.model, router=router, sparsity=sparsity, schedule=schedule,
                                routers_dir=routers_dir, kv_policy=kv_policy, seed=seed, model_name=model)
+    ids = load_windows(lm.tokenizer, text_file, seq_len, windows)
     progress = not as_json
     dense = dense_reference(routed, ids, cont_len, batch_size, progress)
     results = [dense_result(dense, seq_len, cont_len)]

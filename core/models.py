@@ -138,7 +138,9 @@ def check_supported(config) -> None:
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a frozen causal LM and its tokenizer, from safetensors only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars only; HF's clutter every command's output
     source = resolve_model_source(name)
     try:
         config = AutoConfig.from_pretrained(source)
