@@ -1,9 +1,16 @@
 """Built-in text data: real Wikipedia articles, split by article into train / calib / eval.
 
-The Hugging Face Hub is out of reach, so the text comes from a real Wikipedia dump that the
-`gensim` package ships as test data (about 100 English articles). Articles are assigned to splits
-by a stable hash of their title, so the splits never overlap and never change between machines
-or Python versions. Parsed splits are cached as JSON in the user cache.
+The Hugging Face Hub is out of reach, so the text comes from a real Wikipedia XML dump that the
+`gensim` package ships as test data (about 100 English articles, roughly 3M characters of prose).
+Why this shape:
+
+* Splits are made by article, never by window, so no sentence of the evaluation text was seen
+  while training or calibrating the router.
+* An article's split comes from sha256 of its title: stable across machines, Python versions and
+  PYTHONHASHSEED (Python's `hash()` is salted per process), and independent of dump order.
+* Parsing the bz2 dump and stripping wiki markup takes seconds, so the result is cached once as
+  JSON under `cache_dir()/data/wiki-v1/` (atomic write: an interrupted build leaves no half file).
+  Bump `CACHE_VERSION` whenever cleaning or splitting changes, so stale caches are never read.
 """
 
 from __future__ import annotations
@@ -18,76 +25,230 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fileio import cache_dir, read_json, write_json_atomic
+from .fileio import cache_dir, write_json_atomic
 
 SPLITS = ("train", "calib", "eval")
-DUMP_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE_VERSION = "wiki-v1"
-MIN_CHARS = 2000
-# share of articles per split, by hash bucket out of 100
+DUMP_GLOB = "enwiki-*-shortened.bz2"
+INSTALL_HINT = "pip install 'tokenskip[data]'"
+MIN_ARTICLE_CHARS = 2000  # shorter pages are stubs or near-empty after cleaning
+MIN_PARAGRAPH_CHARS = 40  # drops headings, captions, stray list items and navigation lines
+# Hash buckets out of 100 per split: about 70 / 15 / 15 articles.
 _BUCKETS = {"train": range(0, 70), "calib": range(70, 85), "eval": range(85, 100)}
+# Sections that are lists of citations or links rather than prose.
+_BOILERPLATE_SECTIONS = {
+    "references", "notes", "footnotes", "citations", "sources", "bibliography", "see also",
+    "external links", "further reading", "notes and references", "references and notes",
+    "works cited", "literature", "selected bibliography", "external link",
+}
+# Tags whose content is not running prose (citations, tables, formulas, galleries, ...).
+_DROP_TAGS = {"ref", "references", "table", "gallery", "math", "imagemap", "timeline", "score",
+              "syntaxhighlight", "source", "pre", "code", "chem", "ce", "graph", "templatedata"}
+# Wikilink prefixes that are not article links (images, categories, interwiki, interlanguage).
+_NON_ARTICLE_LINK = re.compile(r"^\s*:?\s*([a-z][a-z-]{1,11}|file|image|category|media|wikipedia|wiktionary"
+                               r"|commons|wikt|template|help|portal|special|user|talk)\s*:", re.I)
+# Markup that can survive when mwparserfromhell leaves a malformed construct as plain text.
+_LEFTOVER_MARKUP = [
+    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I), ""),
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"</?[a-zA-Z][^>\n]*>"), ""),
+    (re.compile(r"'{2,}"), ""),
+    # an image link the parser gave up on: drop file name and options, keep the caption
+    (re.compile(r"\[\[\s*(?:file|image|media)\s*:[^|\]]*\|(?:(?:thumb|thumbnail|frame|frameless|border|left"
+                r"|right|center|centre|none|upright(?:=[\d.]+)?|\d*x?\d+px|alt=[^|\]]*)\|)*", re.I), ""),
+    (re.compile(r"\[\[|\]\]|\{\{|\}\}|\{\||\|\}"), ""),
+]
+_TABLE_OR_MARKUP_LINE = re.compile(r"^\s*(\{\||\|\}|\|-|\||!|\{\{|\}\}|__[A-Z]+__)")
 
+_memo: dict[Path, dict[str, list[dict]]] = {}
+
+
+# --- locating and parsing the dump -------------------------------------------------------------
 
 def _dump_path() -> Path:
-    spec = importlib.util.find_spec("gensim")  # finds the package without importing it (slow)
+    """gensim's shipped Wikipedia dump, found without importing gensim (its import is slow)."""
+    spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the built-in text data needs gensim's Wikipedia test dump: pip install 'tokenskip[data]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / DUMP_NAME
-    if not path.is_file():
-        raise UserError(f"gensim is installed but its Wikipedia test dump is missing: {path}")
-    return path
+        raise UserError(f"the built-in text data needs gensim's Wikipedia test dump: {INSTALL_HINT}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data"
+    found = sorted(folder.glob(DUMP_GLOB))
+    if not found:
+        raise UserError(f"gensim is installed but has no Wikipedia test dump ({DUMP_GLOB}) in {folder}; "
+                        f"reinstall it: {INSTALL_HINT}")
+    return found[0]
 
 
-def _clean(wikitext: str) -> str:
-    """Wiki markup -> plain paragraphs."""
-    import mwparserfromhell
+def _iter_pages(path: Path):
+    """(title, namespace, is_redirect, wikitext) per <page>, streamed so memory stays flat."""
+    with bz2.open(path, "rb") as f:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if not elem.tag.endswith("}page") and elem.tag != "page":
+                continue
+            ns = elem.tag[: -len("page")]  # the XML namespace prefix, e.g. "{http://...}"
+            title = (elem.findtext(f"{ns}title") or "").strip()
+            namespace = (elem.findtext(f"{ns}ns") or "0").strip()
+            wikitext = elem.findtext(f"{ns}revision/{ns}text") or ""
+            redirect = elem.find(f"{ns}redirect") is not None or wikitext.lstrip().lower().startswith("#redirect")
+            elem.clear()
+            yield title, namespace, redirect, wikitext
 
-    text = mwparserfromhell.parse(wikitext).strip_code(normalize=True, collapse=True)
-    text = re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text)
-    paragraphs = []
-    for para in re.split(r"\n\s*\n", text):
-        para = re.sub(r"[ \t]+", " ", para.replace("\n", " ")).strip()
-        if len(para) >= 40 and not para.startswith(("Category:", "thumb|", "File:", "Image:")):
-            paragraphs.append(para)
-    return "\n\n".join(paragraphs)
+
+def _is_article_page(title: str, namespace: str, redirect: bool) -> bool:
+    """Main-namespace prose pages only: no redirects, disambiguation pages or bare lists."""
+    if redirect or namespace != "0" or not title:
+        return False
+    return not (title.endswith("(disambiguation)") or title.startswith("List of "))
 
 
 def _parse_dump(path: Path) -> list[tuple[str, str]]:
-    """(title, plain text) of every real article in the dump, in dump order."""
-    articles = []
-    with bz2.open(path, "rb") as f:
-        for _, elem in ET.iterparse(f, events=("end",)):
-            if not elem.tag.endswith("}page"):
-                continue
-            ns = elem.tag[: -len("page")]
-            title = elem.findtext(f"{ns}title") or ""
-            text = elem.findtext(f"{ns}revision/{ns}text") or ""
-            elem.clear()
-            if elem.find(f"{ns}redirect") is not None or text.lstrip().lower().startswith("#redirect"):
-                continue
-            if ":" in title:  # Wikipedia:, Template:, Category: ... pages
-                continue
-            plain = _clean(text)
-            if len(plain) >= MIN_CHARS:
-                articles.append((title, plain))
-    return articles
+    """(title, plain text) of every kept article, in dump order, one entry per title."""
+    articles: dict[str, str] = {}
+    for title, namespace, redirect, wikitext in _iter_pages(path):
+        if not _is_article_page(title, namespace, redirect) or title in articles:
+            continue
+        if len(wikitext) < MIN_ARTICLE_CHARS:  # cleaning only shortens, so skip the slow parse
+            continue
+        text = clean_wikitext(wikitext)
+        if len(text) >= MIN_ARTICLE_CHARS:
+            articles[title] = text
+    return list(articles.items())
 
+
+# --- wiki markup -> plain paragraphs -----------------------------------------------------------
+
+def _heading_title(node) -> str:
+    return node.title.strip_code().strip().lower()
+
+
+def _prose(code) -> str:
+    """Plain text of parsed wikitext, skipping what is not running prose.
+
+    One linear walk over the node tree (repeated `Wikicode.remove` calls are quadratic on long
+    pages): templates (infoboxes, citations), comments, headings, tables, references, formulas,
+    image/category/interlanguage links and whole reference / link sections are left out.
+    """
+    from mwparserfromhell import nodes
+
+    parts: list[str] = []
+    skip_level = None  # heading level of the boilerplate section being skipped, if any
+    for node in code.nodes:
+        if isinstance(node, nodes.Heading):
+            if skip_level is not None and node.level > skip_level:
+                continue
+            skip_level = node.level if _heading_title(node) in _BOILERPLATE_SECTIONS else None
+            parts.append("\n\n")  # a heading always ends the paragraph before it
+        elif skip_level is None:
+            parts.append(_node_prose(node, nodes))
+    return "".join(parts)
+
+
+def _node_prose(node, nodes) -> str:
+    if isinstance(node, nodes.Text):
+        return str(node.value)
+    if isinstance(node, nodes.HTMLEntity):
+        return node.normalize()
+    if isinstance(node, nodes.Wikilink):
+        if _NON_ARTICLE_LINK.match(str(node.title)):
+            return ""
+        return _prose(node.text if node.text is not None else node.title)
+    if isinstance(node, nodes.ExternalLink):
+        return _prose(node.title) if node.title is not None else ""
+    if isinstance(node, nodes.Tag):
+        tag = str(node.tag).strip().lower()
+        if tag in _DROP_TAGS:
+            return ""
+        if tag == "br":
+            return " "
+        return _prose(node.contents) if node.contents is not None else ""
+    return ""  # Template, Comment, Argument and anything unknown
+
+
+def _tidy_punctuation(para: str) -> str:
+    """Repair what removed templates leave behind, e.g. "Achilles (;, Akhilleus,) was" or "( )"."""
+    for _ in range(2):
+        para = re.sub(r"\(\s*[;,]+\s*", "(", para)
+        para = re.sub(r"\s*[;,]+\s*\)", ")", para)
+        para = re.sub(r"\(\s*\)", "", para)
+    para = re.sub(r"\s+([,.;:!?)])", r"\1", para)
+    para = re.sub(r"\(\s+", "(", para)
+    return re.sub(r"\s{2,}", " ", para).strip()
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs, each on one line with single spaces, prose only."""
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in block.splitlines() if not _TABLE_OR_MARKUP_LINE.match(ln)]
+        para = re.sub(r"\s+", " ", " ".join(lines)).strip()
+        para = _tidy_punctuation(para)
+        if len(para) >= MIN_PARAGRAPH_CHARS:
+            out.append(para)
+    return out
+
+
+def clean_wikitext(wikitext: str) -> str:
+    """Wiki markup -> plain prose paragraphs joined by "\\n\\n" (what a language model reads)."""
+    try:
+        import mwparserfromhell
+    except ImportError:
+        raise UserError(f"the built-in text data needs mwparserfromhell: {INSTALL_HINT}") from None
+    text = _prose(mwparserfromhell.parse(wikitext))
+    for pattern, repl in _LEFTOVER_MARKUP:
+        text = pattern.sub(repl, text)
+    return "\n\n".join(_paragraphs(text))
+
+
+# --- splits and their cache --------------------------------------------------------------------
 
 def _bucket(title: str) -> int:
+    """0..99 from sha256(title): a stable, well-mixed, order-independent split key."""
     return int(hashlib.sha256(title.encode("utf-8")).hexdigest(), 16) % 100
 
 
-def _splits() -> dict[str, list[dict]]:
-    cache = cache_dir() / "data" / CACHE_VERSION / "splits.json"
-    if cache.is_file():
-        return read_json(cache, "cached data splits")
+def split_of(title: str) -> str:
+    """Which split an article title belongs to (a pure function of the title)."""
+    b = _bucket(title)
+    return next(name for name, r in _BUCKETS.items() if b in r)
+
+
+def _build_splits() -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for title, text in _parse_dump(_dump_path()):
-        b = _bucket(title)
-        name = next(n for n, r in _BUCKETS.items() if b in r)
-        out[name].append({"title": title, "text": text})
-    write_json_atomic(cache, out)
+        out[split_of(title)].append({"title": title, "text": text})
     return out
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "data" / CACHE_VERSION / "splits.json"
+
+
+def _read_cache(path: Path) -> dict[str, list[dict]] | None:
+    """The cached splits, or None if missing or unreadable (then they are simply rebuilt)."""
+    import json
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        splits = obj["splits"]
+        if obj.get("version") == CACHE_VERSION and all(
+                isinstance(splits[s], list) and all({"title", "text"} <= set(a) for a in splits[s])
+                for s in SPLITS):
+            return splits
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _splits() -> dict[str, list[dict]]:
+    """All splits, from memory, the JSON cache, or (once) the dump itself."""
+    path = _cache_file()
+    if path in _memo:
+        return _memo[path]
+    splits = _read_cache(path)
+    if splits is None:
+        splits = _build_splits()
+        write_json_atomic(path, {"version": CACHE_VERSION, "source": _dump_path().name, "splits": splits})
+    _memo[path] = splits
+    return splits
 
 
 def _check_split(split: str) -> None:
@@ -96,56 +257,79 @@ def _check_split(split: str) -> None:
 
 
 def load_split(split: str) -> list[str]:
-    """Article texts of one split (train, calib or eval)."""
+    """Article texts of one split ("train", "calib" or "eval"), in a fixed order."""
     _check_split(split)
     return [a["text"] for a in _splits()[split]]
 
 
 def split_titles(split: str) -> list[str]:
+    """Article titles of one split, in the same order as `load_split`."""
     _check_split(split)
     return [a["title"] for a in _splits()[split]]
 
 
+# --- user text and token windows ---------------------------------------------------------------
+
 def read_text_file(path: str | Path) -> str:
-    """A user's plain UTF-8 text file (for --text), refused early if it cannot be scored."""
+    """A user's plain UTF-8 text file (for --text), refused early with a one-line reason."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--text {path}: no such file")
-    if not path.is_file():
-        raise UserError(f"--text {path}: not a regular file")
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise UserError(f"--text {path}: is a directory, not a text file")
     try:
-        text = raw.decode("utf-8")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"--text {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
     except UnicodeDecodeError as exc:
-        raise UserError(f"--text {path}: not valid UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+        raise UserError(f"--text {path}: not valid UTF-8 text (bad byte at offset {exc.start}); "
+                        "convert it to UTF-8") from None
     if not text.strip():
-        raise UserError(f"--text {path}: the file is empty")
+        raise UserError(f"--text {path}: the file is empty or only whitespace")
     return text
+
+
+def _token_stream(tokenizer, texts: list[str], eos: int | None, need: int | None) -> list[int]:
+    """Texts tokenized without special tokens, joined by EOS; stops once `need` tokens exist."""
+    stream: list[int] = []
+    for i, text in enumerate(texts):
+        if i and eos is not None:
+            stream.append(int(eos))
+        stream.extend(int(t) for t in tokenizer.encode(text, add_special_tokens=False))
+        if need is not None and len(stream) >= need:
+            break
+    return stream
 
 
 def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | None = None,
                   stride: int | None = None) -> torch.Tensor:
-    """Texts -> non-overlapping token windows [N, window], each starting with BOS if the tokenizer
-    has a distinct one. Texts are joined with EOS; the ragged tail is dropped."""
+    """Texts -> token windows, a LongTensor [N, window], deterministic.
+
+    Texts are joined with EOS so a window may span an article boundary the way a model sees one.
+    If the tokenizer has a BOS distinct from EOS, every window starts with it followed by
+    window - 1 text tokens, as a fresh prompt would. `stride` counts window positions between
+    window starts (default `window`: no overlap); the ragged tail is dropped; the first
+    `max_windows` windows are kept.
+    """
     if window < 2:
-        raise UserError(f"window length {window}: must be at least 2")
-    stride = stride or window
+        raise UserError(f"window length {window}: must be at least 2 (--seq-len)")
+    if stride is not None and stride < 1:
+        raise UserError(f"window stride {stride}: must be at least 1")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"max windows {max_windows}: must be at least 1")
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
-    use_bos = bos is not None and bos != eos
-    body = window - 1 if use_bos else window
-    step = stride - 1 if use_bos else stride
-    stream: list[int] = []
-    for i, text in enumerate(texts):
-        if i and eos is not None:
-            stream.append(eos)
-        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+    prefix = [int(bos)] if bos is not None and bos != eos else []
+    body = window - len(prefix)  # text tokens per window
+    step = max((stride or window) - len(prefix), 1)  # text tokens between window starts
+    need = None if max_windows is None else body + (max_windows - 1) * step
+    stream = _token_stream(tokenizer, texts, eos, need)
     if len(stream) < body:
-        raise UserError(f"text has {len(stream)} tokens, need at least {body} for one window; "
-                        "pass a longer --text or a smaller --seq-len")
-    rows = []
-    for start in range(0, len(stream) - body + 1, max(step, 1)):
-        rows.append(([bos] if use_bos else []) + stream[start:start + body])
-        if max_windows is not None and len(rows) >= max_windows:
-            break
-    return torch.tensor(rows, dtype=torch.long)
+        raise UserError(f"text has {len(stream)} tokens, need at least {body} for one window "
+                        f"of {window}; pass a longer --text or a smaller --seq-len")
+    starts = range(0, len(stream) - body + 1, step)
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    return torch.tensor([prefix + stream[s:s + body] for s in starts], dtype=torch.long)
