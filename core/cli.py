@@ -25,6 +25,7 @@ _COMMANDS: dict[str, str] = {
     "build": "tokenskip.deploy.build_cli:build",
     "generate": "tokenskip.deploy.cli:generate",
     "bench": "tokenskip.deploy.cli:bench",
+    "decode-eval": "tokenskip.deploy.cli:decode_eval",
 }
 
 _HELP = {
@@ -40,6 +41,7 @@ _HELP = {
     "build": "Build TensorRT engines from an export.",
     "generate": "Generate text with a routed model (PyTorch, ONNX Runtime or TensorRT).",
     "bench": "Benchmark routed vs dense prefill and decode.",
+    "decode-eval": "Decode-time quality: routed prefill + cached decode vs dense.",
 }
 
 

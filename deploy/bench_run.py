@@ -1,0 +1,125 @@
+"""`tokenskip bench` driver: builds dense and routed sides for a backend and times every shape."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+
+from tokenskip.errors import UserError
+
+from .bench import BenchRow, DenseTorch, RoutedTorch, measure, router_overhead
+
+
+def _machine(threads: int | None) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _routed_for(lm, router, routers_dir, kv_policy, sparsity, seed):
+    from tokenskip.config import build_routed
+
+    kind = router or ("learned" if routers_dir else "static")
+    if routers_dir:
+        return build_routed(lm.model, routers_dir=routers_dir, kv_policy=kv_policy, seed=seed, model_name=lm.name)
+    return build_routed(lm.model, router=kind, sparsity=sparsity, kv_policy=kv_policy, seed=seed, model_name=lm.name)
+
+
+def _learned_like(routed):
+    """The same schedule and kv_policy with a learned router (untrained weights cost the same)."""
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import LearnedRouter
+
+    if isinstance(routed.router, LearnedRouter):
+        return routed
+    return RoutedModel(routed.model, routed.schedule, LearnedRouter(), kv_policy=routed.kv_policy,
+                       score_window=routed.score_window)
+
+
+def export_dir_for(lm, routed, cfg, out_dir: Path, max_seq_len: int) -> Path:
+    """Export a (dense or routed) model with the export API (tokenskip export) into out_dir."""
+    from tokenskip.export.exporter import export_model
+
+    if not cfg.model:
+        cfg.model = lm.name
+    export_model(lm, routed, cfg, out_dir, max_seq_len=max_seq_len, check=False)
+    return out_dir
+
+
+def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_dir, onnx_dense_dir, engine_dir,
+              engine_dense_dir, seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device,
+              overhead_seq, seed, progress: bool = True) -> dict:
+    from tokenskip.models import load_model
+    from tokenskip.schedule import check_sparsity
+
+    for s in sparsities:
+        check_sparsity(s)
+    if any(n < 2 for n in seq_lens) or any(b < 1 for b in batches):
+        raise UserError("--seq-lens must be >= 2 and --batch >= 1")
+    if threads:
+        torch.set_num_threads(threads)
+    if backend == "ort" and onnx_dir and not routers_dir:
+        # the export carries its model name and routing (tokenskip.json under routers/)
+        from .backends import read_export
+
+        side = read_export(onnx_dir)
+        model = side.get("model") or model
+        routers_dir = str(Path(onnx_dir) / str(side.get("routers") or "routing"))
+    say = click.echo if progress else (lambda *a, **k: None)
+    torch.manual_seed(seed)
+    lm = load_model(model)
+    lm.model.to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if routers_dir or engine_dir or (onnx_dir and backend == "ort"):
+        sparsities = [None]  # the artefact carries its own schedule
+    rows: list[BenchRow] = []
+    max_len = max(4096, max(seq_lens) + decode_steps + 1)
+    with tempfile.TemporaryDirectory(prefix="tokenskip-bench-") as tmp:
+        tmp = Path(tmp)
+        dense_side = None
+        for s in sparsities:
+            routed, cfg = _routed_for(lm, router, routers_dir, kv_policy, s, seed)
+            if backend == "torch":
+                dense_side, routed_side = DenseTorch(routed), RoutedTorch(routed)
+            elif backend == "ort":
+                from .backends import OrtBackend
+
+                if dense_side is None:
+                    ddir = Path(onnx_dense_dir) if onnx_dense_dir else None
+                    if ddir is None:
+                        from tokenskip.config import build_routed
+
+                        say("exporting the dense model to ONNX ...", err=True)
+                        drouted, dcfg = build_routed(lm.model, router="dense", model_name=lm.name)
+                        ddir = export_dir_for(lm, drouted, dcfg, tmp / "dense", max_len)
+                    dense_side = OrtBackend(ddir, threads=threads)
+                rdir = Path(onnx_dir) if onnx_dir else None
+                if rdir is None:
+                    say(f"exporting the routed model (sparsity {s}) to ONNX ...", err=True)
+                    rdir = export_dir_for(lm, routed, cfg, tmp / f"routed-{s}", max_len)
+                routed_side = OrtBackend(rdir, threads=threads)
+            else:
+                from .backends import load_trt_backend
+
+                if not (engine_dir and engine_dense_dir):
+                    raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
+                dense_side, routed_side = load_trt_backend(engine_dense_dir), load_trt_backend(engine_dir)
+            label = s if s is not None else routed.schedule.overall()
+            for seq in seq_lens:
+                for batch in batches:
+                    say(f"{backend}: S={seq} B={batch} sparsity={label:g} ...", err=True)
+                    row = measure(backend, dense_side, routed_side, routed, seq, batch, label, repeats, warmup,
+                                  decode_steps, sync)
+                    rows.append(row)
+    result = {"model": model, "backend": backend, "machine": _machine(threads), "repeats": repeats,
+              "warmup": warmup, "rows": [r.to_json() for r in rows]}
+    if overhead_seq:
+        routed, _ = _routed_for(lm, router, routers_dir, kv_policy, max(s or 0.0 for s in sparsities) or 0.4, seed)
+        say(f"router + feature overhead at S={overhead_seq} ...", err=True)
+        result["overhead"] = router_overhead(_learned_like(routed), overhead_seq, 1, max(repeats, 3), warmup, sync)
+    return result

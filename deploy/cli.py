@@ -1,0 +1,366 @@
+"""`tokenskip generate`, `tokenskip bench` and `tokenskip decode-eval`.
+
+Three ways to get a model, one generation loop (generation.py):
+- PyTorch: --model/--router/--sparsity/--schedule, or --routers DIR (a trained router folder);
+- ONNX Runtime: --onnx DIR (written by `tokenskip export`);
+- TensorRT: --engine DIR (written by `tokenskip build`; needs a CUDA GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import torch
+
+from tokenskip.errors import UserError
+from tokenskip.evaluate_cli import model_options
+from tokenskip.models import DEFAULT_MODEL
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    src = ctx.get_parameter_source(name)
+    return src is not None and src != click.core.ParameterSource.DEFAULT
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated {kind.__name__} values") from None
+    if not values:
+        raise UserError(f"{flag}: give at least one value")
+    return values
+
+
+def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device="cpu"):
+    """CLI choices -> (LoadedModel, RoutedModel, RoutingConfig). With --routers DIR and no --model,
+    the base model named in the folder is used. No routing flags at all means dense."""
+    from tokenskip.config import build_routed, load_routing
+    from tokenskip.models import load_model
+
+    if routers_dir is not None and not _given(ctx, "model"):
+        cfg, _ = load_routing(routers_dir)
+        model = cfg.model or DEFAULT_MODEL
+    if router is None:
+        router = "learned" if routers_dir else ("static" if sparsity is not None or schedule else "dense")
+    torch.manual_seed(seed)
+    lm = load_model(model)
+    lm.model.to(device)
+    routed, cfg = build_routed(lm.model, router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
+                               kv_policy=kv_policy, seed=seed, model_name=model)
+    return lm, routed, cfg
+
+
+def load_tokenizer(path: Path, flag: str):
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise UserError(f"{flag}: tokenizer folder {path} not found (pass --tokenizer DIR)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag}: cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    prompts = list(prompt)
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file {prompts_file}: no such file")
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise UserError(f"--prompts-file {prompts_file}: no non-empty lines (one prompt per line)")
+        prompts += lines
+    if not prompts:
+        raise UserError("give --prompt TEXT or --prompts-file FILE")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise UserError(f"--prompt {i + 1} is empty: give some text to continue")
+    return prompts
+
+
+def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, threshold_skip, model, router,
+                 sparsity, schedule, routers_dir, kv_policy, seed):
+    """-> (backend, tokenizer, description dict)."""
+    from .backends import OrtBackend, TorchBackend, load_trt_backend
+
+    if onnx_dir and engine_dir:
+        raise UserError("give either --onnx DIR or --engine DIR, not both")
+    routing_flags = [f for f in ("router", "sparsity", "schedule", "routers_dir", "kv_policy") if _given(ctx, f)]
+    if (onnx_dir or engine_dir) and routing_flags:
+        raise UserError(f"--{routing_flags[0].replace('_dir', '').replace('_', '-')} applies to the PyTorch backend; "
+                        "an export or engine carries its own routing")
+    if (onnx_dir or engine_dir) and threshold_skip:
+        raise UserError("--threshold-skip runs on the PyTorch backend only (exported graphs run every block in decode)")
+    if onnx_dir:
+        backend = OrtBackend(onnx_dir, device=device, threads=threads)
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(onnx_dir) / str(backend.meta.get("tokenizer") or "tokenizer")
+        return backend, load_tokenizer(tok_dir, "--onnx"), {"backend": "ort", "onnx": str(onnx_dir),
+                                                           "routing": backend.meta.get("routing")}
+    if engine_dir:
+        backend = load_trt_backend(engine_dir)
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / "tokenizer"
+        if not tok_dir.is_dir():
+            raise UserError(f"--engine {engine_dir}: no tokenizer folder inside; pass --tokenizer DIR "
+                            "(the export's tokenizer folder)")
+        return backend, load_tokenizer(tok_dir, "--engine"), {"backend": "trt", "engine": str(engine_dir)}
+    if threads:
+        torch.set_num_threads(threads)
+    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device)
+    backend = TorchBackend(routed, threshold_skip=threshold_skip)
+    return backend, lm.tokenizer, {"backend": "torch", "model": model, "router": cfg.router,
+                                   "kv_policy": cfg.kv_policy, "sparsity": routed.schedule.overall()
+                                   if routed.router is not None else 0.0}
+
+
+def backend_options(f):
+    f = click.option("--threads", type=int, default=None, help="CPU threads (PyTorch / ONNX Runtime).")(f)
+    f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="PyTorch device, or ONNX Runtime execution provider.")(f)
+    f = click.option("--tokenizer", "tokenizer_dir", type=click.Path(), default=None,
+                     help="Tokenizer folder (default: the export's / engine's own).")(f)
+    f = click.option("--engine", "engine_dir", type=click.Path(), default=None,
+                     help="TensorRT engine folder from `tokenskip build` (CUDA GPU needed).")(f)
+    f = click.option("--onnx", "onnx_dir", type=click.Path(), default=None,
+                     help="Export folder from `tokenskip export` (runs on ONNX Runtime).")(f)
+    return f
+
+
+@click.command("generate")
+@model_options
+@backend_options
+@click.option("--prompt", multiple=True, help="Prompt text (repeatable).")
+@click.option("--prompts-file", type=click.Path(), default=None, help="One prompt per line; run as left-padded batches.")
+@click.option("--batch-size", default=8, show_default=True, help="Prompts per batch with --prompts-file.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated (one prompt at a time).")
+@click.option("--threshold-skip", is_flag=True,
+              help="Batch 1, learned router: a generated token skips a routed block when the router's "
+                   "probability is < 0.5.")
+@click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, timings).")
+@click.pass_context
+def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, onnx_dir, engine_dir, tokenizer_dir,
+             device, threads, prompt, prompts_file, batch_size, max_new_tokens, temperature, top_p, stream,
+             threshold_skip, ignore_eos, as_json):
+    """Generate text: routed prefill, then cached decode (every block, or --threshold-skip).
+
+    \b
+    Examples:
+      tokenskip generate --router static --sparsity 0.3 --prompt "The capital of France is"
+      tokenskip generate --routers out/fit --prompt "Once upon a time" --stream
+      tokenskip generate --onnx out/export --prompts-file prompts.txt --json
+      tokenskip generate --engine out/engine --prompt "Hello" --temperature 0.8 --top-p 0.9 --seed 1
+    """
+    from .generation import Sampling, generate_tokens
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed).check()
+    if batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    prompts = read_prompts(prompt, prompts_file)
+    if threshold_skip or stream:
+        batch_size = 1
+    backend, tok, desc = make_backend(ctx, onnx_dir=onnx_dir, engine_dir=engine_dir, tokenizer_dir=tokenizer_dir,
+                                      device=device, threads=threads, threshold_skip=threshold_skip, model=model,
+                                      router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
+                                      kv_policy=kv_policy, seed=seed)
+    encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise UserError(f"prompt {i + 1} encodes to 0 tokens: give some text to continue")
+    eos = [] if ignore_eos or tok.eos_token_id is None else [tok.eos_token_id]
+    # batch prompts of similar length together (less padding: a routed row's k follows the padded
+    # length); each prompt keeps its own sampling seed (seed + its index) and its place in the output
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i])) if not stream else list(range(len(prompts)))
+    results, totals = [None] * len(prompts), {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+    for start in range(0, len(prompts), batch_size):
+        picked = order[start:start + batch_size]
+        chunk = [encoded[i] for i in picked]
+        on_token = None
+        if stream:
+            shown = {"text": "", "ids": []}
+            click.echo(prompts[picked[0]], nl=False)
+
+            def on_token(row, token, shown=shown):
+                shown["ids"].append(token)
+                text = tok.decode(shown["ids"], skip_special_tokens=True)
+                click.echo(text[len(shown["text"]):], nl=False)
+                sys.stdout.flush()
+                shown["text"] = text
+        gen = generate_tokens(backend, chunk, sampling, pad_id=tok.pad_token_id, eos_ids=eos, on_token=on_token,
+                              seed_offsets=picked)
+        if stream:
+            click.echo("")
+        totals["prefill_s"] += gen.prefill_s
+        totals["decode_s"] += gen.decode_s
+        totals["decode_steps"] += gen.decode_steps
+        for j, toks in enumerate(gen.tokens):
+            results[picked[j]] = {"prompt": prompts[picked[j]], "prompt_tokens": len(chunk[j]), "tokens": toks,
+                                  "text": tok.decode(toks, skip_special_tokens=True)}
+    stats = dict(getattr(backend, "stats", {}) or {})
+    if stats.get("routed_block_visits"):
+        stats["skip_rate"] = stats["skipped_blocks"] / stats["routed_block_visits"]
+    timing = {**totals, "ms_per_token": 1e3 * totals["decode_s"] / totals["decode_steps"]
+              if totals["decode_steps"] else None}
+    if as_json:
+        click.echo(json.dumps({**desc, "sampling": asdict(sampling),
+                               "results": results, "timing": timing, "stats": stats}, indent=2, default=str))
+    elif not stream:
+        for r in results:
+            click.echo(r["prompt"] + r["text"])
+            if len(results) > 1:
+                click.echo("---")
+    if not as_json and stats.get("routed_block_visits"):
+        click.echo(f"threshold-skip: {stats['skipped_blocks']}/{stats['routed_block_visits']} routed block visits "
+                   f"skipped ({100 * stats['skip_rate']:.1f}%)", err=True)
+
+
+# ----------------------------------------------------------------------------------------- bench
+@click.command("bench")
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in name, local HF folder, or Hub id.")
+@click.option("--router", type=click.Choice(["static", "random", "learned"]), default=None,
+              help="Router for the routed side (default: learned with --routers, else static).")
+@click.option("--routers", "routers_dir", type=click.Path(), default=None,
+              help="Trained routers folder (its schedule replaces --sparsity).")
+@click.option("--kv-policy", type=click.Choice(["skip", "dense"]), default=None)
+@click.option("--onnx", "onnx_dir", type=click.Path(), default=None,
+              help="ort: routed export folder (default: export to a temp folder per sparsity).")
+@click.option("--onnx-dense", "onnx_dense_dir", type=click.Path(), default=None,
+              help="ort: dense export folder (default: exported to a temp folder).")
+@click.option("--engine", "engine_dir", type=click.Path(), default=None, help="trt: routed engine folder.")
+@click.option("--engine-dense", "engine_dense_dir", type=click.Path(), default=None, help="trt: dense engine folder.")
+@click.option("--seq-lens", default="512,1024,2048", show_default=True)
+@click.option("--batch", "batches", default="1,8", show_default=True)
+@click.option("--sparsity", "sparsities", default="0.22,0.3,0.4", show_default=True, help="Overall sparsities.")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs of each side per shape.")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs of each side first.")
+@click.option("--decode-steps", default=8, show_default=True, help="Decode steps timed per shape (0: skip).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overhead-seq", default=1024, show_default=True,
+              help="S at which the learned router + feature overhead is measured (0: skip).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--out", "out_file", type=click.Path(), default=None, help="Also write the JSON here.")
+def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_dir, engine_dir, engine_dense_dir,
+          seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device, overhead_seq, seed, as_json,
+          out_file):
+    """Routed vs dense prefill (and decode) in one process, alternating, after warm-up.
+
+    Prints median / p90 latency, tokens/s, measured speed-up, the ideal speed-up from FLOPs and
+    their ratio (efficiency), decode time per token, and the learned router + feature overhead.
+
+    \b
+    Examples:
+      tokenskip bench --seq-lens 1024 --batch 1 --sparsity 0.4
+      tokenskip bench --backend ort --seq-lens 512,1024,2048 --batch 1,8 --json
+      tokenskip bench --backend ort --onnx out/export --onnx-dense out/export-dense --seq-lens 1024
+    """
+    from .bench_run import run_bench
+
+    if repeats < 1 or warmup < 0 or decode_steps < 0:
+        raise UserError("--repeats must be >= 1, --warmup and --decode-steps >= 0")
+    result = run_bench(backend=backend, model=model, router=router, routers_dir=routers_dir, kv_policy=kv_policy,
+                       onnx_dir=onnx_dir, onnx_dense_dir=onnx_dense_dir, engine_dir=engine_dir,
+                       engine_dense_dir=engine_dense_dir, seq_lens=parse_list(seq_lens, int, "--seq-lens"),
+                       batches=parse_list(batches, int, "--batch"),
+                       sparsities=parse_list(sparsities, float, "--sparsity"), repeats=repeats, warmup=warmup,
+                       decode_steps=decode_steps, threads=threads, device=device, overhead_seq=overhead_seq,
+                       seed=seed, progress=not as_json)
+    if out_file:
+        from tokenskip.fileio import write_json_atomic
+
+        write_json_atomic(out_file, result)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from .bench import BenchRow, format_table
+
+        click.echo(format_table([BenchRow(**r) for r in result["rows"]]))
+        ov = result.get("overhead")
+        if ov:
+            click.echo(f"learned router + features at S={ov['seq']}: {ov['router_ms']:.2f} ms router + "
+                       f"{ov['window_ms']:.2f} ms attention-score window = {100 * ov['overhead']:.2f}% of dense "
+                       f"prefill ({ov['dense_ms']:.1f} ms)")
+
+
+# ----------------------------------------------------------------------------------- decode-eval
+@click.command("decode-eval")
+@model_options
+@click.option("--text", "text_file", type=click.Path(), default=None,
+              help="Plain UTF-8 text file to score instead of the built-in held-out split.")
+@click.option("--prompt-len", default=448, show_default=True, help="Routed prompt tokens per window.")
+@click.option("--new-tokens", default=64, show_default=True, help="Decoded (scored) tokens per window.")
+@click.option("--windows", default=8, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, text_file, prompt_len,
+                new_tokens, windows, batch_size, device, as_json):
+    """Decode-time quality: routed prefill + cached decode vs dense prefill + dense decode.
+
+    Scores the true continuation by teacher forcing through decode_step (perplexity, KL, top-1)
+    and compares free-running greedy tokens with dense greedy.
+
+    \b
+    Examples:
+      tokenskip decode-eval --router static --sparsity 0.3
+      tokenskip decode-eval --routers out/fit --prompt-len 448 --new-tokens 64 --json
+    """
+    from .decode_eval import decode_quality
+
+    if prompt_len < 2 or new_tokens < 1:
+        raise UserError("--prompt-len must be >= 2 and --new-tokens >= 1")
+    if windows < 1 or batch_size < 1:
+        raise UserError("--windows and --batch-size must be >= 1")
+    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device)
+    if routed.router is None:
+        raise UserError("decode-eval compares a routed model with dense: give --sparsity/--schedule or --routers")
+    ids = load_eval_windows(lm.tokenizer, text_file, prompt_len + new_tokens, windows)
+    res = decode_quality(routed, ids, prompt_len, new_tokens, batch_size, progress=not as_json)
+    res.update(model=model, router=cfg.router)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"model {model}, {res['windows']} windows: {prompt_len} routed prompt tokens, {new_tokens} decoded")
+        click.echo("| method | sparsity | prefill FLOPs | cont. ppl | ppl ratio | KL | top-1 | greedy agree | "
+                   "greedy prefix |")
+        click.echo("|---|---|---|---|---|---|---|---|---|")
+        click.echo(f"| dense prefill + decode | 0 | 1.000 | {res['dense_ppl']:.2f} | 1.000 | 0 | 1 | 1 | "
+                   f"{new_tokens} |")
+        click.echo(f"| {cfg.router} ({cfg.kv_policy}) prefill + decode | {res['sparsity']:.3f} | "
+                   f"{res['prefill_flops']:.3f} | {res['routed_ppl']:.2f} | {res['ppl_ratio']:.3f} | {res['kl']:.4f} | "
+                   f"{res['top1']:.3f} | {res['greedy_agree']:.3f} | {res['greedy_prefix']:.1f} |")
+
+
+def load_eval_windows(tokenizer, text_file, seq_len: int, windows: int) -> torch.Tensor:
+    """[N, seq_len] token windows from --text or the built-in held-out split."""
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise UserError(f"--text {text_file}: no such file")
+        ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.int64)
+        n = min(windows, ids.numel() // seq_len)
+        ids = ids[:n * seq_len].view(n, seq_len)  # [N,L] consecutive, non-overlapping windows
+    else:
+        try:
+            from tokenskip.evaluate_cli import load_windows
+
+            ids = load_windows(tokenizer, None, seq_len, windows)
+        except ImportError:
+            raise UserError("the built-in text split is not available in this install: pass --text FILE") from None
+    if ids.shape[0] == 0:
+        raise UserError(f"the text has fewer than {seq_len} tokens: give a longer --text or lower --prompt-len")
+    return ids
