@@ -24,12 +24,10 @@ SIDECARS = ("engine.json", "engines.json", "build.json")
 
 
 def import_tensorrt():
-    for name in ("tensorrt", "tensorrt_rtx"):
-        try:
-            return __import__(name)
-        except ImportError:
-            continue
-    raise UserError("--engine needs TensorRT: pip install tensorrt (or tensorrt-rtx-cu13-bindings) on a CUDA machine")
+    """The TensorRT module (full package or TensorRT-RTX), via the one backend layer."""
+    from .tensorrt_backend import get_backend
+
+    return get_backend().trt
 
 
 def _torch_dtype(trt, dt) -> torch.dtype:

@@ -1,0 +1,395 @@
+"""Build TensorRT engines (prefill + decode) from a `tokenskip export` folder.
+
+For each graph of the export: parse the ONNX file (external data resolved next to it) with our
+plugin library registered, so every `tokenskip::TopKGather` / `ScatterTokens` node becomes a
+plugin layer (no TopK K <= 3840 cap), or, with plugins off, from the model-local function bodies
+the parser inlines when no creator is registered. One optimisation profile per engine, built from
+the sidecar's input shapes ("batch" -> [1, opt_batch, max_batch], every other named dimension ->
+[min_seq, opt_seq, max_seq]). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
+hash (with its external data) and every setting that changes the engine; files are written
+atomically, so a failed build leaves no partial engine. Each engine gets a JSON build report:
+layers by type, plugin layers, whether any tokenskip node fell back to its function body, build
+time, engine size.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tokenskip.errors import UserError
+from tokenskip.fileio import atomic_path, cache_dir, write_bytes_atomic, write_json_atomic
+
+from . import tensorrt_backend
+
+SIDECAR = "export.json"
+EXPORT_FORMAT = "tokenskip-export"
+EXPORT_VERSION = 1
+ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py
+TOKENSKIP_DOMAIN = "tokenskip"
+TOKENSKIP_OPS = ("TopKGather", "ScatterTokens")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclasses.dataclass
+class BuildSettings:
+    """Everything that shapes an engine (CLI flags of `tokenskip build`)."""
+
+    backend: str | None = None          # "tensorrt" | "tensorrt-rtx" | None (full TensorRT if installed)
+    precision: str | None = None        # None: as exported; "fp16" / "bf16"
+    min_seq_len: int = 1
+    opt_seq_len: int | None = None      # default: min(512, max_seq_len)
+    max_seq_len: int | None = None      # default: the export's max_seq_len, else 2048
+    max_batch: int = 1
+    opt_batch: int = 1
+    plugins: bool = True
+    embed_plugins: bool = False
+    plugin_library: str | None = None   # default: build_library() (compiled once, cached)
+    timing_cache: str | None = None
+    force: bool = False
+    log: Callable[[str], None] | None = None  # progress lines (default: stderr)
+
+    def resolve(self, sidecar: dict) -> "BuildSettings":
+        """Validate the flags (UserError naming the flag) and fill defaults from the sidecar."""
+        s = dataclasses.replace(self)
+        if s.precision is not None and s.precision not in ("fp16", "bf16"):
+            raise UserError(f"precision {s.precision!r}: use --fp16 or --bf16")
+        if s.max_seq_len is None:
+            exported = sidecar.get("max_seq_len")
+            s.max_seq_len = int(exported) if isinstance(exported, int) and exported > 0 else 2048
+        if s.min_seq_len < 1:
+            raise UserError(f"--min-seq-len {s.min_seq_len}: must be >= 1")
+        if s.max_seq_len < s.min_seq_len:
+            raise UserError(f"--min-seq-len {s.min_seq_len} > --max-seq-len {s.max_seq_len}")
+        if s.max_batch < 1:
+            raise UserError(f"--max-batch {s.max_batch}: must be >= 1")
+        opt = s.opt_seq_len if s.opt_seq_len is not None else 512
+        s.opt_seq_len = min(max(opt, s.min_seq_len), s.max_seq_len)  # min <= opt <= max
+        s.opt_batch = min(max(s.opt_batch, 1), s.max_batch)
+        if s.embed_plugins and not s.plugins:
+            raise UserError("--embed-plugins and --no-plugins exclude each other")
+        if s.timing_cache is not None and Path(s.timing_cache).is_dir():
+            raise UserError(f"--timing-cache {s.timing_cache}: is a folder, expected a file")
+        return s
+
+    def engine_key_fields(self) -> dict:
+        return {"precision": self.precision, "seq": [self.min_seq_len, self.opt_seq_len, self.max_seq_len],
+                "batch": [1, self.opt_batch, self.max_batch], "plugins": self.plugins, "embed": self.embed_plugins}
+
+
+# ------------------------------------------------------------------------------------ the export
+def read_export(export_dir: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
+    """(sidecar, {graph name: onnx path}) of an export folder, or a UserError naming what is wrong."""
+    d = Path(export_dir)
+    if not d.is_dir():
+        raise UserError(f"{d}: no such export folder (write one with `tokenskip export --out {d}`)")
+    side_path = d / SIDECAR
+    if not side_path.is_file():
+        raise UserError(f"{side_path} not found: {d} is not a `tokenskip export` folder")
+    try:
+        side = json.loads(side_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{side_path} is not valid JSON: {exc}") from None
+    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{side_path}: not a tokenskip export (format != {EXPORT_FORMAT!r})")
+    if side.get("version") != EXPORT_VERSION:
+        raise UserError(f"{side_path}: export version {side.get('version')!r}, this tokenskip reads {EXPORT_VERSION}")
+    graphs = side.get("graphs")
+    if not isinstance(graphs, dict) or not isinstance(graphs.get("prefill"), dict):
+        raise UserError(f"{side_path}: no graphs.prefill entry")
+    files = {}
+    for name, entry in graphs.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise UserError(f"{side_path}: graphs.{name}.file is missing")
+        f = d / entry["file"]
+        if not f.is_file():
+            raise UserError(f"{f} is missing (named in {SIDECAR} graphs.{name}.file)")
+        files[name] = f
+    return side, files
+
+
+def _onnx_summary(path: Path) -> tuple[str, dict[str, int], dict[str, list]]:
+    """(sha256 of the file and its external data, tokenskip node counts, graph input dims)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise UserError(f"{path} is not a readable ONNX file: {exc}") from None
+    data_files: set[str] = set()
+    counts: collections.Counter = collections.Counter()
+
+    def walk(graph) -> None:
+        for t in graph.initializer:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    data_files.add(kv.value)
+        for node in graph.node:
+            if node.domain == TOKENSKIP_DOMAIN:
+                counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.g.ByteSize():
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    h = hashlib.sha256()
+    for f in [path] + sorted(path.parent / name for name in data_files):
+        if not f.is_file():
+            raise UserError(f"{f} is missing (external data of {path.name})")
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    inits = {t.name for t in model.graph.initializer}
+    dims = {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in
+                     v.type.tensor_type.shape.dim] for v in model.graph.input if v.name not in inits}
+    return h.hexdigest(), dict(counts), dims
+
+
+def profile_shapes(inputs: dict[str, list], s: BuildSettings) -> dict[str, list[list[int]]]:
+    """{input: [min, opt, max] shapes}: "batch" -> batch range, any other named dim -> seq range."""
+    out = {}
+    for name, dims in inputs.items():
+        lo, opt, hi = [], [], []
+        for d in dims:
+            if isinstance(d, int) and d > 0:
+                rng = (d, d, d)
+            elif d == "batch":
+                rng = (1, s.opt_batch, s.max_batch)
+            else:
+                rng = (s.min_seq_len, s.opt_seq_len, s.max_seq_len)
+            lo.append(rng[0]); opt.append(rng[1]); hi.append(rng[2])
+        out[name] = [lo, opt, hi]
+    return out
+
+
+# ------------------------------------------------------------------------------------ building
+class _Logger:
+    """TensorRT logger that keeps warnings and errors for the report and error messages."""
+
+    def __new__(cls, trt):
+        class Impl(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.messages: list[tuple[str, str]] = []
+
+            def log(self, severity, msg) -> None:
+                if int(severity) <= int(trt.ILogger.WARNING):
+                    self.messages.append((str(severity).rsplit(".", 1)[-1], str(msg)))
+
+            def errors(self) -> list[str]:
+                return [m for sev, m in self.messages if sev in ("ERROR", "INTERNAL_ERROR")]
+
+        return Impl()
+
+
+def _progress_monitor(trt, log: Callable[[str], None], label: str):
+    """Prints the top two levels of TensorRT's build phases (the slow part of a build)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.depth: dict[str, int] = {}
+            self.t0 = time.monotonic()
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+            self.depth[phase_name] = depth
+            if depth <= 1:
+                log(f"[{label}] {'  ' * depth}{phase_name} ({time.monotonic() - self.t0:.1f} s)")
+
+        def step_complete(self, phase_name, step) -> bool:
+            return True  # never cancel
+
+        def phase_finish(self, phase_name) -> None:
+            pass
+
+    return Monitor()
+
+
+def _network_summary(backend, network) -> dict:
+    by_type: collections.Counter = collections.Counter()
+    plugins = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        by_type[str(layer.type).rsplit(".", 1)[-1]] += 1
+        ident = backend.plugin_of(layer)
+        if ident is not None:
+            plugins.append({"name": layer.name, "plugin": ident[0], "namespace": ident[1]})
+    return {"layers": network.num_layers, "layers_by_type": dict(sorted(by_type.items())), "plugin_layers": plugins}
+
+
+def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s: BuildSettings, lib: Path | None,
+               log: Callable[[str], None]) -> tuple[bytes, dict]:
+    trt = backend.trt
+    logger = _Logger(trt)
+    builder = trt.Builder(logger)
+    weak = s.precision is not None and not backend.always_strongly_typed
+    flags = 0
+    if not backend.always_strongly_typed and not weak:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    log(f"[{graph}] parsing {onnx_path.name}")
+    t0 = time.monotonic()
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [parser.get_error(i).desc() for i in range(parser.num_errors)] or logger.errors() or ["unknown error"]
+        raise UserError(f"{onnx_path}: TensorRT ({backend.name}) cannot parse it: {errs[0]}")
+    summary = _network_summary(backend, network)
+    net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    shapes = profile_shapes({t.name: inputs.get(t.name, [d if d >= 0 else "?" for d in t.shape]) for t in net_inputs}, s)
+    config = builder.create_builder_config()
+    if weak:
+        config.set_flag(trt.BuilderFlag.FP16 if s.precision == "fp16" else trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    timing = None
+    if s.timing_cache and not backend.is_rtx:
+        tc = Path(s.timing_cache)
+        timing = config.create_timing_cache(tc.read_bytes() if tc.is_file() else b"")
+        config.set_timing_cache(timing, False)
+    if lib is not None and s.embed_plugins:
+        config.plugins_to_serialize = [str(lib)]
+    monitor = _progress_monitor(trt, log, graph)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    lo_b, hi_b = 1, s.max_batch
+    log(f"[{graph}] building engine ({backend.name} {backend.version}; batch {lo_b}..{hi_b}, "
+        f"seq {s.min_seq_len}..{s.opt_seq_len}..{s.max_seq_len}); this can take minutes")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        errs = logger.errors() or ["no error message"]
+        raise UserError(f"TensorRT ({backend.name}) failed to build the {graph} engine from {onnx_path}: {errs[-1]}")
+    data = bytes(serialized)
+    if timing is not None:
+        write_bytes_atomic(s.timing_cache, bytes(config.get_timing_cache().serialize()))
+    report = {
+        "graph": graph, "backend": backend.name, "tensorrt_version": backend.version,
+        "precision": s.precision or "as exported", "profile": shapes,
+        "build_seconds": round(time.monotonic() - t0, 2), "engine_bytes": len(data),
+        **summary,
+        "warnings": [m for sev, m in logger.messages if sev == "WARNING"][:20],
+    }
+    return data, report
+
+
+def _with_fallback(report: dict, counts: dict[str, int], plugins: bool) -> dict:
+    """Compare the tokenskip nodes of the ONNX file with the plugin layers of the network."""
+    got = collections.Counter(p["plugin"] for p in report["plugin_layers"] if p["namespace"] == TOKENSKIP_DOMAIN)
+    fallback = {op: max(0, counts.get(op, 0) - got.get(op, 0)) for op in TOKENSKIP_OPS}
+    report.update(tokenskip_nodes={op: counts.get(op, 0) for op in TOKENSKIP_OPS}, fallback=fallback,
+                  fell_back=any(fallback.values()), plugins=plugins)
+    return report
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Put a cached file at dst atomically (hard link when possible, else copy)."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def _plugin_library(s: BuildSettings, log: Callable[[str], None]) -> Path:
+    from tokenskip.plugins import build_library, check_library
+
+    if s.plugin_library:
+        return check_library(s.plugin_library)
+    log("plugin library: compiling or reusing the cached build (tokenskip plugins build)")
+    return build_library(verbose=False)
+
+
+def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **settings: Any) -> dict:
+    """Build one engine per graph of the export into out_dir; returns the build report.
+
+    settings: the fields of BuildSettings. Writes <graph>.engine and <graph>.report.json per
+    graph, the plugin library (unless embedded or disabled) and engine.json for the runtime.
+    """
+    s0 = BuildSettings(**settings)
+    log = s0.log or (lambda line: print(line, file=sys.stderr, flush=True))
+    sidecar, files = read_export(export_dir)
+    s = s0.resolve(sidecar)
+    if s.precision is not None:
+        exported = sidecar.get("dtype")
+        backend_probe = tensorrt_backend.get_backend(s.backend)
+        if backend_probe.always_strongly_typed and exported not in (None, s.precision):
+            raise UserError(f"--{s.precision}: TensorRT-RTX builds strongly typed networks, so the precision is the "
+                            f"export's ({exported}): re-export with --dtype {s.precision}, or drop --{s.precision}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    backend = tensorrt_backend.get_backend(s.backend)
+    if s.timing_cache and backend.is_rtx:
+        log("--timing-cache ignored: TensorRT-RTX tunes at run time (timing caches are no-ops there)")
+    lib = None
+    if s.plugins:
+        lib = _plugin_library(s, log)
+        backend.load_plugins(lib)
+    else:
+        backend.unload_plugins()
+    lib_hash = hashlib.sha256(lib.read_bytes()).hexdigest() if lib else None
+
+    # build (or find) every engine in the cache first, so a failure leaves the out folder untouched
+    engines: dict[str, dict] = {}
+    for graph, onnx_path in files.items():
+        onnx_hash, counts, dims = _onnx_summary(onnx_path)
+        inputs = {n: spec.get("shape", dims.get(n)) for n, spec in sidecar["graphs"][graph].get("inputs", {}).items()}
+        inputs = {**dims, **inputs}
+        key = hashlib.sha256(json.dumps({
+            "onnx": onnx_hash, "graph": graph, "backend": backend.name, "version": backend.version,
+            "plugin_library": lib_hash, **s.engine_key_fields()}, sort_keys=True).encode()).hexdigest()[:24]
+        cached = cache_dir() / "engines" / key
+        if s.force or not (cached / "engine").is_file() or not (cached / "report.json").is_file():
+            data, report = _build_one(backend, graph, onnx_path, inputs, s, lib, log)
+            report = _with_fallback(report, counts, s.plugins)
+            report.update(onnx=str(onnx_path.resolve()), onnx_sha256=onnx_hash, cache_key=key,
+                          plugin_library=str(lib) if lib else None, plugins_embedded=bool(lib and s.embed_plugins))
+            write_bytes_atomic(cached / "engine", data)
+            write_json_atomic(cached / "report.json", report)
+            report["cached"] = False
+        else:
+            report = json.loads((cached / "report.json").read_text(encoding="utf-8"))
+            report["cached"] = True
+            log(f"[{graph}] engine up to date (cache {key}); --force rebuilds it")
+        if s.plugins and report["fell_back"]:
+            log(f"[{graph}] warning: {report['fallback']} tokenskip node(s) did not become plugin layers (missing "
+                "plugin_namespace=\"tokenskip\" on the node?)")
+        report["_cached_engine"] = cached / "engine"
+        engines[graph] = report
+
+    for graph, report in engines.items():
+        _place(report.pop("_cached_engine"), out / f"{graph}.engine")
+        report["engine"] = str(out / f"{graph}.engine")
+        write_json_atomic(out / f"{graph}.report.json", report)
+        log(f"[{graph}] {report['engine_bytes'] / 1e6:.2f} MB, {len(report['plugin_layers'])} plugin layer(s) "
+            f"-> {report['engine']}")
+
+    shipped = None
+    if lib is not None and not s.embed_plugins:
+        shipped = lib.name
+        _place(lib, out / shipped)
+    meta = {
+        "format": "tokenskip-engines", "version": 1, "backend": backend.name, "tensorrt_version": backend.version,
+        "export_dir": str(Path(export_dir).resolve()), "dtype": sidecar.get("dtype"), "precision": s.precision,
+        "max_seq_len": s.max_seq_len, "max_batch": s.max_batch, "plugin_library": shipped,
+        "plugins": s.plugins, "plugins_embedded": bool(lib and s.embed_plugins),
+        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json"} for g in engines},
+    }
+    write_json_atomic(out / ENGINE_SIDECAR, meta)
+    return {**meta, "out_dir": str(out), "reports": engines}

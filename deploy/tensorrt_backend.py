@@ -1,0 +1,140 @@
+"""A thin layer over the two TensorRT Python packages we support, imported lazily.
+
+- `tensorrt` (full TensorRT 10, needs a GPU to build; what users on a CUDA machine install), and
+- TensorRT-RTX (`tensorrt_rtx_bindings` from PyPI, or `tensorrt_rtx` from the SDK), which builds
+  engines ahead of time on a machine with no GPU (SM80/86/89/120 targets, not SM90).
+
+Everything the engine builder needs that differs between them lives here: module lookup, the
+libtensorrt_rtx.so symlink fix, plugin library (un)loading through the registry, and the plugin
+identity of a network layer. Nothing here imports TensorRT at module import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tokenskip.errors import UserError
+
+BACKENDS = ("tensorrt", "tensorrt-rtx")
+PLUGIN_NAMESPACE = "tokenskip"
+_MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
+_INSTALL = {"tensorrt": "pip install tensorrt (on a CUDA machine)",
+            "tensorrt-rtx": "pip install 'tokenskip[tensorrt-rtx]' (tensorrt-rtx-cu13-libs + -bindings)"}
+_loaded: dict[str, Any] = {}  # plugin library path -> registry handle (per process)
+
+
+@dataclasses.dataclass
+class Backend:
+    """An imported TensorRT flavour: `trt` is the module, `name` one of BACKENDS."""
+
+    name: str
+    trt: ModuleType
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+    @property
+    def version(self) -> str:
+        return str(getattr(self.trt, "__version__", "unknown"))
+
+    @property
+    def always_strongly_typed(self) -> bool:
+        """TensorRT-RTX has no FP16/BF16 builder flags: precision is the ONNX file's."""
+        return not hasattr(self.trt.BuilderFlag, "FP16")
+
+    def registry(self):
+        return self.trt.get_plugin_registry()
+
+    def tokenskip_creators(self) -> list[str]:
+        return sorted(f"{c.name}/{c.plugin_version}" for c in self.registry().all_creators
+                      if c.plugin_namespace == PLUGIN_NAMESPACE)
+
+    def load_plugins(self, lib: str | os.PathLike) -> None:
+        """Register libtokenskip_plugins.so's creators (once per process and path)."""
+        path = str(Path(lib).resolve())
+        if path in _loaded:
+            return
+        if self.tokenskip_creators():  # another copy of the library is registered: replace it
+            self.unload_plugins()
+        handle = self.registry().load_library(path)
+        if handle is None or not self.tokenskip_creators():
+            raise UserError(f"TensorRT could not load the plugin library {lib}: rebuild it with "
+                            "`tokenskip plugins build`")
+        _loaded[path] = handle
+
+    def unload_plugins(self) -> None:
+        """Deregister every tokenskip plugin library this process loaded (for --no-plugins builds)."""
+        reg = self.registry()
+        for path in list(_loaded):
+            reg.deregister_library(_loaded.pop(path))
+        if self.tokenskip_creators():
+            raise UserError("tokenskip plugins are registered by something else in this process; cannot build "
+                            "with --no-plugins here")
+
+    def plugin_of(self, layer) -> tuple[str, str] | None:
+        """(plugin name, namespace) of a PLUGIN_V3 network layer, else None."""
+        trt = self.trt
+        if layer.type != trt.LayerType.PLUGIN_V3:
+            return None
+        layer.__class__ = trt.IPluginV3Layer
+        core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+        core.__class__ = trt.IPluginV3OneCore
+        return str(core.plugin_name), str(core.plugin_namespace)
+
+
+def _import_first(names: tuple[str, ...]) -> ModuleType | None:
+    for name in names:
+        try:
+            return __import__(name)
+        except ImportError:
+            continue
+    return None
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """Import TensorRT: `name` in BACKENDS, or None for the full package if installed, else RTX."""
+    if name is not None and name not in BACKENDS:
+        raise UserError(f"--backend {name}: choose from {', '.join(BACKENDS)}")
+    for candidate in ([name] if name else list(BACKENDS)):
+        module = _import_first(_MODULES[candidate])
+        if module is not None:
+            backend = Backend(candidate, module)
+            if backend.is_rtx:
+                ensure_rtx_parser_symlink()
+            return backend
+        if name:
+            raise UserError(f"--backend {name}: not installed: {_INSTALL[name]}")
+    raise UserError("no TensorRT installed: " + " or ".join(_INSTALL.values()))
+
+
+def ensure_rtx_parser_symlink() -> None:
+    """Create libtensorrt_rtx.so -> libtensorrt_rtx.so.1 next to the RTX ONNX parser if missing.
+
+    The parser dlopen()s the unversioned name when it imports a plugin node, the PyPI wheel ships
+    only the versioned one, and the failure aborts the process ("terminate called without an
+    active exception"). The parser's RPATH is $ORIGIN, so a link in its folder fixes it.
+    """
+    try:
+        import tensorrt_rtx_libs
+    except ImportError:
+        return  # SDK install: the unversioned name ships with it
+    folder = Path(tensorrt_rtx_libs.__file__).resolve().parent
+    link = folder / "libtensorrt_rtx.so"
+    if link.exists():
+        return
+    for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+        if d and (Path(d) / "libtensorrt_rtx.so").exists():
+            return
+    try:
+        if link.is_symlink():  # dangling
+            link.unlink()
+        link.symlink_to("libtensorrt_rtx.so.1")
+    except OSError as exc:
+        raise UserError(f"TensorRT-RTX's ONNX parser needs {link} -> libtensorrt_rtx.so.1 and {folder} is not "
+                        f"writable ({exc.strerror}): create that link once as the environment's owner, or put one "
+                        "in a folder on LD_LIBRARY_PATH") from None

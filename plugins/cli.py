@@ -1,0 +1,31 @@
+"""`tokenskip plugins ...`: build the TensorRT plugin library."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group("plugins")
+def plugins() -> None:
+    """TensorRT plugins (TopKGather, ScatterTokens): build the CUDA library."""
+
+
+@plugins.command("build")
+@click.option("--arch", default=None, metavar="LIST",
+              help="Compute capabilities, e.g. 90 or 80,86,90 (default: 80,86,89,90,120 + PTX).")
+@click.option("--force", is_flag=True, help="Recompile even if a cached build exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the path.")
+def build_cmd(arch: str | None, force: bool, as_json: bool) -> None:
+    """Compile libtokenskip_plugins.so with nvcc and print its path (cached by sources + flags)."""
+    from .build import build_library, source_hash
+
+    lib = build_library(arch=arch, force=force, verbose=not as_json)
+    if as_json:
+        meta_file = lib.parent / "build.json"
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+        click.echo(json.dumps({"library": str(lib), "source_hash": source_hash(), "archs": meta.get("archs"),
+                               "nvcc": meta.get("nvcc"), "tensorrt_include": meta.get("tensorrt_include")}))
+    else:
+        click.echo(str(lib))

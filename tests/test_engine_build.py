@@ -1,0 +1,176 @@
+"""TensorRT-RTX engine builds from tokenskip graphs on a CPU-only machine: with our plugins (plugin
+layers, no fallback, embedded or shipped library, engine cache) and without (function bodies), and
+`tokenskip build` bad-input errors (one line, exit 1, no traceback, no partial engine)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tokenskip.errors import UserError
+
+pytest.importorskip("onnx")
+trt_rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX extra not installed")
+
+from tokenskip.deploy import engine_build  # noqa: E402
+from tokenskip.deploy.build_cli import build as build_cmd  # noqa: E402
+from tokenskip.plugins import testing  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        return testing.compiled_library("90")
+    except UserError as exc:
+        if "nvcc" in str(exc):
+            print(f"SKIP REASON: {exc}")
+            pytest.skip(f"CUDA compiler extra not installed: {exc}")
+        raise
+
+
+@pytest.fixture(autouse=True)
+def engine_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+
+
+def _build(export, out, **kw):
+    lines: list[str] = []
+    report = engine_build.build_engines(export, out, backend="tensorrt-rtx", log=lines.append, **kw)
+    return report, lines
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_plugin_engines_have_plugin_layers_and_no_fallback(lib, tmp_path, dtype):
+    export = testing.write_export(tmp_path / "export", hidden=64, dtype=dtype)
+    report, lines = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=40000)
+    assert set(report["reports"]) == {"prefill", "decode"}
+    for graph, r in report["reports"].items():
+        assert sorted(p["plugin"] for p in r["plugin_layers"]) == ["ScatterTokens", "TopKGather"]
+        assert {p["namespace"] for p in r["plugin_layers"]} == {"tokenskip"}
+        assert r["tokenskip_nodes"] == {"TopKGather": 1, "ScatterTokens": 1}
+        assert r["fallback"] == {"TopKGather": 0, "ScatterTokens": 0} and not r["fell_back"]
+        assert "TOPK" not in r["layers_by_type"] and r["layers_by_type"]["PLUGIN_V3"] == 2
+        assert r["engine_bytes"] == (tmp_path / "eng" / f"{graph}.engine").stat().st_size > 0
+        assert json.loads((tmp_path / "eng" / f"{graph}.report.json").read_text())["cache_key"] == r["cache_key"]
+    assert report["reports"]["prefill"]["profile"]["x"] == [[1, 1, 64], [1, 512, 64], [1, 40000, 64]]
+    meta = json.loads((tmp_path / "eng" / "engine.json").read_text())
+    assert meta["plugin_library"] == lib.name and (tmp_path / "eng" / lib.name).is_file()
+    assert meta["engines"]["decode"]["file"] == "decode.engine"
+    assert any("building engine" in ln for ln in lines)  # progress
+
+
+def test_function_body_fallback_without_plugins(lib, tmp_path):
+    export = testing.write_export(tmp_path / "export", hidden=32)
+    report, _ = _build(export, tmp_path / "eng", plugins=False, max_seq_len=2048)
+    r = report["reports"]["prefill"]
+    assert r["plugin_layers"] == [] and r["fell_back"]
+    assert r["fallback"] == {"TopKGather": 1, "ScatterTokens": 1}
+    assert r["layers_by_type"]["TOPK"] == 2 and r["layers_by_type"]["SCATTER"] == 1  # the ONNX function bodies
+    assert json.loads((tmp_path / "eng" / "engine.json").read_text())["plugin_library"] is None
+
+
+def test_embedded_plugins_and_engine_cache(lib, tmp_path):
+    export = testing.write_export(tmp_path / "export", hidden=64, decode=False)
+    plain, _ = _build(export, tmp_path / "a", plugin_library=str(lib))
+    embedded, _ = _build(export, tmp_path / "b", plugin_library=str(lib), embed_plugins=True)
+    p, e = plain["reports"]["prefill"], embedded["reports"]["prefill"]
+    assert e["plugins_embedded"] and not p["plugins_embedded"]
+    assert e["engine_bytes"] > p["engine_bytes"] + lib.stat().st_size // 2  # the library travels inside
+    assert json.loads((tmp_path / "b" / "engine.json").read_text())["plugin_library"] is None
+    assert not (tmp_path / "b" / lib.name).exists()
+    again, lines = _build(export, tmp_path / "c", plugin_library=str(lib))
+    assert again["reports"]["prefill"]["cached"] and any("up to date" in ln for ln in lines)
+    forced, _ = _build(export, tmp_path / "c", plugin_library=str(lib), force=True)
+    assert not forced["reports"]["prefill"]["cached"]
+    _, lines = _build(export, tmp_path / "d", plugin_library=str(lib), timing_cache=str(tmp_path / "t.cache"))
+    assert any("--timing-cache ignored" in ln for ln in lines)  # a no-op in TensorRT-RTX
+
+
+def test_profile_shapes_clamp():
+    s = engine_build.BuildSettings(min_seq_len=16, opt_seq_len=4, max_seq_len=64, max_batch=4, opt_batch=9).resolve({})
+    shapes = engine_build.profile_shapes({"ids": ["batch", "seq"], "past": ["batch", 2, "past_0", 8]}, s)
+    assert shapes["ids"] == [[1, 16], [4, 16], [4, 64]]
+    assert shapes["past"] == [[1, 2, 16, 8], [4, 2, 16, 8], [4, 2, 64, 8]]
+
+
+def test_function_bodies_match_reference_in_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    from tokenskip import ops_reference as R
+
+    model = testing.routed_block_model(16, keep_num=3, keep_den=5, min_keep=4)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 13, 16)).astype(np.float32)                # [B,S,H]
+    scores = rng.integers(0, 3, (3, 13)).astype(np.float32)                 # heavy ties
+    scores[0, 5], scores[1, :4], scores[2, 7] = np.inf, -np.inf, -0.0
+    y, index = sess.run(None, {"x": x, "scores": scores})
+    kept, ref_index = R.topk_gather(x, scores, 3, 5, 4)
+    np.testing.assert_array_equal(index, ref_index)
+    w = __import__("onnx").numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_allclose(y, R.scatter_tokens(x, kept @ w, ref_index), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _fails(args, out=None):
+    result = CliRunner().invoke(build_cmd, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    if out is not None and out.exists():  # nothing half-written
+        assert not list(out.rglob("*.engine")) and not list(out.rglob("*.tmp"))
+    return errors[0]
+
+
+def test_cli_bad_inputs(lib, tmp_path):
+    out = tmp_path / "eng"
+    export = testing.write_export(tmp_path / "export", hidden=32)
+    assert "no such export folder" in _fails([str(tmp_path / "nope"), "--out", str(out)], out)
+    assert "--min-seq-len 64 > --max-seq-len 32" in _fails(
+        [str(export), "--out", str(out), "--min-seq-len", "64", "--max-seq-len", "32"], out)
+    assert "exclude each other" in _fails([str(export), "--out", str(out), "--no-plugins", "--embed-plugins"], out)
+    assert "--fp16" in _fails([str(export), "--out", str(out), "--fp16", "--backend", "tensorrt-rtx",
+                               "--plugin-lib", str(lib)], out)
+    junk = tmp_path / "libjunk.so"
+    junk.write_bytes(b"not a library")
+    assert "not a tokenskip plugin library" in _fails([str(export), "--out", str(out), "--plugin-lib", str(junk)], out)
+
+    (export / "decode.onnx").unlink()
+    assert "decode.onnx is missing" in _fails([str(export), "--out", str(out)], out)
+    (export / "export.json").unlink()
+    assert "export.json not found" in _fails([str(export), "--out", str(out)], out)
+
+
+def test_cli_stale_plugin_library(lib, tmp_path, monkeypatch):
+    from tokenskip.plugins import build as plugin_build
+
+    export = testing.write_export(tmp_path / "export", hidden=32, decode=False)
+    monkeypatch.setattr(plugin_build, "source_hash", lambda: "f" * 64)  # as if the sources were edited
+    line = _fails([str(export), "--out", str(tmp_path / "eng"), "--plugin-lib", str(lib)], tmp_path / "eng")
+    assert "built from other sources" in line and "tokenskip plugins build" in line
+
+
+def test_cli_failed_build_leaves_no_engine(tmp_path):
+    # without plugins TopKGather is TensorRT's TopK, capped at K <= 3840: k = 0.6 * 8000 breaks the build
+    export = testing.write_export(tmp_path / "export", hidden=32, decode=False)
+    out = tmp_path / "eng"
+    line = _fails([str(export), "--out", str(out), "--no-plugins", "--opt-seq-len", "8000", "--max-seq-len", "8000"],
+                  out)
+    assert "failed to build the prefill engine" in line
+    assert not out.exists() or not any(out.iterdir())
+    assert not list((tmp_path / "cache").rglob("engine"))
+
+
+def test_cli_success_prints_summary(lib, tmp_path):
+    export = testing.write_export(tmp_path / "export", hidden=32)
+    result = CliRunner().invoke(build_cmd, [str(export), "--out", str(tmp_path / "eng"), "--plugin-lib", str(lib),
+                                            "--backend", "tensorrt-rtx", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["reports"]["prefill"]["plugin_layers"] and report["plugins"]
+    shutil.rmtree(tmp_path / "eng")

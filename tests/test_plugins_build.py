@@ -1,0 +1,124 @@
+"""The plugin library compiles (nvcc from the `cuda` extra), is cached, carries its source hash, and
+`tokenskip plugins build` fails with one clear line when the toolchain is missing or broken."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tokenskip.errors import UserError
+from tokenskip.plugins import build, toolchain
+from tokenskip.plugins.cli import plugins
+
+
+@pytest.fixture(scope="module")
+def lib():
+    from tokenskip.plugins.testing import compiled_library
+
+    try:
+        return compiled_library("90")
+    except UserError as exc:
+        if "nvcc" in str(exc):
+            print(f"SKIP REASON: {exc}")
+            pytest.skip(f"CUDA compiler extra not installed: {exc}")
+        raise
+
+
+def test_library_compiles_with_entry_points_and_source_hash(lib):
+    meta = json.loads((lib.parent / "build.json").read_text())
+    assert meta["archs"] == ["90"] and meta["compile_seconds"] > 0
+    handle = ctypes.CDLL(str(lib))
+    for name in ("getCreators", "setLoggerFinder", "tokenskip_topk_gather_bf16_i64", "tokenskip_topk_select_i32",
+                 "tokenskip_scatter_tokens_f16_i32", "tokenskip_scatter_tokens_workspace_size"):
+        assert hasattr(handle, name), name
+    assert build.library_source_hash(lib) == build.source_hash()
+    assert build.check_library(lib) == lib
+    handle.tokenskip_keep_count.restype = ctypes.c_int64
+    handle.tokenskip_keep_count.argtypes = [ctypes.c_int64] * 4
+    assert handle.tokenskip_keep_count(40000, 3, 5, 1) == 24000
+    assert handle.tokenskip_keep_count(1, 0, 1, 4) == 1
+    assert handle.tokenskip_keep_count(10, 1, 0, 1) == -1
+
+
+def test_second_build_is_a_cache_hit(lib):
+    again = build.build_library(arch="sm_90", cache=lib.parent.parent)
+    assert again == lib
+
+
+def test_stale_library_is_refused(lib, monkeypatch):
+    monkeypatch.setattr(build, "source_hash", lambda: "0" * 64)
+    with pytest.raises(UserError, match="built from other sources"):
+        build.check_library(lib)
+
+
+def test_parse_archs():
+    assert build.parse_archs("sm_90, 8.6,80") == ["80", "86", "90"]
+    assert build.parse_archs(None) == ["80", "86", "89", "90", "120"]
+    assert build.arch_flags(["80", "90"])[-1] == "arch=compute_90,code=compute_90"  # PTX of the newest
+    with pytest.raises(UserError, match="--arch"):
+        build.parse_archs("hopper")
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()  # progress lines may precede the error
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("Error: "), result.output
+    return errors[0]
+
+
+def _no_library(cache) -> bool:
+    return not list(cache.rglob("*.so")) and not list(cache.rglob("*.tmp"))
+
+
+def test_cli_missing_nvcc(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(toolchain, "_pypi_cuda_root", lambda: None)
+    monkeypatch.setattr(toolchain, "SYSTEM_CUDA", tmp_path / "no-cuda")
+    line = _one_line_error(CliRunner().invoke(plugins, ["build", "--arch", "90"]))
+    assert "install the extra: pip install 'tokenskip[cuda]'" in line
+    assert _no_library(tmp_path)
+
+
+def test_cli_bad_cuda_home_and_headers(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert "CUDA_HOME" in _one_line_error(CliRunner().invoke(plugins, ["build"]))
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("TENSORRT_INCLUDE_DIR", str(tmp_path))
+    try:
+        toolchain.find_nvcc()
+    except UserError:
+        pytest.skip("CUDA compiler extra not installed")
+    assert "TENSORRT_INCLUDE_DIR" in _one_line_error(CliRunner().invoke(plugins, ["build", "--arch", "90"]))
+    assert _no_library(tmp_path)
+
+
+def test_cli_bad_arch():
+    assert "--arch" in _one_line_error(CliRunner().invoke(plugins, ["build", "--arch", "sm_x"]))
+
+
+def test_compile_error_leaves_no_library(lib, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cu"
+    broken.write_text("__global__ void k() { this is not cuda; }\n")
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "compile_units", lambda: [broken])
+    line = _one_line_error(CliRunner().invoke(plugins, ["build", "--arch", "90", "--force"]))
+    assert "nvcc failed" in line and "full log" in line
+    assert _no_library(tmp_path / "cache")
+
+
+def test_cli_json_reuses_cache(lib, monkeypatch):
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(lib.parent.parent.parent))  # <root>/plugins/<key>/lib
+    result = CliRunner().invoke(plugins, ["build", "--arch", "90", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["library"] == str(lib)  # no recompile
+    assert info["archs"] == ["90"] and info["source_hash"] == build.source_hash()
