@@ -1,0 +1,137 @@
+"""`tokenskip export` and `tokenskip validate` (mapped by tokenskip.cli)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tokenskip.errors import UserError
+
+from .exporter import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPSET, DTYPES, OPSET_RANGE
+
+
+def _log(quiet: bool):
+    return (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+
+
+@click.command("export", help="Export the routed model to ONNX (prefill + decode graphs) with tokenskip custom ops.")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="Built-in name, local Hugging Face folder or Hub id.")
+@click.option("--routers", "routers_dir", type=click.Path(path_type=Path), default=None,
+              help="A routers folder written by `tokenskip train` (tokenskip.json [+ router.safetensors]).")
+@click.option("--router", type=click.Choice(["static", "dense"]), default=None,
+              help="Without --routers: the static (sink + recency) router or the dense model.")
+@click.option("--sparsity", type=float, default=None, help="Overall sparsity in [0, 1) for --router static.")
+@click.option("--schedule", "schedule_file", type=click.Path(path_type=Path), default=None,
+              help="Per-block sparsity schedule JSON for --router static (instead of --sparsity).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--kv-policy", type=click.Choice(["skip", "dense"]), default=None,
+              help="Overrides the routers folder's kv_policy (default: skip).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
+              help=f"ONNX opset ({OPSET_RANGE[0]}..{OPSET_RANGE[1]}).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, show_default=True,
+              help="Upper bound of the seq / past dims the graphs are traced for.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--no-check", is_flag=True, help="Skip onnx.checker full_check (faster for big models).")
+@click.option("--no-optimize", is_flag=True, help="Skip the onnxscript graph optimizer (faster export).")
+@click.option("--reuse-decode", type=click.Path(path_type=Path), default=None,
+              help="Copy decode.onnx from an earlier export of the same model/dtype/opset (it does not "
+                   "depend on the router).")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar (export.json) as JSON.")
+def export(model_name, routers_dir, router, sparsity, schedule_file, out_dir, kv_policy, opset, dtype, max_seq_len,
+           force, no_check, no_optimize, reuse_decode, as_json):
+    from .exporter import check_dtype, check_opset, check_out_dir
+
+    # cheap checks first: no model load for a command that is going to fail
+    check_opset(opset)
+    check_dtype(dtype)
+    check_out_dir(out_dir, force)
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len {max_seq_len}: must be >= 2")
+    if routers_dir is not None:
+        if router is not None or sparsity is not None or schedule_file is not None:
+            raise UserError("--routers carries the router and schedule: drop --router/--sparsity/--schedule")
+        if not Path(routers_dir).is_dir():
+            raise UserError(f"--routers {routers_dir}: no such folder")
+    elif router is None:
+        raise UserError("choose what to export: --routers DIR, --router static --sparsity X, or --router dense")
+    elif router == "dense" and (sparsity is not None or schedule_file is not None):
+        raise UserError("--router dense takes no --sparsity/--schedule")
+    elif router == "static" and sparsity is None and schedule_file is None:
+        raise UserError("--router static needs --sparsity X (in [0, 1)) or --schedule FILE")
+    if sparsity is not None:
+        from tokenskip.schedule import check_sparsity
+
+        check_sparsity(sparsity)
+    if routers_dir is not None:  # validate the folder before loading the model
+        from tokenskip.config import load_routing
+
+        load_routing(routers_dir)
+
+    from tokenskip.config import build_routed
+    from tokenskip.models import load_model
+
+    from .exporter import export_model
+
+    log = _log(as_json)
+    log(f"loading {model_name}...")
+    loaded = load_model(model_name)
+    routed, cfg = build_routed(loaded.model, router=router or "static", sparsity=sparsity, schedule=schedule_file,
+                               routers_dir=routers_dir, kv_policy=kv_policy, model_name=model_name)
+    if not cfg.model:
+        cfg.model = model_name
+    sidecar = export_model(loaded, routed, cfg, out_dir, opset=opset, dtype=dtype, max_seq_len=max_seq_len,
+                           force=force, check=not no_check, optimize=not no_optimize, reuse_decode=reuse_decode,
+                           log=log)
+    if as_json:
+        click.echo(json.dumps(sidecar, indent=2, sort_keys=True))
+    else:
+        routed_layers = [l["layer"] for l in sidecar["layers"] if l["routed"]]
+        click.echo(f"exported {model_name} ({cfg.router} router, {len(routed_layers)}/{len(sidecar['layers'])} "
+                   f"blocks routed, kv_policy={sidecar['kv_policy']}, {dtype}, opset {opset}) to {out_dir}")
+        click.echo(f"  check it: tokenskip validate {out_dir}")
+
+
+def _parse_batches(value: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--batch {value}: expected comma-separated integers, e.g. 1,4") from None
+    if not out or any(b < 1 for b in out):
+        raise UserError(f"--batch {value}: batch sizes must be >= 1")
+    return out
+
+
+@click.command("validate", help="Check an ONNX export against the PyTorch routed model (ONNX Runtime, CPU).")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--atol", type=float, default=1e-3, show_default=True, help="Absolute tolerance for float outputs.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance for float outputs.")
+@click.option("--batch", "batch", default="1,4", show_default=True, help="Batch sizes to test (left-padded).")
+@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Greedy decode length (0: skip).")
+@click.option("--samples", type=int, default=2, show_default=True,
+              help="Random-shape cases per batch size (random ids, lengths and left padding).")
+@click.option("--window", type=int, default=96, show_default=True, help="Eval-text prompt length in tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def validate(export_dir, atol, rtol, batch, decode_tokens, samples, window, seed, as_json):
+    from .validate import format_report, run_validation
+
+    batches = _parse_batches(batch)
+    if samples < 0:
+        raise UserError("--samples must be >= 0")
+    if window < 4:
+        raise UserError("--window must be >= 4")
+    report = run_validation(export_dir, atol=atol, rtol=rtol, batches=batches, decode_tokens=decode_tokens,
+                            samples=samples, window=window, seed=seed, log=_log(as_json))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_report(report))
+    if not report["passed"]:
+        if as_json:
+            sys.exit(1)
+        raise SystemExit(1)

@@ -1,0 +1,240 @@
+"""The ONNX side of the two tokenskip custom ops (docs/ops.md): schemas, function bodies, and the
+torch.onnx translation that turns `torch.ops.tokenskip.*` into `tokenskip::*` nodes.
+
+- `register_schemas()` registers an `onnx.defs.OpSchema` for `tokenskip::TopKGather` and
+  `tokenskip::ScatterTokens` (version 1) so the exporter can emit them and
+  `onnx.checker.check_model(..., full_check=True)` accepts the nodes.
+- `function_protos(opset)` builds the model-local ONNX functions (standard ops only), so ONNX
+  Runtime, and TensorRT without our plugin library, run the file as is.
+- `TRANSLATION_TABLE` is passed to `torch.onnx.export(..., custom_translation_table=...)`.
+- `finalize(model_proto, opset)` is the post-pass: `plugin_namespace="tokenskip"` on every
+  tokenskip node, the functions attached, the opset imports and IR version set.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import AttributeProto, TensorProto, defs, helper
+
+DOMAIN = "tokenskip"
+DOMAIN_VERSION = 1
+PLUGIN_NAMESPACE = "tokenskip"
+TOPK_GATHER = "TopKGather"
+SCATTER_TOKENS = "ScatterTokens"
+TOPK_ATTRS = ("keep_num", "keep_den", "min_keep")
+IR_VERSION = 10  # onnxruntime 1.31/1.32 reads at most IR 13; onnx 1.23 would write 14
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+# ------------------------------------------------------------------------------------------ schemas
+def _schemas() -> list[defs.OpSchema]:
+    P = defs.OpSchema.FormalParameter
+    A = defs.OpSchema.Attribute
+    ns_attr = A("plugin_namespace", defs.OpSchema.AttrType.STRING,
+                "TensorRT plugin namespace (\"tokenskip\"); ignored by everything else", required=False)
+    topk = defs.OpSchema(
+        TOPK_GATHER, DOMAIN, DOMAIN_VERSION,
+        doc="Keep the k best-scored tokens of each row (ties: lower position first), in ascending "
+            "order: k = min(S, max(min_keep, ceil(keep_num * S / keep_den))). See docs/ops.md.",
+        inputs=[P("hidden", "T", "[B,S,H]"), P("scores", "F", "[B,S] float32")],
+        outputs=[P("kept", "T", "[B,k,H]"), P("index", "I", "[B,k] int64, ascending")],
+        type_constraints=[("T", FLOAT_TYPES, "hidden dtype"), ("F", ["tensor(float)"], "scores"),
+                          ("I", ["tensor(int64)"], "indices")],
+        attributes=[A("keep_num", defs.OpSchema.AttrType.INT, "keep fraction numerator (>= 0)", required=True),
+                    A("keep_den", defs.OpSchema.AttrType.INT, "keep fraction denominator (>= 1)", required=True),
+                    A("min_keep", defs.OpSchema.AttrType.INT, "lower bound on k (>= 1)", required=True),
+                    ns_attr],
+    )
+    scatter = defs.OpSchema(
+        SCATTER_TOKENS, DOMAIN, DOMAIN_VERSION,
+        doc="hidden_out = hidden; hidden_out[b, index[b, j]] += delta[b, j]. See docs/ops.md.",
+        inputs=[P("hidden", "T", "[B,S,H]"), P("delta", "T", "[B,k,H]"), P("index", "I", "[B,k]")],
+        outputs=[P("hidden_out", "T", "[B,S,H]")],
+        type_constraints=[("T", FLOAT_TYPES, "hidden dtype"), ("I", ["tensor(int64)"], "indices")],
+        attributes=[ns_attr],
+    )
+    return [topk, scatter]
+
+
+def register_schemas() -> None:
+    """Register both schemas once per process (idempotent)."""
+    for schema in _schemas():
+        try:
+            defs.get_schema(schema.name, schema.since_version, schema.domain)
+            continue  # already there
+        except defs.SchemaError:
+            pass
+        defs.register_schema(schema)
+
+
+# --------------------------------------------------------------------------------- function bodies
+def _attr_ref(name: str, ref: str) -> AttributeProto:
+    a = AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, ref, AttributeProto.INT
+    return a
+
+
+def _const_i64(out: str, value: int) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, TensorProto.INT64, [1], [value]))
+
+
+def topk_gather_function(opset: int) -> onnx.FunctionProto:
+    """TopKGather as standard ops: k in integer shape arithmetic, TopK (ties lower index first),
+    indices sorted ascending by a second TopK (on float copies, exact below 2^24), GatherElements."""
+    nodes = [
+        helper.make_node("Shape", ["hidden"], ["shape"]),  # [3] B,S,H
+        helper.make_node("Shape", ["hidden"], ["S"], start=1, end=2),  # [1]
+        helper.make_node("Shape", ["hidden"], ["Hdim"], start=2, end=3),  # [1]
+        helper.make_node("Constant", [], ["num"]),  # scalars; they broadcast against S [1]
+        helper.make_node("Constant", [], ["den"]),
+        helper.make_node("Constant", [], ["mink"]),
+        _const_i64("one", 1),
+        _const_i64("minus_one", -1),
+        helper.make_node("Mul", ["num", "S"], ["numS"]),  # keep_num * S
+        helper.make_node("Add", ["numS", "den"], ["t0"]),
+        helper.make_node("Sub", ["t0", "one"], ["t1"]),
+        helper.make_node("Div", ["t1", "den"], ["ceil"]),  # (num*S + den - 1) // den (all >= 0)
+        helper.make_node("Max", ["ceil", "mink"], ["t2"]),
+        helper.make_node("Min", ["t2", "S"], ["k"]),  # [1]
+        # best k, ties broken by the lower position first (ONNX TopK semantics)
+        helper.make_node("TopK", ["scores", "k"], ["top_v", "top_i"], axis=-1, largest=1, sorted=1),
+        # ascending original order
+        helper.make_node("Cast", ["top_i"], ["top_f"], to=TensorProto.FLOAT),
+        helper.make_node("TopK", ["top_f", "k"], ["sorted_v", "order"], axis=-1, largest=0, sorted=1),
+        helper.make_node("GatherElements", ["top_i", "order"], ["index"], axis=1),  # [B,k]
+        helper.make_node("Unsqueeze", ["index", "minus_one"], ["index3"]),  # [B,k,1]
+        helper.make_node("Shape", ["index"], ["bk"]),  # [2]
+        helper.make_node("Concat", ["bk", "Hdim"], ["bkh"], axis=0),  # [3]
+        helper.make_node("Expand", ["index3", "bkh"], ["index_h"]),  # [B,k,H]
+        helper.make_node("GatherElements", ["hidden", "index_h"], ["kept"], axis=1),  # [B,k,H]
+    ]
+    # the three Constants read the function's attributes (attribute references)
+    for node, ref in zip(nodes[3:6], TOPK_ATTRS):
+        node.attribute.append(_attr_ref("value_int", ref))
+    return helper.make_function(
+        DOMAIN, TOPK_GATHER, inputs=["hidden", "scores"], outputs=["kept", "index"], nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=list(TOPK_ATTRS),
+        doc_string="tokenskip::TopKGather reference body (docs/ops.md)")
+
+
+def scatter_tokens_function(opset: int) -> onnx.FunctionProto:
+    """ScatterTokens as gather + add + ScatterElements (no `reduction`: TensorRT-RTX lacks 'add')."""
+    nodes = [
+        _const_i64("minus_one", -1),
+        helper.make_node("Unsqueeze", ["index", "minus_one"], ["index3"]),  # [B,k,1]
+        helper.make_node("Shape", ["delta"], ["bkh"]),  # [3]
+        helper.make_node("Expand", ["index3", "bkh"], ["index_h"]),  # [B,k,H]
+        helper.make_node("GatherElements", ["hidden", "index_h"], ["rows"], axis=1),  # [B,k,H]
+        helper.make_node("Add", ["rows", "delta"], ["updated"]),  # in the hidden dtype
+        helper.make_node("ScatterElements", ["hidden", "index_h", "updated"], ["hidden_out"], axis=1),
+    ]
+    return helper.make_function(
+        DOMAIN, SCATTER_TOKENS, inputs=["hidden", "delta", "index"], outputs=["hidden_out"], nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=[],
+        doc_string="tokenskip::ScatterTokens reference body (docs/ops.md)")
+
+
+def function_protos(opset: int) -> list[onnx.FunctionProto]:
+    return [topk_gather_function(opset), scatter_tokens_function(opset)]
+
+
+# ------------------------------------------------------------------------- torch.onnx translation
+def _translation_table() -> dict:
+    import torch
+    from onnxscript import values
+
+    import tokenskip.ops  # noqa: F401  (registers torch.ops.tokenskip.*)
+
+    register_schemas()
+    ts = values.Opset(DOMAIN, DOMAIN_VERSION)
+
+    def topk_gather(hidden, scores, keep_num: int, keep_den: int, min_keep: int):
+        return ts.TopKGather(hidden, scores, keep_num=keep_num, keep_den=keep_den, min_keep=min_keep,
+                             plugin_namespace=PLUGIN_NAMESPACE)
+
+    def scatter_tokens(hidden, delta, index):
+        return ts.ScatterTokens(hidden, delta, index, plugin_namespace=PLUGIN_NAMESPACE)
+
+    def sort(self, dim: int = -1, descending: bool = False, stable: bool | None = None):
+        # A full-length TopK *is* a stable sort: ONNX TopK puts equal values lower index first,
+        # which is exactly torch.sort(stable=True) in both directions. (torch.onnx 2.13 has no
+        # translation for aten.sort.stable; the learned router's rank feature uses it.)
+        from onnxscript import opset18 as op
+
+        if dim < 0:
+            size = op.Shape(self, start=dim) if dim == -1 else op.Shape(self, start=dim, end=dim + 1)
+        else:
+            size = op.Shape(self, start=dim, end=dim + 1)
+        return op.TopK(self, size, axis=dim, largest=1 if descending else 0, sorted=1)
+
+    def sort_stable(self, stable: bool | None = None, dim: int = -1, descending: bool = False):
+        return sort(self, dim=dim, descending=descending)
+
+    return {torch.ops.tokenskip.topk_gather.default: topk_gather,
+            torch.ops.tokenskip.scatter_tokens.default: scatter_tokens,
+            torch.ops.aten.sort.default: sort,
+            torch.ops.aten.sort.stable: sort_stable}
+
+
+def translation_table() -> dict:
+    return _translation_table()
+
+
+# ------------------------------------------------------------------------------------- post-pass
+def finalize(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """plugin_namespace on every tokenskip node, model-local functions, opset imports, IR 10.
+
+    The function bodies import the default-domain opset the model actually imports (the checker
+    requires them to agree), which is `opset` unless the exporter raised it."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    uses = False
+    for graph_node in _all_nodes(model.graph):
+        if graph_node.domain != DOMAIN:
+            continue
+        uses = True
+        if not any(a.name == "plugin_namespace" for a in graph_node.attribute):
+            graph_node.attribute.append(helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
+    del model.functions[:]  # anything the exporter left for our domain is replaced by our bodies
+    if uses:
+        model.functions.extend(function_protos(opset))
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    else:
+        keep = [o for o in model.opset_import if o.domain != DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+def single_op_model(op: str, opset: int, hidden_dtype: int = TensorProto.FLOAT, **attrs) -> onnx.ModelProto:
+    """A model holding just one tokenskip node (+ its function): for testing the bodies alone."""
+    if op == TOPK_GATHER:
+        inputs = [helper.make_tensor_value_info("hidden", hidden_dtype, ["B", "S", "H"]),
+                  helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "S"])]
+        outputs = [helper.make_tensor_value_info("kept", hidden_dtype, ["B", "k", "H"]),
+                   helper.make_tensor_value_info("index", TensorProto.INT64, ["B", "k"])]
+        node = helper.make_node(TOPK_GATHER, ["hidden", "scores"], ["kept", "index"], domain=DOMAIN, **attrs)
+    elif op == SCATTER_TOKENS:
+        inputs = [helper.make_tensor_value_info("hidden", hidden_dtype, ["B", "S", "H"]),
+                  helper.make_tensor_value_info("delta", hidden_dtype, ["B", "k", "H"]),
+                  helper.make_tensor_value_info("index", TensorProto.INT64, ["B", "k"])]
+        outputs = [helper.make_tensor_value_info("hidden_out", hidden_dtype, ["B", "S", "H"])]
+        node = helper.make_node(SCATTER_TOKENS, ["hidden", "delta", "index"], ["hidden_out"], domain=DOMAIN, **attrs)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    graph = helper.make_graph([node], op, inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    return finalize(model, opset)

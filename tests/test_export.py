@@ -1,0 +1,308 @@
+"""Export (issue: LLM + routers to ONNX with tokenskip custom ops, validated with ONNX Runtime).
+
+Slow tests export smollm2-135m once per module (static router at 0.3, kv_policy skip; then
+kv_policy dense reusing the router-independent decode graph) and validate the files in ONNX Runtime
+(CPU EP, no custom-op library) against the PyTorch routed model. Fast tests cover the CLI's input
+errors, atomicity, and a learned router (random weights) on a tiny random Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+ort = pytest.importorskip("onnxruntime")
+
+from tokenskip.config import RoutingConfig, build_routed, save_routing  # noqa: E402
+from tokenskip.export import exporter, onnx_ops  # noqa: E402
+from tokenskip.export.cli import export as export_cmd  # noqa: E402
+from tokenskip.export.cli import validate as validate_cmd  # noqa: E402
+from tokenskip.export.validate import format_report, run_validation  # noqa: E402
+from tokenskip.export.wrappers import CACHE_FIELDS, PrefillGraph  # noqa: E402
+from tokenskip.routers import LearnedRouter  # noqa: E402
+from tokenskip.schedule import Schedule  # noqa: E402
+
+ATOL = 1e-3
+
+
+def tokenskip_nodes(model: onnx.ModelProto):
+    return [n for n in model.graph.node if n.domain == "tokenskip"]
+
+
+def attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """Temporary export folders left next to an output folder."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# ------------------------------------------------------------------------------- CLI input errors
+def run_cli(cmd, args):
+    res = CliRunner().invoke(cmd, args)
+    out = res.output.strip()
+    return res, out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--router", "static", "--sparsity", "1.0"], "--sparsity 1.0: must be in [0, 1)"),
+    (["--router", "static", "--sparsity", "-0.1"], "must be in [0, 1)"),
+    (["--router", "static", "--sparsity", "0.3", "--opset", "17"], "--opset 17: supported opsets are 18..21"),
+    (["--router", "static", "--sparsity", "0.3", "--opset", "99"], "supported opsets are 18..21"),
+    (["--router", "static"], "--router static needs --sparsity"),
+    ([], "choose what to export"),
+    (["--router", "dense", "--sparsity", "0.3"], "--router dense takes no --sparsity"),
+    (["--router", "static", "--sparsity", "0.3", "--max-seq-len", "1"], "--max-seq-len 1"),
+])
+def test_cli_bad_input_is_one_line_error(tmp_path, args, needle):
+    out_dir = tmp_path / "out"
+    res, out = run_cli(export_cmd, [*args, "--out", str(out_dir)])
+    assert res.exit_code != 0
+    assert needle in out
+    assert len(out.splitlines()) == 1 and "Traceback" not in out
+    assert not out_dir.exists() and not leftovers(tmp_path, "out")
+
+
+def test_cli_refuses_non_empty_out_without_force(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    res, out = run_cli(export_cmd, ["--router", "dense", "--out", str(out_dir)])
+    assert res.exit_code != 0 and len(out.splitlines()) == 1
+    assert "not empty" in out and "--force" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+    assert not leftovers(tmp_path, "out")
+
+
+def test_cli_routers_folder_errors(tmp_path):
+    res, out = run_cli(export_cmd, ["--routers", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "no such folder" in out and len(out.splitlines()) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenskip.json").write_text("{not json")
+    res, out = run_cli(export_cmd, ["--routers", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "not valid JSON" in out and len(out.splitlines()) == 1
+    res, out = run_cli(export_cmd, ["--routers", str(bad), "--router", "static", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "drop --router" in out
+
+
+def test_cli_validate_errors(tmp_path):
+    res, out = run_cli(validate_cmd, [str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "no such export folder" in out and len(out.splitlines()) == 1
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "export.json").write_text(json.dumps({"format": "other"}))
+    res, out = run_cli(validate_cmd, [str(tmp_path / "e")])
+    assert res.exit_code != 0 and "not a tokenskip export" in out
+    res, out = run_cli(validate_cmd, [str(tmp_path / "e"), "--batch", "x"])
+    assert res.exit_code != 0 and "--batch x" in out
+
+
+# ------------------------------------------------------------------ tiny model: atomicity, learned
+@pytest.fixture(scope="module")
+def tiny_learned(tiny_llama, tmp_path_factory):
+    """A tiny Llama with a random-initialised LearnedRouter saved via save_routing (a stand-in
+    for a trained router), exported once."""
+    model, path = tiny_llama
+    torch.manual_seed(0)
+    router = LearnedRouter()
+    for p in router.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    router.feature_std.fill_(0.5)
+    sched = Schedule((0.0, 0.4, 0.3, 0.0))
+    cfg = RoutingConfig(model=str(path), num_layers=4, router="learned", schedule=list(sched.sparsity),
+                        kv_policy="skip", model_type="llama", hidden_size=64, score_window=8)
+    routers_dir = tmp_path_factory.mktemp("tiny-routers")
+    save_routing(routers_dir, cfg, router)
+    routed, cfg = build_routed(model, routers_dir=routers_dir)
+    loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
+                                   name=str(path))
+    out = tmp_path_factory.mktemp("tiny-export") / "exp"
+    side = exporter.export_model(loaded, routed, cfg, out)
+    return routed, out, side
+
+
+def test_interrupted_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    model, path = tiny_llama
+    routed, cfg = build_routed(model, router="static", sparsity=0.3)
+    loaded = types.SimpleNamespace(model=model, tokenizer=None, name=str(path))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "export_decode", boom)
+    monkeypatch.setattr(exporter, "export_prefill", lambda *a, **k: (onnx.ModelProto(), None))
+    monkeypatch.setattr(exporter, "_save", lambda proto, p: Path(p).write_bytes(b"partial"))
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_model(loaded, routed, cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not leftovers(tmp_path, "out")
+    # with --force over an old export, the old one survives an interrupted run
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "model.onnx").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_model(loaded, routed, cfg, tmp_path / "old", force=True)
+    assert (tmp_path / "old" / "model.onnx").read_text() == "old"
+    assert not leftovers(tmp_path, "old")
+
+
+def test_tiny_learned_router_export_matches_pytorch(tiny_learned):
+    routed, out, side = tiny_learned
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    nodes = tokenskip_nodes(model)
+    assert [n.op_type for n in nodes] == ["TopKGather", "ScatterTokens"] * 2
+    assert attrs(nodes[0])["keep_num"] == 3 and attrs(nodes[0])["keep_den"] == 5  # block 1: s = 0.4
+    assert (out / "routing" / "tokenskip.json").is_file() and (out / "routing" / "router.safetensors").is_file()
+    graph = PrefillGraph(routed).eval()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    assert names == graph.output_names()
+    g = torch.Generator().manual_seed(1)
+    for bsz, seq in [(1, 5), (3, 40), (2, 150)]:  # below and above the score window
+        ids = torch.randint(0, 256, (bsz, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if bsz > 1:
+            mask[1, : seq // 3] = 0
+        got = dict(zip(names, sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})))
+        with torch.no_grad():
+            ref = dict(zip(names, graph(ids, mask)))
+        for n in names:
+            if n.startswith(("index.", "present")) and not ref[n].is_floating_point():
+                assert np.array_equal(got[n], ref[n].numpy()), (bsz, seq, n)
+            else:
+                assert np.abs(got[n] - ref[n].numpy()).max() <= 1e-4, (bsz, seq, n)
+
+
+def test_tiny_decode_graph_matches_decode_step(tiny_learned):
+    routed, out, side = tiny_learned
+    pre = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(out / "decode.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    outs = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {"input_ids": ids.numpy(),
+                                                                        "attention_mask": mask.numpy()})))
+    with torch.no_grad():
+        logits, cache = routed.prefill(ids, mask)
+    # per-layer caches differ in length under kv_policy=skip
+    assert [outs[f"present.{l}.key"].shape[2] for l in range(4)] == [30, 18, 21, 30]
+    past = {f"past.{l}.{f}": outs[f"present.{l}.{f}"] for l in range(4) for f in CACHE_FIELDS}
+    tok, pos = logits.argmax(-1, keepdim=True), mask.sum(-1, keepdim=True)
+    dnames = [o.name for o in dec.get_outputs()]
+    for _ in range(5):
+        res = dict(zip(dnames, dec.run(None, {"input_ids": tok.numpy(), "position_ids": pos.numpy(), **past})))
+        with torch.no_grad():
+            logits, cache = routed.decode_step(tok, pos, cache)
+        assert np.abs(res["logits"] - logits.numpy()).max() <= 1e-4
+        past = {f"past.{l}.{f}": res[f"present.{l}.{f}"] for l in range(4) for f in CACHE_FIELDS}
+        tok, pos = logits.argmax(-1, keepdim=True), pos + 1
+    assert [cache[l].length for l in range(4)] == [res[f"present.{l}.key"].shape[2] for l in range(4)]
+
+
+def test_tiny_sidecar_and_checker(tiny_learned):
+    routed, out, side = tiny_learned
+    on_disk = json.loads((out / "export.json").read_text())
+    assert on_disk == json.loads(json.dumps(side))
+    assert side["format"] == "tokenskip-export" and side["version"] == 1
+    assert side["routing"]["router"] == "learned" and side["kv_policy"] == "skip"
+    assert [l["routed"] for l in side["layers"]] == [False, True, True, False]
+    assert side["graphs"]["prefill"]["inputs"] == {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+                                                   "attention_mask": {"dtype": "int64", "shape": ["batch", "seq"]}}
+    assert side["graphs"]["prefill"]["outputs"]["index.1"]["shape"] == ["batch", "kept_1"]
+    assert side["graphs"]["decode"]["inputs"]["past.2.key"]["shape"] == ["batch", 2, "past_2", 16]
+    onnx_ops.register_schemas()
+    for f in ("model.onnx", "decode.onnx"):
+        onnx.checker.check_model(str(out / f), full_check=True)
+    assert oct(os.stat(out).st_mode & 0o777) != "0o700"  # not mkdtemp's private mode
+
+
+# ------------------------------------------------------------------------ smollm2-135m (slow)
+@pytest.fixture(scope="module")
+def smol_exports(smollm2, tmp_path_factory):
+    """Static router at 0.3: kv_policy skip (both graphs) and dense (prefill; decode reused)."""
+    root = tmp_path_factory.mktemp("smol-export")
+    outs = {}
+    for kv in ("skip", "dense"):
+        routed, cfg = build_routed(smollm2.model, router="static", sparsity=0.3, kv_policy=kv,
+                                   model_name="smollm2-135m")
+        exporter.export_model(smollm2, routed, cfg, root / kv, reuse_decode=outs.get("skip"))
+        outs[kv] = root / kv
+    return outs
+
+
+@pytest.mark.slow
+def test_smol_graph_has_custom_ops_and_functions(smol_exports):
+    out = smol_exports["skip"]
+    side = json.loads((out / "export.json").read_text())
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert model.ir_version == 10
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    assert {o.domain: o.version for o in model.opset_import}["tokenskip"] == 1
+    nodes = tokenskip_nodes(model)
+    routed_layers = [l for l in side["layers"] if l["routed"]]
+    assert len(routed_layers) == 26  # uniform: first 2 and last 2 blocks dense
+    assert [n.op_type for n in nodes] == ["TopKGather", "ScatterTokens"] * len(routed_layers)
+    for node, layer in zip(nodes[::2], routed_layers):
+        a = attrs(node)
+        assert a["plugin_namespace"] == b"tokenskip"
+        assert (a["keep_num"], a["keep_den"], a["min_keep"]) == (layer["keep_num"], layer["keep_den"], 2)
+    assert all(attrs(n)["plugin_namespace"] == b"tokenskip" for n in nodes[1::2])
+    assert {(f.domain, f.name) for f in model.functions} == {("tokenskip", "TopKGather"), ("tokenskip", "ScatterTokens")}
+    assert (out / "model.onnx.data").is_file() and (out / "decode.onnx.data").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "tokenizer_config.json").is_file()
+    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    assert not tokenskip_nodes(dec)  # decode runs every block: no routing ops
+    dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
+    assert dense_side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "seq", 64]
+    assert side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "kept_5", 64]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["skip", "dense"])
+def test_smol_validate_against_pytorch(smollm2, smol_exports, kv):
+    report = run_validation(smol_exports[kv], atol=ATOL, batches=[1, 4], decode_tokens=32, samples=1,
+                            loaded=smollm2)
+    print("\n" + format_report(report))
+    assert report["passed"], report["failures"]
+    groups = report["summary"]["groups"]
+    assert groups["logits"]["max_abs"] <= ATOL
+    assert groups["index.*"]["exact"] and groups["present.*.pos"]["exact"]
+    assert report["summary"]["min_top1_agreement"] == 1.0
+    assert len(report["decode"]) == 2 and all(d["identical"] and d["tokens"] == 32 for d in report["decode"])
+    assert sorted(d["batch"] for d in report["decode"]) == [1, 4]
+
+
+@pytest.mark.slow
+def test_smol_validate_cli_json_and_failure_exit(smol_exports):
+    out = str(smol_exports["skip"])
+    res = CliRunner().invoke(validate_cmd, [out, "--json", "--batch", "2", "--samples", "0", "--decode-tokens", "3",
+                                            "--window", "24"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["passed"] and report["decode"][0]["tokens"] == 3
+    # an impossible tolerance fails with a non-zero exit and names the output
+    res = CliRunner().invoke(validate_cmd, [out, "--atol", "0", "--batch", "1", "--samples", "0",
+                                            "--decode-tokens", "0", "--window", "24"])
+    assert res.exit_code == 1
+    assert "FAILED" in res.output and "logits" in res.output
+
+
+@pytest.mark.slow
+def test_smol_routers_for_another_model(tmp_path):
+    cfg = RoutingConfig(model="tiny", num_layers=4, router="static", schedule=[0.0, 0.3, 0.3, 0.0],
+                        model_type="llama", hidden_size=64)
+    save_routing(tmp_path / "r", cfg)
+    res = CliRunner().invoke(export_cmd, ["--routers", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    out = res.output.strip()
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert res.exit_code != 0 and len(errors) == 1 and "Traceback" not in out, out
+    assert "was made for a model with 4 layers" in errors[0]
+    assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
