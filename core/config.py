@@ -99,12 +99,13 @@ def load_routing(routers_dir: str | Path) -> tuple[RoutingConfig, object]:
     return cfg, router
 
 
-def check_matches_model(cfg: RoutingConfig, model, where: str) -> None:
+def check_matches_model(cfg: RoutingConfig, model, where: str, model_name: str = "") -> None:
     """Refuse a routers folder trained for another model (layer count or width differ)."""
     c = model.config
     if cfg.num_layers != c.num_hidden_layers or (cfg.hidden_size and cfg.hidden_size != c.hidden_size):
-        raise UserError(f"{where} was made for a model with {cfg.num_layers} layers / hidden {cfg.hidden_size}, "
-                        f"but {cfg.model} here has {c.num_hidden_layers} layers / hidden {c.hidden_size}")
+        here = model_name or "the model"
+        raise UserError(f"{where} was made for a model with {cfg.num_layers} layers / hidden {cfg.hidden_size} "
+                        f"({cfg.model}), but {here} has {c.num_hidden_layers} layers / hidden {c.hidden_size}")
 
 
 def build_routed(model, *, router: str = "static", sparsity: float | None = None, schedule: str | Path | None = None,
@@ -118,7 +119,7 @@ def build_routed(model, *, router: str = "static", sparsity: float | None = None
     n = model.config.num_hidden_layers
     if routers_dir is not None:
         cfg, module = load_routing(routers_dir)
-        check_matches_model(cfg, model, f"--routers {routers_dir}")
+        check_matches_model(cfg, model, f"--routers {routers_dir}", model_name)
         if kv_policy is not None:
             cfg.kv_policy = kv_policy
         sched = Schedule(tuple(cfg.schedule))

@@ -1,13 +1,19 @@
 """`tokenskip pipeline`: the whole job, end to end, on one model (default: the built-in smollm2-135m).
 
-Stages (each prints what it did; artefacts go to --out):
-  1. quality: dense vs the static router at a few sparsities and the random router, scored on the
-     continuation after a routed prompt (the table of benchmarks.md).
+Stages (artefacts go to --out; each stage reuses its artefact when it is already there, so an
+interrupted run picks up where it stopped):
+  1. fit: genetic sparsity search (static router) -> router training -> re-search -> short train;
+  2. quality: dense, learned (searched), static (searched / uniform), random and ShortGPT at the
+     same FLOPs, scored on the continuation after a routed prompt;
+  3. export: the learned routed model and the dense model to ONNX, validated in ONNX Runtime;
+  4. engine: the TensorRT plugin library (nvcc) and TensorRT engines (TensorRT-RTX builds them
+     on a machine without a GPU);
+  5. generate + speed: text from the exported model (the engine where a GPU can run it, else ONNX
+     Runtime) and routed-vs-dense prefill speed, with the FLOP ideal beside it.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,69 +21,127 @@ import click
 import torch
 
 from .errors import UserError
-from .evaluate import dense_reference, dense_result, evaluate
-from .evaluate_cli import format_table, load_windows
 from .models import DEFAULT_MODEL
 
+STAGES = ("fit", "quality", "export", "engine", "generate", "speed")
+DEFAULT_PROMPT = "The history of the Roman Empire"
 
-def _stage(title: str) -> None:
-    click.secho(f"\n== {title}", bold=True)
+
+def _stage(n: int, title: str) -> float:
+    click.secho(f"\n== [{n}/{len(STAGES)}] {title}", bold=True)
+    return time.time()
 
 
-def quality_stage(lm, sparsities, seq_len, cont_len, windows, batch_size, seed) -> list:
-    from .config import build_routed
+def _done(t0: float) -> None:
+    click.echo(f"   ({time.time() - t0:.0f} s)")
 
-    ids = load_windows(lm.tokenizer, None, seq_len, windows)
-    click.echo(f"{ids.shape[0]} held-out windows of {seq_len} tokens; the last {cont_len} are scored")
-    base, _ = build_routed(lm.model, router="dense", model_name=lm.name)
-    dense = dense_reference(base, ids, cont_len, batch_size)
-    results = [dense_result(dense, seq_len, cont_len)]
-    for s in sparsities:
-        for kind in ("static", "random"):
-            routed, _ = build_routed(lm.model, router=kind, sparsity=s, seed=seed, model_name=lm.name)
-            r = evaluate(routed, ids, cont_len, dense, f"{kind} uniform @{s:g}", batch_size)
-            results.append(r)
-    return results
+
+def _invoke(ctx: click.Context, command_path: str, **kwargs) -> None:
+    """Run another tokenskip command in this process (same output and errors as on the CLI)."""
+    import importlib
+
+    module, attr = command_path.split(":")
+    ctx.invoke(getattr(importlib.import_module(module), attr), **kwargs)
+
+
+def _gpu_can_run_engine() -> bool:
+    return torch.cuda.is_available()
 
 
 @click.command("pipeline")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Built-in name, local Hugging Face folder, or Hub id.")
-@click.option("--out", "out_dir", type=click.Path(), default="tokenskip-out", show_default=True,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("tokenskip-out"), show_default=True,
               help="Folder for every artefact of the run.")
-@click.option("--sparsities", default="0.22,0.3,0.4", show_default=True, help="Overall sparsities to compare.")
-@click.option("--seq-len", default=512, show_default=True)
-@click.option("--cont-len", default=64, show_default=True)
+@click.option("--sparsity", default=0.3, show_default=True, help="Overall sparsity the router is fitted for.")
+@click.option("--budget", type=click.Choice(["tiny", "small", "default"]), default="small", show_default=True,
+              help="Search/training budget of the fit stage (small: a few minutes on 2 CPU cores).")
 @click.option("--windows", default=8, show_default=True, help="Held-out windows for the quality table.")
-@click.option("--batch-size", default=4, show_default=True)
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt for the generation stage.")
+@click.option("--bench-seq-len", default=1024, show_default=True, help="Prompt length of the speed stage.")
+@click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to run.")
 @click.option("--seed", default=0, show_default=True)
-def pipeline(model, out_dir, sparsities, seq_len, cont_len, windows, batch_size, seed):
-    """Run the whole job end to end and print the tables.
+@click.pass_context
+def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_len, stages, seed):
+    """Run the whole job end to end and print the quality and speed tables.
 
     \b
     Examples:
       tokenskip pipeline
-      tokenskip pipeline --model ./my-llama --sparsities 0.3 --out out/run1
+      tokenskip pipeline --sparsity 0.4 --out out/run-04
+      tokenskip pipeline --model ./my-llama --stages fit,quality
     """
     from .fileio import write_json_atomic
     from .models import load_model
     from .schedule import check_sparsity
 
-    try:
-        values = [check_sparsity(float(x)) for x in sparsities.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--sparsities {sparsities}: expected comma-separated numbers in [0, 1)") from None
-    if not values:
-        raise UserError("--sparsities: give at least one value")
+    check_sparsity(sparsity)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(STAGES))
+    if unknown or not chosen:
+        raise UserError(f"--stages {stages}: choose from {', '.join(STAGES)}")
     torch.manual_seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    _stage(f"model: {model}")
+    fit_dir, export_dir, dense_dir = out / "fit", out / "export", out / "export-dense"
+    engine_dir = out / "engine"
+    started = time.time()
+    click.secho(f"tokenskip pipeline: {model}, overall sparsity {sparsity}, artefacts in {out}", bold=True)
     lm = load_model(model)
-    _stage("quality: continuation after a routed prompt")
-    results = quality_stage(lm, values, seq_len, cont_len, windows, batch_size, seed)
-    table = format_table(results)
-    click.echo(table)
-    write_json_atomic(out / "quality.json", {"model": model, "results": [r.to_json() for r in results]})
-    click.echo(f"\npipeline finished in {time.time() - t0:.0f}s; artefacts in {out}")
+
+    if "fit" in chosen:
+        from .train.fit import run_fit
+
+        t0 = _stage(1, f"fit the router ({budget} budget): search -> train -> re-search -> train")
+        routers = run_fit(model, sparsity, fit_dir, budget=budget, seed=seed, lm=lm)
+        click.echo(f"routers: {routers}")
+        _done(t0)
+    routers_dir = fit_dir / "routers"
+
+    if "quality" in chosen:
+        from .train.report import quality_table
+
+        t0 = _stage(2, "quality at equal FLOPs (continuation after a routed prompt, held-out text)")
+        if not (routers_dir / "tokenskip.json").is_file():
+            raise UserError(f"no fitted routers in {routers_dir}: run the fit stage first")
+        table = quality_table(model, sparsity, fit_dir, windows=windows, seed=seed, lm=lm)
+        click.echo(table["markdown"])
+        write_json_atomic(out / "quality.json", table)
+        _done(t0)
+
+    if "export" in chosen:
+        t0 = _stage(3, "export to ONNX (tokenskip custom ops with function bodies) and validate in ONNX Runtime")
+        _invoke(ctx, "tokenskip.export.cli:export", model_name=model, routers_dir=routers_dir, out_dir=export_dir,
+                force=True)
+        _invoke(ctx, "tokenskip.export.cli:export", model_name=model, router="dense", out_dir=dense_dir, force=True,
+                reuse_decode=export_dir)
+        _invoke(ctx, "tokenskip.export.cli:validate", export_dir=export_dir, batch="1,2", decode_tokens=16,
+                samples=1)
+        _done(t0)
+
+    if "engine" in chosen:
+        t0 = _stage(4, "TensorRT: plugin library + engines")
+        _invoke(ctx, "tokenskip.plugins.cli:build_cmd")
+        _invoke(ctx, "tokenskip.deploy.build_cli:build", export_dir=str(export_dir), out_dir=str(engine_dir),
+                force=False)
+        _done(t0)
+
+    if "generate" in chosen:
+        t0 = _stage(5, "generate with the routed model")
+        if _gpu_can_run_engine() and (engine_dir / "engine.json").is_file():
+            _invoke(ctx, "tokenskip.deploy.cli:generate", engine_dir=engine_dir, prompt=(prompt,), max_new_tokens=32)
+        else:
+            click.echo("(no CUDA GPU here: the TensorRT engine cannot run; generating with ONNX Runtime on the "
+                       "same export)")
+            _invoke(ctx, "tokenskip.deploy.cli:generate", onnx_dir=export_dir, prompt=(prompt,), max_new_tokens=32)
+        _done(t0)
+
+    if "speed" in chosen:
+        t0 = _stage(6, f"speed: routed vs dense prefill, ONNX Runtime CPU, S={bench_seq_len}, batch 1")
+        _invoke(ctx, "tokenskip.deploy.cli:bench", backend="ort", onnx_dir=export_dir, onnx_dense_dir=dense_dir,
+                seq_lens=str(bench_seq_len), batches="1", repeats=5, warmup=1)
+        _done(t0)
+
+    write_json_atomic(out / "pipeline.json", {"model": model, "sparsity": sparsity, "budget": budget,
+                                              "stages": chosen, "seconds": round(time.time() - started, 1)})
+    click.secho(f"\npipeline finished in {time.time() - started:.0f} s; artefacts in {out}", bold=True)

@@ -226,16 +226,26 @@ def test_tiny_sidecar_and_checker(tiny_learned):
 
 # ------------------------------------------------------------------------ smollm2-135m (slow)
 @pytest.fixture(scope="module")
-def smol_exports(smollm2, tmp_path_factory):
-    """Static router at 0.3: kv_policy skip (both graphs) and dense (prefill; decode reused)."""
-    root = tmp_path_factory.mktemp("smol-export")
-    outs = {}
-    for kv in ("skip", "dense"):
-        routed, cfg = build_routed(smollm2.model, router="static", sparsity=0.3, kv_policy=kv,
+def smol_exports(smollm2, smol_export, tmp_path_factory):
+    """Static router at 0.3: kv_policy skip (the session's shared export) and, with
+    TOKENSKIP_FULL_TESTS=1, dense (prefill exported; decode reused)."""
+    from conftest import full_tests_enabled
+
+    outs = {"skip": smol_export}
+    if full_tests_enabled():
+        root = tmp_path_factory.mktemp("smol-export-dense")
+        routed, cfg = build_routed(smollm2.model, router="static", sparsity=0.3, kv_policy="dense",
                                    model_name="smollm2-135m")
-        exporter.export_model(smollm2, routed, cfg, root / kv, reuse_decode=outs.get("skip"))
-        outs[kv] = root / kv
+        exporter.export_model(smollm2, routed, cfg, root / "dense", reuse_decode=smol_export)
+        outs["dense"] = root / "dense"
     return outs
+
+
+def need(exports: dict, kv: str):
+    if kv not in exports:
+        pytest.skip(f"kv_policy={kv} smollm2 export runs only with TOKENSKIP_FULL_TESTS=1 (a second 30-layer "
+                    "export takes minutes on 2 cores); measured figures are in docs/export.md")
+    return exports[kv]
 
 
 @pytest.mark.slow
@@ -260,15 +270,16 @@ def test_smol_graph_has_custom_ops_and_functions(smol_exports):
     assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "tokenizer_config.json").is_file()
     dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
     assert not tokenskip_nodes(dec)  # decode runs every block: no routing ops
-    dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
-    assert dense_side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "seq", 64]
+    if "dense" in smol_exports:
+        dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
+        assert dense_side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "seq", 64]
     assert side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "kept_5", 64]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", ["skip", "dense"])
 def test_smol_validate_against_pytorch(smollm2, smol_exports, kv):
-    report = run_validation(smol_exports[kv], atol=ATOL, batches=[1, 4], decode_tokens=32, samples=1,
+    report = run_validation(need(smol_exports, kv), atol=ATOL, batches=[1, 4], decode_tokens=32, samples=1,
                             loaded=smollm2)
     print("\n" + format_report(report))
     assert report["passed"], report["failures"]

@@ -1,0 +1,44 @@
+"""TensorRT-RTX engines from the real smollm2-135m export (static router, 0.3), built on a machine
+with no GPU: every routed block's TopKGather / ScatterTokens becomes one of our plugin layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenskip.errors import UserError
+
+pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX extra not installed")
+
+from tokenskip.deploy import engine_build  # noqa: E402
+from tokenskip.plugins import testing  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        return testing.compiled_library("90")
+    except UserError as exc:
+        if "nvcc" in str(exc):
+            pytest.skip(f"CUDA compiler extra not installed: {exc}")
+        raise
+
+
+@pytest.mark.slow
+def test_smollm2_engines_with_plugins(lib, smol_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+    side = json.loads((smol_export / "export.json").read_text())
+    routed = sum(1 for layer in side["layers"] if layer["routed"])
+    report = engine_build.build_engines(smol_export, tmp_path / "eng", backend="tensorrt-rtx",
+                                        plugin_library=str(lib), max_seq_len=2048, log=lambda line: None)
+    prefill = report["reports"]["prefill"]
+    print(f"\nprefill engine: {prefill['engine_bytes'] / 2**20:.0f} MiB, {len(prefill['plugin_layers'])} plugin "
+          f"layers for {routed} routed blocks, layers by type {prefill['layers_by_type']}")
+    assert routed == 26
+    assert prefill["tokenskip_nodes"] == {"TopKGather": routed, "ScatterTokens": routed}
+    assert sorted(p["plugin"] for p in prefill["plugin_layers"]) == \
+        sorted(["TopKGather", "ScatterTokens"] * routed)
+    assert prefill["fallback"] == {"TopKGather": 0, "ScatterTokens": 0} and not prefill["fell_back"]
+    assert (tmp_path / "eng" / "prefill.engine").stat().st_size == prefill["engine_bytes"] > 0
+    assert (tmp_path / "eng" / "decode.engine").is_file()
