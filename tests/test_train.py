@@ -1,0 +1,479 @@
+"""Training stage: GA search, router training (determinism, resume), fit, baselines, report, CLI errors.
+
+Fast tests use a tiny random Llama with a byte-level tokenizer saved as a local folder; the few
+`slow` ones load smollm2-135m.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import make_tiny_llama
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. "
+        "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. ") * 40
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    char = {b: chr(c) for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab={char[i]: i for i in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=char[0], pad_token=char[0])
+
+
+def _make_model(path: Path, layers: int = 4, seed: int = 0) -> Path:
+    make_tiny_llama(path, seed=seed, layers=layers)
+    _byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _make_model(tmp_path_factory.mktemp("tiny-tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny6_dir(tmp_path_factory):
+    return _make_model(tmp_path_factory.mktemp("tiny6-tok"), layers=6)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "corpus.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _data_module(monkeypatch):
+    """tokenskip.data may not exist yet in a partial checkout: give the text-file path a stand-in."""
+    try:
+        import tokenskip.data  # noqa: F401
+        return
+    except ImportError:
+        pass
+    mod = types.ModuleType("tokenskip.data")
+    mod.read_text_file = lambda p: Path(p).read_text(encoding="utf-8")
+
+    def token_windows(tokenizer, texts, window, max_windows=None):
+        ids = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        n = len(ids) // window
+        if max_windows is not None:
+            n = min(n, max_windows)
+        return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+
+    def load_split(name):
+        raise RuntimeError("no built-in data in this checkout")
+
+    mod.token_windows, mod.load_split = token_windows, load_split
+    monkeypatch.setitem(sys.modules, "tokenskip.data", mod)
+    import tokenskip
+
+    monkeypatch.setattr(tokenskip, "data", mod, raising=False)
+
+
+def _run(cmd, args):
+    from tokenskip.cli import main
+
+    return CliRunner().invoke(main, [cmd, *map(str, args)], catch_exceptions=False)
+
+
+def _search_args(model, out, text, seed=0, sparsity=0.3):
+    return ["--model", model, "--sparsity", sparsity, "--out", out, "--population", 4, "--generations", 2,
+            "--windows", 2, "--seq-len", 32, "--cont-len", 8, "--seed", seed, "--calib-text", text, "--json"]
+
+
+def _train_args(model, schedule, out, text, steps=6, extra=()):
+    return ["--model", model, "--schedule", schedule, "--out", out, "--steps", steps, "--seq-len", 32, "--cont-len", 8,
+            "--batch-size", 2, "--windows", 6, "--checkpoint-every", 2, "--calib-text", text, "--train-text", text,
+            *extra]
+
+
+# -- GA mechanics --------------------------------------------------------------------------------------------
+
+def test_repair_keeps_mean_exact_and_bounds():
+    from tokenskip.train.search import Genome, SearchSettings
+
+    g = Genome(10, SearchSettings(target=0.37, dense_first=1, dense_last=2))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        u = g.repair(rng.normal(3700, 4000, size=10))
+        assert u.sum() == g.total == 37000
+        assert u.min() >= 0 and u.max() <= 9500
+        assert u[0] == 0 and u[-1] == 0 and u[-2] == 0
+    s = g.to_schedule(g.repair(np.zeros(10)))
+    assert abs(sum(s.sparsity) / 10 - 0.37) < 1e-12
+
+
+def test_repair_rejects_impossible_target():
+    from tokenskip.errors import UserError
+    from tokenskip.train.search import Genome, SearchSettings
+
+    with pytest.raises(UserError, match="searchable blocks"):
+        Genome(4, SearchSettings(target=0.6, dense_first=1, dense_last=1))  # 2 blocks x 0.95 < 2.4
+
+
+def test_genetic_search_improves_and_is_deterministic():
+    from tokenskip.train.search import SearchSettings, genetic_search
+
+    want = np.array([0, 0.1, 0.5, 0.6, 0.4, 0.2, 0.3, 0])
+
+    def fitness(s):
+        return -float(((np.array(s.sparsity) - want) ** 2).sum())
+
+    st = SearchSettings(target=float(want.mean()), population=10, generations=15, seed=3)
+    a = genetic_search(8, fitness, st, progress=False)
+    b = genetic_search(8, fitness, st, progress=False)
+    assert a.schedule.sparsity == b.schedule.sparsity and a.history == b.history
+    assert a.history[-1]["best"] > a.uniform_fitness  # better than the uniform seed
+    assert all(x["best"] <= y["best"] for x, y in zip(a.history, a.history[1:]))  # elitism
+    assert abs(sum(a.schedule.sparsity) / 8 - want.mean()) < 1e-9
+
+
+# -- search / train CLI on the tiny model --------------------------------------------------------------------
+
+def test_search_cli_deterministic(tiny_dir, text_file, tmp_path):
+    r1 = _run("search", _search_args(tiny_dir, tmp_path / "a", text_file))
+    assert r1.exit_code == 0, r1.output
+    r2 = _run("search", _search_args(tiny_dir, tmp_path / "b", text_file))
+    assert r2.exit_code == 0, r2.output
+    a, b = (tmp_path / "a/schedule.json").read_bytes(), (tmp_path / "b/schedule.json").read_bytes()
+    assert a == b
+    obj = json.loads(a)
+    assert len(obj["sparsity"]) == 4 and abs(obj["overall"] - 0.3) < 1e-9
+    assert obj["kind"] == "searched" and obj["router"] == "static" and len(obj["history"]) == 3
+    assert obj["history"][-1]["best"] >= obj["history"][0]["best"]
+    from tokenskip.schedule import Schedule
+
+    assert Schedule.load(tmp_path / "a/schedule.json", 4).overall() == pytest.approx(0.3)
+
+
+@pytest.fixture(scope="module")
+def schedule_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("sched") / "schedule.json"
+    p.write_text(json.dumps({"sparsity": [0.0, 0.5, 0.5, 0.2]}))
+    return p
+
+
+def test_train_deterministic_and_loadable(tiny_dir, text_file, schedule_file, tmp_path):
+    for d in ("a", "b"):
+        r = _run("train", _train_args(tiny_dir, schedule_file, tmp_path / d, text_file))
+        assert r.exit_code == 0, r.output
+    for name in ("router.safetensors", "tokenskip.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    from tokenskip.config import load_routing
+
+    cfg, router = load_routing(tmp_path / "a")
+    assert cfg.router == "learned" and cfg.schedule == [0.0, 0.5, 0.5, 0.2] and cfg.hidden_size == 64
+    assert not torch.equal(router.feature_std, torch.ones(4))  # standardisation was set
+    ckpt = json.loads((tmp_path / "a/checkpoint/checkpoint.json").read_text())
+    assert ckpt["step"] == 6 and len(list((tmp_path / "a/checkpoint").glob("*.safetensors"))) == 1
+    assert not list((tmp_path / "a").rglob("*.pt")) and not list((tmp_path / "a").rglob("*.bin"))
+    r = _run("eval", ["--model", tiny_dir, "--routers", tmp_path / "a", "--text", text_file, "--seq-len", 32,
+                      "--cont-len", 8, "--windows", 2, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["results"][1]["method"] == "learned (skip)"
+
+
+def test_train_resume_after_interruption_matches(tiny_dir, text_file, schedule_file, tmp_path):
+    from tokenskip.models import load_model
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.common import windows
+    from tokenskip.train.trainer import TrainSettings, train_router
+
+    lm = load_model(str(tiny_dir))
+    ids = windows(lm.tokenizer, "train", str(text_file), 32, 6)
+    sched = Schedule.load(schedule_file, 4)
+    st = TrainSettings(steps=7, seq_len=32, cont_len=8, batch_size=2, windows=6, checkpoint_every=2)
+    train_router(lm.model, sched, ids, ids[:2], st, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_router(lm.model, sched, ids, ids[:2], st, tmp_path / "cut", progress=False, stop_after=5)
+    assert json.loads((tmp_path / "cut/checkpoint/checkpoint.json").read_text())["step"] == 4
+    assert not (tmp_path / "cut/router.safetensors").exists()
+    train_router(lm.model, sched, ids, ids[:2], st, tmp_path / "cut", progress=False)  # resumes at step 4
+    for name in ("router.safetensors", "tokenskip.json", "train_history.json"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+
+
+RUNNER = """
+import sys, types, torch
+from pathlib import Path
+try:
+    import tokenskip.data
+except ImportError:  # partial checkout: the same stand-in as the tests' fixture
+    mod = types.ModuleType("tokenskip.data")
+    mod.read_text_file = lambda p: Path(p).read_text(encoding="utf-8")
+    def token_windows(tokenizer, texts, window, max_windows=None):
+        ids = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        n = len(ids) // window if max_windows is None else min(len(ids) // window, max_windows)
+        return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+    mod.token_windows = token_windows
+    sys.modules["tokenskip.data"] = mod
+    import tokenskip
+    tokenskip.data = mod
+from tokenskip.cli import main
+main()
+"""
+
+
+def test_train_killed_process_resumes_to_same_bytes(tiny_dir, text_file, schedule_file, tmp_path):
+    """A real SIGKILL mid-run, then the same command again."""
+    args = _train_args(tiny_dir, schedule_file, "OUT", text_file, steps=30)
+    runner = tmp_path / "run.py"
+    runner.write_text(RUNNER)
+    cmd = [sys.executable, str(runner), "train", *map(str, args)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    full = _run("train", [str(a).replace("OUT", str(tmp_path / "full")) for a in args])  # uninterrupted, in-process
+    assert full.exit_code == 0, full.output
+    cut_cmd = [c.replace("OUT", str(tmp_path / "cut")) for c in cmd]
+    proc = subprocess.Popen(cut_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "cut/checkpoint/checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if meta.is_file() and json.loads(meta.read_text())["step"] >= 6:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut/router.safetensors").exists()
+    assert 6 <= json.loads(meta.read_text())["step"] < 30
+    again = subprocess.run(cut_cmd, env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    for name in ("router.safetensors", "tokenskip.json"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+
+
+def test_guide_target_is_the_static_routers_mask(tiny_llama):
+    from tokenskip.routed import RoutedModel, forced_tokens
+    from tokenskip.routers import StaticRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.trainer import static_keep_mask
+
+    model, _ = tiny_llama
+    sched = Schedule((0.0, 0.5, 0.3, 0.0))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    out = RoutedModel(model, sched, StaticRouter())(ids, n_tail=4, mode="mask", trace=True)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    pos = torch.arange(24).expand(2, 24)
+    for li in (1, 2):
+        want = static_keep_mask(sched, li, valid, pos, forced_tokens(valid, 4), 4)
+        assert torch.equal(want.bool(), out.traces[li].keep_mask)
+
+
+def test_router_losses_have_gradients(tiny_llama):
+    from tokenskip.evaluate import _continuation_logprobs
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import LearnedRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.trainer import router_losses
+
+    model, _ = tiny_llama
+    torch.manual_seed(0)
+    router = LearnedRouter()
+    sched = Schedule((0.0, 0.5, 0.5, 0.0))
+    routed = RoutedModel(model, sched, router)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    dense = _continuation_logprobs(routed, ids, 8, route=False)
+    guide, sparse, distill, achieved = router_losses(routed, ids, dense, 8)
+    (guide + sparse + distill).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in router.parameters())
+    assert router.mlp[0].weight.grad.abs().sum() > 0
+    assert achieved == pytest.approx(0.5 * 2 / 4, abs=0.05)  # two blocks at 0.5 out of four
+    assert float(distill.detach()) > 0
+
+
+# -- fit, baselines, report -------------------------------------------------------------------------------------
+
+def test_fit_tiny_budget(tiny_dir, text_file, tmp_path):
+    from tokenskip.train.fit import run_fit
+
+    out = run_fit(str(tiny_dir), 0.25, tmp_path / "fit", budget="tiny", calib_text=str(text_file),
+                  train_text=str(text_file), progress=False, log=lambda m: None)
+    assert out == tmp_path / "fit" / "routers"
+    for p in ("search-static/schedule.json", "router-1/router.safetensors", "search-learned/schedule.json",
+              "routers/tokenskip.json", "routers/router.safetensors", "fit.json"):
+        assert (tmp_path / "fit" / p).is_file(), p
+    re = json.loads((tmp_path / "fit/search-learned/schedule.json").read_text())
+    assert re["router"] == "learned" and abs(re["overall"] - 0.25) < 1e-9
+
+
+def test_shortgpt_removal_matches_flops(tiny_llama):
+    from tokenskip.flops import flops_ratio
+    from tokenskip.train.baselines import block_influence, removal_for_flops, target_flops
+
+    model, _ = tiny_llama
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    bi = block_influence(model, ids)
+    assert len(bi) == 4 and all(0 <= b <= 2 for b in bi)
+    target = 0.5
+    removed = removal_for_flops(model.config, bi, target, 32)
+    assert len(removed) == 2  # half the (identical) blocks
+    assert set(removed) == set(sorted(range(4), key=lambda i: bi[i])[:2])
+    t = target_flops(model.config, 0.3, 32, 8)
+    r = removal_for_flops(model.config, bi, t, 32)
+    best = min(range(4), key=lambda m: abs(1 - m / 4 - t))
+    assert len(r) == best and abs(flops_ratio(model.config, None, 32, removed=r) - t) <= 0.125 + 1e-9
+
+
+def test_eval_shortgpt_out_and_report(tiny_dir, text_file, tmp_path, monkeypatch):
+    import tokenskip.evaluate_cli as ec
+
+    real = ec.load_windows
+    monkeypatch.setattr(ec, "load_windows", lambda tok, text, L, n, split="eval": real(tok, text or str(text_file),
+                                                                                        L, n, split))
+    common = ["--model", tiny_dir, "--text", text_file, "--seq-len", 32, "--cont-len", 8, "--windows", 2]
+    r = _run("eval", [*common, "--router", "shortgpt", "--sparsity", 0.3, "--out", tmp_path / "sg.json"])
+    assert r.exit_code == 0, r.output
+    assert "shortgpt (-1 blocks)" in r.output
+    r = _run("eval", [*common, "--router", "static", "--sparsity", 0.3, "--out", tmp_path / "st.json"])
+    assert r.exit_code == 0, r.output
+    r = _run("report", [tmp_path / "sg.json", tmp_path / "st.json"])
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.output.splitlines() if x.startswith("| ")]
+    assert [x.split("|")[1].strip() for x in lines] == ["method", "dense", "shortgpt (-1 blocks)", "static (skip)"]
+    r = _run("eval", [*common, "--router", "shortgpt"])
+    assert r.exit_code == 1 and "--router shortgpt needs --sparsity" in r.output
+
+
+def test_report_rejects_mismatched_data(tmp_path):
+    def res(ppl):
+        return {"results": [{"method": "dense", "ppl": ppl, "ppl_ratio": 1.0, "kl": 0.0, "top1": 1.0, "flops": 1.0,
+                             "sparsity": 0.0}]}
+
+    (tmp_path / "a.json").write_text(json.dumps(res(10.0)))
+    (tmp_path / "b.json").write_text(json.dumps(res(12.0)))
+    (tmp_path / "bad.json").write_text("{\"x\": 1}")
+    r = _run("report", [tmp_path / "a.json", tmp_path / "b.json"])
+    assert r.exit_code == 1 and "different data" in r.output
+    r = _run("report", [tmp_path / "bad.json"])
+    assert r.exit_code == 1 and "not a result file" in r.output
+
+
+# -- multiple-choice tasks (offline: a task.json in a temporary cache) ----------------------------------------
+
+def test_mc_scoring_on_cached_task(tiny_llama, tmp_path, monkeypatch):
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import StaticRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train import tasks as T
+
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path))
+    task = {"examples": [{"input": f"What is {i}+1?", "target_scores": {str(i + 1): 1, str(i + 7): 0, "x": 0}}
+                         for i in range(6)]}
+    (tmp_path / "bigbench/toy").mkdir(parents=True)
+    (tmp_path / "bigbench/toy/task.json").write_text(json.dumps(task))
+    loaded = T.load_tasks(["toy"], 4)
+    assert len(loaded["toy"]) == 4 and loaded["toy"][0].prompt.startswith("Q: What is")
+    model, _ = tiny_llama
+    tok = _byte_tokenizer()
+    dense = RoutedModel(model, Schedule.dense(4), None)
+    zero = RoutedModel(model, Schedule.dense(4), StaticRouter())
+    a = T.run_tasks(dense, tok, loaded, route=False, progress=False)[0]
+    b = T.run_tasks(zero, tok, loaded, route=True, progress=False)[0]
+    assert a.accuracy == b.accuracy and a.chance == pytest.approx(1 / 3)
+    ex = loaded["toy"][0]
+    s1 = T.choice_logprobs(dense, tok, ex, route=False)
+    routed = RoutedModel(model, Schedule((0.0, 0.6, 0.6, 0.0)), StaticRouter())
+    s2 = T.choice_logprobs(routed, tok, ex, route=True)
+    assert len(s1) == 3 and all(v < 0 for v in s1 + s2) and s1 != s2
+
+
+def test_tasks_option_errors(tmp_path, monkeypatch):
+    from tokenskip.errors import UserError
+    from tokenskip.train import tasks as T
+
+    assert T.parse_tasks("default") == list(T.DEFAULT_TASKS)
+    with pytest.raises(UserError, match="not a task name"):
+        T.parse_tasks("../etc")
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path))
+    (tmp_path / "bigbench/gen").mkdir(parents=True)
+    (tmp_path / "bigbench/gen/task.json").write_text(json.dumps({"examples": [{"input": "a", "target": "b"}]}))
+    with pytest.raises(UserError, match="not a multiple-choice"):
+        T.load_tasks(["gen"], 5)
+
+
+# -- bad input through the CLI -----------------------------------------------------------------------------------
+
+def _one_line_error(r, *needles):
+    assert r.exit_code == 1, r.output
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.output
+    for n in needles:
+        assert n in lines[0], r.output
+
+
+def test_cli_errors(tiny_dir, tiny6_dir, text_file, schedule_file, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"sparsity": [0.1, 0.2, 0.3]}))
+    _one_line_error(_run("train", _train_args(tiny_dir, bad, tmp_path / "t", text_file)), "3 blocks", "4")
+    _one_line_error(_run("search", _search_args(tiny_dir, tmp_path / "s", text_file, sparsity=1.2)), "--sparsity")
+    _one_line_error(_run("search", _search_args(tiny_dir, tmp_path / "s", text_file, sparsity=-0.1)), "--sparsity")
+    _one_line_error(_run("search", [*_search_args(tiny_dir, tmp_path / "s", text_file), "--router", "learned"]),
+                    "--routers")
+    # a trained router folder, then corrupt it / use it with another model
+    r = _run("train", _train_args(tiny_dir, schedule_file, tmp_path / "r", text_file, steps=2))
+    assert r.exit_code == 0, r.output
+    ev = ["--text", text_file, "--seq-len", 32, "--cont-len", 8, "--windows", 1]
+    _one_line_error(_run("eval", ["--model", tiny6_dir, "--routers", tmp_path / "r", *ev]), "4 layers", "6 layers")
+    _one_line_error(_run("search", [*_search_args(tiny6_dir, tmp_path / "s", text_file), "--router", "learned",
+                                    "--routers", tmp_path / "r"]), "4 layers")
+    # changed settings against an existing checkpoint
+    _one_line_error(_run("train", _train_args(tiny_dir, schedule_file, tmp_path / "r", text_file, steps=3)),
+                    "--no-resume")
+    r = _run("train", _train_args(tiny_dir, schedule_file, tmp_path / "r", text_file, steps=3, extra=["--no-resume"]))
+    assert r.exit_code == 0, r.output
+    (tmp_path / "r/router.safetensors").write_bytes(b"not safetensors at all")
+    _one_line_error(_run("eval", ["--model", tiny_dir, "--routers", tmp_path / "r", *ev]), "router.safetensors")
+    (tmp_path / "r/tokenskip.json").write_text("{broken")
+    _one_line_error(_run("eval", ["--model", tiny_dir, "--routers", tmp_path / "r", *ev]), "tokenskip.json")
+    _one_line_error(_run("train", _train_args(tiny_dir, tmp_path / "missing.json", tmp_path / "t", text_file)),
+                    "missing.json")
+
+
+# -- slow: the real model --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_search_beats_uniform_on_calibration(smollm2):
+    from tokenskip.routers import StaticRouter
+    from tokenskip.train.common import windows
+    from tokenskip.train.search import SearchSettings, search_schedule
+
+    calib = windows(smollm2.tokenizer, "calib", None, 128, 2)
+    st = SearchSettings(target=0.3, population=4, generations=1, seed=0)
+    res = search_schedule(smollm2.model, StaticRouter(), calib, 16, st, progress=False)
+    assert res.schedule.num_layers == 30 and abs(res.schedule.overall() - 0.3) < 1e-9
+    assert res.history[-1]["best"] >= res.history[0]["best"]
+
+
+@pytest.mark.slow
+def test_smollm2_shortgpt_removes_low_influence_blocks(smollm2):
+    from tokenskip.train.baselines import shortgpt_model
+    from tokenskip.train.common import windows
+
+    calib = windows(smollm2.tokenizer, "calib", None, 128, 2)
+    _, info = shortgpt_model(smollm2.model, calib, 0.3, 128, 16)
+    assert 0 not in info["removed"] and abs(info["flops"] - info["target_flops"]) < 0.03

@@ -1,0 +1,275 @@
+"""`tokenskip search | train | fit | report`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tokenskip.errors import UserError
+from tokenskip.models import DEFAULT_MODEL
+
+_model = click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                      help="Built-in name, local Hugging Face folder, or Hub id.")
+_kv = click.option("--kv-policy", type=click.Choice(["skip", "dense"]), default="skip", show_default=True,
+                   help="What skipped tokens are for attention.")
+_seed = click.option("--seed", default=0, show_default=True, help="Seed: same seed, same bytes on CPU.")
+_calib_text = click.option("--calib-text", type=click.Path(), default=None,
+                           help="Plain text file for calibration instead of the built-in calib split.")
+
+
+def _check_out(out: str) -> Path:
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    return p
+
+
+@click.command("search")
+@_model
+@click.option("--sparsity", type=float, required=True, help="Overall target sparsity (mean of s_l), in [0, 1).")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Folder for schedule.json.")
+@click.option("--router", type=click.Choice(["static", "learned"]), default="static", show_default=True,
+              help="Router used for fitness (learned needs --routers).")
+@click.option("--routers", "routers_dir", type=click.Path(), default=None,
+              help="Folder written by `tokenskip train` (for --router learned).")
+@click.option("--population", default=16, show_default=True)
+@click.option("--generations", default=10, show_default=True)
+@click.option("--windows", default=8, show_default=True, help="Calibration windows for the fitness.")
+@click.option("--seq-len", default=512, show_default=True, help="Window length L.")
+@click.option("--cont-len", default=64, show_default=True, help="Continuation length c (scored, never routed).")
+@click.option("--dense-first", default=1, show_default=True, help="Blocks at the start kept dense (not searched).")
+@click.option("--dense-last", default=1, show_default=True, help="Blocks at the end kept dense (not searched).")
+@click.option("--init", "init_schedule", type=click.Path(), default=None,
+              help="A schedule.json to put in the initial population (e.g. the previous search's).")
+@_kv
+@_seed
+@_calib_text
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the schedule JSON instead of a summary.")
+def search(model, sparsity, out_dir, router, routers_dir, population, generations, windows, seq_len, cont_len,
+           dense_first, dense_last, init_schedule, kv_policy, seed, calib_text, batch_size, as_json):
+    """Genetic search of the per-block sparsity schedule, mean sparsity = --sparsity.
+
+    Fitness is -KL(dense || routed) on the continuation of calibration windows (never the
+    evaluation split). Writes OUT/schedule.json (per-block sparsities, fitness history, settings).
+
+    \b
+    Examples:
+      tokenskip search --sparsity 0.3 --out out/search
+      tokenskip search --sparsity 0.3 --router learned --routers out/train --out out/search2 \\
+          --init out/search/schedule.json
+    """
+    from tokenskip.fileio import write_json_atomic
+    from tokenskip.models import load_model
+    from tokenskip.routers import StaticRouter
+    from tokenskip.schedule import Schedule, check_sparsity
+
+    from .common import check_cont, deterministic, windows as split_windows
+    from .search import SearchSettings, search_schedule
+
+    check_sparsity(sparsity)
+    check_cont(seq_len, cont_len)
+    out = _check_out(out_dir)
+    settings = SearchSettings(target=sparsity, population=population, generations=generations, seed=seed,
+                              dense_first=dense_first, dense_last=dense_last)
+    settings.check()
+    if windows < 1:
+        raise UserError(f"--windows {windows}: must be >= 1")
+    if router == "learned" and not routers_dir:
+        raise UserError("--router learned needs --routers DIR (a folder written by `tokenskip train`)")
+    deterministic(seed)
+    lm = load_model(model)
+    n = lm.model.config.num_hidden_layers
+    seeds = [Schedule.load(init_schedule, n)] if init_schedule else []
+    module = StaticRouter()
+    if router == "learned":
+        from tokenskip.config import check_matches_model, load_routing
+
+        cfg, module = load_routing(routers_dir)
+        check_matches_model(cfg, lm.model, f"--routers {routers_dir}")
+        if cfg.router != "learned":
+            raise UserError(f"--routers {routers_dir}: holds a {cfg.router} router, not a learned one")
+    calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, windows)
+    res = search_schedule(lm.model, module, calib, cont_len, settings, kv_policy, seeds=seeds, router_name=router,
+                          batch_size=batch_size, progress=not as_json,
+                          extra_meta={"model": model, **({"routers": str(routers_dir)} if routers_dir else {})})
+    obj = res.schedule.to_json()
+    write_json_atomic(out / "schedule.json", obj)
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    else:
+        click.echo(f"best fitness (-KL on calibration) {res.fitness:.5f}; uniform schedule {res.uniform_fitness:.5f}")
+        click.echo(f"schedule {res.schedule.describe()}")
+        click.echo(f"wrote {out / 'schedule.json'}")
+
+
+@click.command("train")
+@_model
+@click.option("--schedule", "schedule_file", type=click.Path(), required=True,
+              help="Per-block sparsity JSON (from `tokenskip search`).")
+@click.option("--out", "out_dir", type=click.Path(), required=True,
+              help="Routers folder to write (tokenskip.json + router.safetensors; checkpoint/ inside).")
+@click.option("--steps", default=200, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--cont-len", default=32, show_default=True, help="Continuation length c (distilled, never routed).")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--windows", default=64, show_default=True, help="Training windows (the data order cycles over them).")
+@click.option("--checkpoint-every", default=25, show_default=True)
+@click.option("--init", "init_routers", type=click.Path(), default=None,
+              help="Start from this routers folder's learned router instead of a fresh one.")
+@click.option("--guide-weight", default=1.0, show_default=True, help="Guide-loss weight at step 0 (decays to 0).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from OUT/checkpoint if it exists (same options required).")
+@click.option("--train-text", type=click.Path(), default=None,
+              help="Plain text file to train on instead of the built-in train split.")
+@_kv
+@_seed
+@_calib_text
+def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_size, windows, checkpoint_every,
+          init_routers, guide_weight, resume, train_text, kv_policy, seed, calib_text):
+    """Train the shared FTP router with the LLM frozen.
+
+    Loss = guide (BCE to the static router's masks, weight decaying to 0) + sparsity + KL to dense
+    on the continuation. Checkpoints to OUT/checkpoint every --checkpoint-every steps; rerunning
+    the same command resumes and ends with the same bytes as an uninterrupted run.
+
+    \b
+    Examples:
+      tokenskip train --schedule out/search/schedule.json --out out/train --steps 200
+      tokenskip eval --routers out/train
+    """
+    from tokenskip.models import load_model
+    from tokenskip.schedule import Schedule
+
+    from .common import check_cont, deterministic, windows as split_windows
+    from .trainer import TrainSettings, train_router
+
+    check_cont(seq_len, cont_len)
+    out = _check_out(out_dir)
+    settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, cont_len=cont_len,
+                             windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,
+                             guide_weight=guide_weight)
+    settings.check()
+    deterministic(seed)
+    lm = load_model(model)
+    n = lm.model.config.num_hidden_layers
+    sched = Schedule.load(schedule_file, n)
+    init = None
+    if init_routers:
+        from tokenskip.config import check_matches_model, load_routing
+
+        cfg, init = load_routing(init_routers)
+        check_matches_model(cfg, lm.model, f"--init {init_routers}")
+        if cfg.router != "learned":
+            raise UserError(f"--init {init_routers}: holds a {cfg.router} router, not a learned one")
+    calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, settings.calib_windows)
+    ids = split_windows(lm.tokenizer, "train", train_text, seq_len, windows)
+    try:
+        train_router(lm.model, sched, ids, calib, settings, out, model_name=model, resume=resume, init_router=init)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; rerun the same command to resume from {out / 'checkpoint'}", err=True)
+        sys.exit(130)
+    click.echo(f"wrote {out / 'tokenskip.json'} and {out / 'router.safetensors'}")
+
+
+@click.command("fit")
+@_model
+@click.option("--sparsity", type=float, required=True, help="Overall target sparsity, in [0, 1).")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Folder for every stage's output.")
+@click.option("--budget", type=click.Choice(["tiny", "small", "default"]), default="small", show_default=True,
+              help="Compute budget (small: a few minutes on 2 CPU cores for smollm2-135m).")
+@_kv
+@_seed
+@_calib_text
+@click.option("--train-text", type=click.Path(), default=None, help="Plain text file to train on.")
+def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text):
+    """search (static router) -> train -> re-search (learned router) -> short final train.
+
+    Writes OUT/search-static, OUT/router-1, OUT/search-learned and the final OUT/routers.
+
+    \b
+    Examples:
+      tokenskip fit --sparsity 0.3 --out out/fit
+      tokenskip eval --routers out/fit/routers
+    """
+    from tokenskip.schedule import check_sparsity
+
+    from .common import deterministic
+    from .fit import run_fit
+
+    check_sparsity(sparsity)
+    _check_out(out_dir)
+    deterministic(seed)
+    final = run_fit(model, sparsity, out_dir, budget=budget, seed=seed, kv_policy=kv_policy, calib_text=calib_text,
+                    train_text=train_text, log=lambda m: click.echo(m, err=True))
+    click.echo(str(final))
+
+
+@click.command("report")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a Markdown table.")
+@click.option("--out", "out_file", type=click.Path(), default=None, help="Also write the rows as JSON here.")
+@click.option("--model", default=None, help="Model for `fit` folders (default: the one they were fitted on).")
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--cont-len", default=64, show_default=True)
+@click.option("--windows", default=16, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--tasks", default=None, help="Multiple-choice tasks for fit folders (comma list or `default`).")
+@click.option("--task-examples", default=50, show_default=True)
+@click.option("--text", "eval_text", type=click.Path(), default=None, help="Text file instead of the eval split.")
+@click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (ShortGPT block influence).")
+@_seed
+def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_size, tasks, task_examples, eval_text,
+           calib_text, seed):
+    """Markdown table comparing methods at equal FLOPs.
+
+    PATHS are result files written by `tokenskip eval --out FILE` (or folders of them), or folders
+    written by `tokenskip fit`: those are evaluated here against every baseline (dense, learned,
+    static searched/uniform, random, ShortGPT at matched FLOPs) on the held-out split.
+
+    \b
+    Examples:
+      tokenskip eval --routers out/fit/routers --out res/learned.json
+      tokenskip eval --router shortgpt --sparsity 0.3 --out res/shortgpt.json
+      tokenskip report res/learned.json res/shortgpt.json
+      tokenskip report out/fit --tasks default
+    """
+    from tokenskip.fileio import read_json, write_json_atomic
+
+    from .report import collect, markdown, quality_table
+
+    tables, all_rows = [], []
+    result_paths = []
+    for p in paths:
+        path = Path(p)
+        if (path / "fit.json").is_file():
+            meta = read_json(path / "fit.json", "fit summary")
+            task_list = None
+            if tasks:
+                from .tasks import parse_tasks
+
+                task_list = parse_tasks(tasks)
+            obj = quality_table(model or meta["model"], float(meta["sparsity"]), path, seq_len=seq_len,
+                                cont_len=cont_len, windows=windows, batch_size=batch_size, seed=seed,
+                                kv_policy=meta.get("kv_policy", "skip"), tasks=task_list, task_examples=task_examples,
+                                eval_text=eval_text, calib_text=calib_text, progress=not as_json)
+            write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json",
+                              {k: v for k, v in obj.items() if k not in ("rows", "markdown")})
+            tables.append(obj["markdown"])
+            all_rows.extend({"source": str(path), **r} for r in obj["rows"])
+        else:
+            result_paths.append(p)
+    if result_paths:
+        rows = collect(result_paths)
+        tables.append(markdown(rows))
+        all_rows.extend(rows)
+    if out_file:
+        write_json_atomic(out_file, {"rows": all_rows})
+    if as_json:
+        click.echo(json.dumps({"rows": all_rows}, indent=2))
+    else:
+        click.echo("\n\n".join(tables))

@@ -1,0 +1,40 @@
+"""Pieces every training stage shares: data windows, routed-model construction, determinism."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenskip.errors import UserError
+
+
+def deterministic(seed: int) -> None:
+    """Same seed, same bytes on CPU: fixed seeds and deterministic kernels where torch has them."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def windows(tokenizer, split: str, text_file: str | None, seq_len: int, count: int) -> torch.Tensor:
+    """Token windows [N,L] of a built-in split ("train"/"calib"/"eval") or of a user's text file."""
+    from tokenskip.evaluate_cli import load_windows
+
+    ids = load_windows(tokenizer, text_file, seq_len, count, split=split)
+    if ids.ndim != 2 or ids.shape[0] == 0:
+        where = text_file or f"the built-in {split} split"
+        raise UserError(f"{where}: not enough text for one window of {seq_len} tokens")
+    return ids
+
+
+def check_cont(seq_len: int, cont_len: int) -> None:
+    from tokenskip.evaluate_cli import check_lengths
+
+    check_lengths(seq_len, cont_len)
+
+
+def routed_for(model, schedule, router, kv_policy: str):
+    from tokenskip.routed import RoutedModel
+
+    return RoutedModel(model, schedule, router, kv_policy=kv_policy)
+
+
+def model_name_of(lm) -> str:
+    return lm.name

@@ -1,0 +1,135 @@
+"""`tokenskip fit`: FTP's alternating workflow as one call (paper section 4.3, method.md section 4).
+
+1. search the schedule with the static router      -> DIR/search-static/schedule.json
+2. train the learned router on it                  -> DIR/router-1/
+3. re-search the schedule with the trained router  -> DIR/search-learned/schedule.json
+   (the first schedule is in the initial population, so this never does worse on calibration)
+4. a short final training on the new schedule, starting from the router of step 2 (no guide
+   loss: the router has already left the static target behind)
+                                                   -> DIR/routers/ (the result)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tokenskip.errors import UserError
+from tokenskip.fileio import write_json_atomic
+from tokenskip.schedule import Schedule, check_sparsity
+
+from .search import SearchSettings, search_schedule
+from .trainer import TrainSettings, train_router
+
+
+@dataclass(frozen=True)
+class Budget:
+    seq_len: int
+    cont_len: int
+    calib_windows: int
+    train_windows: int
+    population: int
+    generations: int
+    steps: int
+    batch_size: int
+    re_population: int
+    re_generations: int
+    final_steps: int
+    lr: float = 3e-3
+
+
+# "small" finishes in a few minutes on 2 CPU cores for smollm2-135m; "default" is what docs report.
+BUDGETS = {
+    "tiny": Budget(seq_len=32, cont_len=8, calib_windows=2, train_windows=4, population=4, generations=1, steps=4,
+                   batch_size=2, re_population=3, re_generations=1, final_steps=2),
+    "small": Budget(seq_len=128, cont_len=16, calib_windows=4, train_windows=48, population=8, generations=2,
+                    steps=80, batch_size=2, re_population=6, re_generations=1, final_steps=20),
+    "default": Budget(seq_len=256, cont_len=32, calib_windows=8, train_windows=128, population=12,
+                      generations=5, steps=200, batch_size=2, re_population=8, re_generations=3, final_steps=60),
+}
+
+
+def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str = "small", seed: int = 0,
+            kv_policy: str = "skip", calib_text: str | None = None, train_text: str | None = None,
+            progress: bool = True, lm=None, log=print, resume: bool = True) -> Path:
+    """search -> train -> re-search -> train. Returns the final routers folder (DIR/routers)."""
+    from tokenskip.models import load_model
+
+    from .common import windows
+
+    check_sparsity(sparsity)
+    if budget not in BUDGETS:
+        raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    lm = lm or load_model(model_name)
+    model = lm.model
+    calib = windows(lm.tokenizer, "calib", calib_text, b.seq_len, b.calib_windows)
+    train_ids = windows(lm.tokenizer, "train", train_text, b.seq_len, b.train_windows)
+    times = {}
+
+    # 1. search with the static router
+    from tokenskip.routers import StaticRouter
+
+    s1 = SearchSettings(target=sparsity, population=b.population, generations=b.generations, seed=seed)
+    r1 = _done_search(out / "search-static" / "schedule.json", s1, model_name, kv_policy) if resume else None
+    if r1 is None:
+        r1 = search_schedule(model, StaticRouter(), calib, b.cont_len, s1, kv_policy, router_name="static",
+                             progress=progress, extra_meta={"model": model_name})
+        write_json_atomic(out / "search-static" / "schedule.json", r1.schedule.to_json())
+    times["search_static"] = time.time() - t0
+    log(f"fit: static search done, fitness {r1.fitness:.4f} ({times['search_static']:.0f}s)")
+
+    # 2. train the router
+    ts = TrainSettings(steps=b.steps, lr=b.lr, batch_size=b.batch_size, seq_len=b.seq_len, cont_len=b.cont_len,
+                       windows=b.train_windows, seed=seed, kv_policy=kv_policy, calib_windows=b.calib_windows)
+    router1 = train_router(model, r1.schedule, train_ids, calib, ts, out / "router-1", model_name=model_name,
+                           progress=progress, resume=resume)
+    times["train"] = time.time() - t0
+    log(f"fit: router trained ({times['train']:.0f}s)")
+
+    # 3. re-search with the trained router
+    s2 = replace(s1, population=b.re_population, generations=b.re_generations, seed=seed + 1)
+    r2 = _done_search(out / "search-learned" / "schedule.json", s2, model_name, kv_policy) if resume else None
+    if r2 is None:
+        r2 = search_schedule(model, router1, calib, b.cont_len, s2, kv_policy, seeds=[r1.schedule],
+                             router_name="learned", progress=progress,
+                             extra_meta={"model": model_name, "router_from": str(out / "router-1")})
+        write_json_atomic(out / "search-learned" / "schedule.json", r2.schedule.to_json())
+    times["search_learned"] = time.time() - t0
+    log(f"fit: re-search with the learned router done, fitness {r2.fitness:.4f} ({times['search_learned']:.0f}s)")
+
+    # 4. short final training on the new schedule
+    final_dir = out / "routers"
+    tf = replace(ts, steps=b.final_steps, lr=b.lr / 3, guide_weight=0.0, warmup=min(ts.warmup, b.final_steps))
+    train_router(model, r2.schedule, train_ids, calib, tf, final_dir, model_name=model_name, init_router=router1,
+                 progress=progress, resume=resume)
+    times["final_train"] = time.time() - t0
+    write_json_atomic(out / "fit.json", {"model": model_name, "sparsity": sparsity, "budget": asdict(b),
+                                         "budget_name": budget, "seed": seed, "kv_policy": kv_policy,
+                                         "fitness": {"static_search": r1.fitness, "learned_search": r2.fitness},
+                                         "seconds": {k: round(v, 1) for k, v in times.items()},
+                                         "routers": str(final_dir)})
+    log(f"fit: done in {time.time() - t0:.0f}s; routers in {final_dir}")
+    return final_dir
+
+
+def _done_search(path: Path, settings: SearchSettings, model_name: str, kv_policy: str):
+    """A search this fit already finished (same settings): reuse it, so a rerun resumes."""
+    from .search import SearchResult
+
+    if not path.is_file():
+        return None
+    sched = Schedule.load(path)
+    m = sched.meta
+    if m.get("settings") != asdict(settings) or m.get("model") != model_name or m.get("kv_policy") != kv_policy:
+        return None
+    return SearchResult(schedule=sched, fitness=float(m.get("fitness", float("nan"))), history=m.get("history", []),
+                        uniform_fitness=float(m.get("uniform_fitness", float("nan"))))
+
+
+def static_schedule_of(fit_dir: str | Path) -> Schedule:
+    return Schedule.load(Path(fit_dir) / "search-static" / "schedule.json")

@@ -1,0 +1,326 @@
+"""Router training with the LLM frozen (method.md section 3).
+
+Forward: the routed model in mask mode with hard top-k keep masks exactly as at inference (skipped
+keys masked when kv_policy=skip); gradients reach the shared LearnedRouter through the straight-
+through gate hard + sigmoid(logit) - sigmoid(logit).detach() (core/routed.py).
+
+Loss = w_g(t) * guide + w_s * sparsity + w_d * distillation, equal weights (1, 1, 1) by default:
+- guide: BCE(sigmoid(logit), static router's keep mask) over the routable tokens of every routed
+  block (forced tokens excluded: they are kept whatever the score); w_g decays linearly to 0;
+- sparsity: sum over routed blocks of relu(s_l - achieved_l), achieved_l = mean over routable tokens
+  of 1 - sigmoid(logit) (FTP Eq. 5, one-sided: hard top-k cannot over-prune);
+- distillation: KL(dense || routed) at T=1 on the continuation positions, the positions evaluation
+  scores (the last c tokens of each window run every block, as in decoding).
+
+Determinism and resume: the data order is a function of (seed, step) only (a per-epoch permutation
+from a generator seeded by (seed, epoch)), the learning-rate and guide-weight schedules are functions
+of the step, and there is no other randomness, so a run resumed from a checkpoint takes exactly the
+steps an uninterrupted run takes. Checkpoints hold router + AdamW state tensors as safetensors and
+the scalars as JSON (no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tokenskip.errors import UserError
+from tokenskip.fileio import load_safetensors, read_json, save_safetensors_atomic, write_json_atomic
+from tokenskip.routed import RoutedModel, forced_tokens, routing_scores
+from tokenskip.routers import LearnedRouter, RouteContext, Router, router_features
+from tokenskip.schedule import Schedule
+from tokenskip import ops
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_JSON = "checkpoint.json"
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 200
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 4
+    seq_len: int = 256
+    cont_len: int = 32
+    windows: int = 64  # training windows (the data order cycles over them)
+    seed: int = 0
+    kv_policy: str = "skip"
+    guide_weight: float = 1.0  # w_g at step 0, decays linearly to 0 at the last step
+    sparsity_weight: float = 1.0
+    distill_weight: float = 1.0
+    warmup: int = 10  # linear LR warm-up steps, then cosine to 10%
+    checkpoint_every: int = 25
+    calib_windows: int = 8  # windows of the calibration split for feature standardisation
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"--steps {self.steps}: must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr {self.lr}: must be a positive number")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every {self.checkpoint_every}: must be >= 1")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+# -- schedules of the step ----------------------------------------------------------------------------
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    span = max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - s.warmup) / span))))
+
+
+def guide_weight_at(step: int, s: TrainSettings) -> float:
+    return s.guide_weight * max(0.0, 1.0 - step / max(1, s.steps - 1))
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """Window indices of a step: a function of (seed, step) only, so resuming is exact."""
+    out = []
+    for j in range(batch):
+        flat = step * batch + j
+        epoch, pos = divmod(flat, n)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=gen)[pos]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+# -- feature standardisation ---------------------------------------------------------------------------
+
+class _FeatureRecorder(Router):
+    """Routes like the static router (the guide target) while recording the learned router's
+    features of the routable tokens, for the feature mean/std."""
+
+    needs_attention = True
+
+    def __init__(self, n_tail: int) -> None:
+        super().__init__()
+        self.n_tail = n_tail
+        self.rows: list[torch.Tensor] = []
+
+    def scores(self, ctx: RouteContext) -> torch.Tensor:
+        feats = router_features(ctx)  # [B,S,4]
+        routable = ctx.valid & ~forced_tokens(ctx.valid, self.n_tail)  # [B,S]
+        self.rows.append(feats[routable])  # [n,4]
+        return ctx.positions.to(torch.float32)
+
+
+@torch.no_grad()
+def standardise_features(router: LearnedRouter, model, schedule: Schedule, calib: torch.Tensor, cont_len: int,
+                         kv_policy: str, batch_size: int = 4) -> None:
+    """Set router.feature_mean/std from one static-routed pass over calibration windows."""
+    rec = _FeatureRecorder(cont_len)
+    routed = RoutedModel(model, schedule, rec, kv_policy=kv_policy, score_window=_score_window())
+    for start in range(0, len(calib), batch_size):
+        routed(calib[start:start + batch_size], n_tail=cont_len, num_logits=1)
+    if not rec.rows:
+        return  # no routed block: nothing to standardise
+    feats = torch.cat(rec.rows).double()  # [n,4]
+    mean, std = feats.mean(0), feats.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant feature (e.g. s_l) stays unscaled
+    router.feature_mean.copy_(mean.float())
+    router.feature_std.copy_(std.float())
+
+
+def _score_window() -> int:
+    from tokenskip.routed import DEFAULT_WINDOW
+
+    return DEFAULT_WINDOW
+
+
+# -- losses ----------------------------------------------------------------------------------------------
+
+def static_keep_mask(schedule: Schedule, layer: int, valid: torch.Tensor, positions: torch.Tensor,
+                     forced: torch.Tensor, n_tail: int) -> torch.Tensor:
+    """[B,S] float: the static router's hard keep mask for a block (the guide target)."""
+    sel = routing_scores(positions.to(torch.float32), valid, forced)  # [B,S]
+    k = schedule.keep_count(layer, valid.shape[1] - n_tail) + n_tail
+    index = ops.select_topk(sel, k)  # [B,k]
+    return torch.zeros_like(sel).scatter(1, index, 1.0)
+
+
+def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tensor, cont_len: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(guide, sparsity, distill, achieved hard sparsity) for one batch ids [B,L]."""
+    out = routed(ids, n_tail=cont_len, mode="mask", trace=True, ste=True, num_logits=cont_len + 1)
+    logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [B,c,V]
+    distill = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    positions = (valid.long().cumsum(-1) - 1)
+    forced = forced_tokens(valid, cont_len)
+    routable = (valid & ~forced).float()  # [B,S]
+    denom = routable.sum().clamp(min=1)
+    guides, sparse, hard_skip, blocks = [], [], 0.0, 0
+    for li, tr in enumerate(routed_traces(out.traces)):
+        if tr is None:
+            continue
+        prob = torch.sigmoid(tr.logits.float())  # [B,S]
+        target = static_keep_mask(routed.schedule, li, valid, positions, forced, cont_len)
+        bce = F.binary_cross_entropy_with_logits(tr.logits.float(), target, reduction="none")
+        guides.append((bce * routable).sum() / denom)
+        achieved = ((1 - prob) * routable).sum() / denom
+        sparse.append(F.relu(routed.schedule.sparsity[li] - achieved))
+        hard_skip += float(((~tr.keep_mask).float() * routable).sum() / denom)
+        blocks += 1
+    zero = distill.new_zeros(())
+    guide = torch.stack(guides).mean() if guides else zero
+    sparsity = torch.stack(sparse).sum() if sparse else zero
+    achieved_overall = hard_skip / routed.schedule.num_layers
+    return guide, sparsity, distill, achieved_overall
+
+
+def routed_traces(traces):
+    """Per layer: the trace if the block was routed (it carries logits), else None."""
+    return [tr if tr.logits is not None else None for tr in traces]
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+def _identity(settings: TrainSettings, schedule: Schedule, model_name: str) -> dict:
+    """What must match for a checkpoint to be resumed (anything else would change the result)."""
+    d = asdict(settings)
+    d.pop("checkpoint_every")
+    return {"settings": d, "schedule": list(schedule.sparsity), "model": model_name}
+
+
+def save_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Optimizer, state: TrainState,
+                    identity: dict) -> None:
+    tensors = {f"router.{k}": v for k, v in router.state_dict().items()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        for name, value in opt.state.get(p, {}).items():
+            tensors[f"optim.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    name = f"state-{state.step:07d}.safetensors"
+    save_safetensors_atomic(tensors, ckpt_dir / name, metadata={"step": str(state.step)})
+    write_json_atomic(ckpt_dir / CHECKPOINT_JSON, {"step": state.step, "file": name, "identity": identity,
+                                                   "history": state.history})
+    for old in ckpt_dir.glob("state-*.safetensors"):  # only the newest is needed
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Optimizer, identity: dict
+                    ) -> TrainState | None:
+    meta_path = ckpt_dir / CHECKPOINT_JSON
+    if not meta_path.is_file():
+        return None
+    meta = read_json(meta_path, "checkpoint")
+    if meta.get("identity") != json.loads(json.dumps(identity)):
+        raise UserError(f"checkpoint {ckpt_dir} was made with other settings (schedule, model, steps, lr, seed, ...); "
+                        "rerun with the same options or pass --no-resume to start over")
+    tensors = load_safetensors(ckpt_dir / meta["file"], "checkpoint weights")
+    router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, p in enumerate(params):
+        st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+        if st:
+            opt.state[p] = st
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return TrainState(step=int(meta["step"]), history=list(meta.get("history", [])))
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+
+def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: torch.Tensor, settings: TrainSettings,
+                 out_dir: str | Path, model_name: str = "", resume: bool = True, init_router: LearnedRouter | None = None,
+                 progress: bool = True, stop_after: int | None = None) -> LearnedRouter:
+    """Train the shared router on windows train_ids [N,L]; writes out_dir/{tokenskip.json,router.safetensors}.
+
+    `stop_after` stops (as an interruption would) after that many steps of this call, for tests.
+    """
+    from tokenskip.config import RoutingConfig, save_routing
+    from tokenskip.evaluate import _continuation_logprobs
+
+    settings.check()
+    if schedule.num_layers != model.config.num_hidden_layers:
+        raise UserError(f"schedule has {schedule.num_layers} blocks but the model has {model.config.num_hidden_layers}")
+    if not any(schedule.is_routed(i) for i in range(schedule.num_layers)):
+        raise UserError("the schedule routes no block (all sparsities are 0): nothing to train")
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+    torch.manual_seed(settings.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    router = LearnedRouter()
+    if init_router is not None:
+        router.load_state_dict(init_router.state_dict())
+    else:
+        standardise_features(router, model, schedule, calib_ids, settings.cont_len, settings.kv_policy)
+    opt = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    identity = _identity(settings, schedule, model_name)
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_dir, router, opt, identity)
+    elif ckpt_dir.exists():
+        for f in ckpt_dir.iterdir():
+            f.unlink()
+    state = state or TrainState()
+    routed = RoutedModel(model, schedule, router, kv_policy=settings.kv_policy)
+    base = RoutedModel(model, Schedule.dense(schedule.num_layers), None, kv_policy=settings.kv_policy)
+    n = train_ids.shape[0]
+    cache: dict[int, torch.Tensor] = {}
+
+    def teacher(i: int) -> torch.Tensor:
+        """Dense continuation log-probs of window i [c,V], computed once, one window at a time (so
+        the values never depend on which windows shared a batch: resuming stays exact)."""
+        if i not in cache:
+            with torch.no_grad():
+                cache[i] = _continuation_logprobs(base, train_ids[i:i + 1], settings.cont_len, route=False)[0]
+        return cache[i]
+
+    bar = tqdm(total=settings.steps, initial=state.step, desc="train router", disable=not progress, leave=False)
+    done_here = 0
+    router.train()
+    while state.step < settings.steps:
+        step = state.step
+        idx = batch_indices(step, n, settings.batch_size, settings.seed)
+        ids = train_ids[idx]  # [B,L]
+        dense_logp = torch.stack([teacher(int(i)) for i in idx])  # [B,c,V]
+        guide, sparse, distill, achieved = router_losses(routed, ids, dense_logp, settings.cont_len)
+        wg = guide_weight_at(step, settings)
+        loss = wg * guide + settings.sparsity_weight * sparse + settings.distill_weight * distill
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, settings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rec = {"step": step + 1, "loss": float(loss.detach()), "guide": float(guide.detach()),
+               "sparsity_loss": float(sparse.detach()), "kl": float(distill.detach()), "achieved": achieved}
+        state.history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()})
+        state.step += 1
+        done_here += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}", guide=f"{rec['guide']:.3f}",
+                        sparsity=f"{achieved:.3f}")
+        if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
+            save_checkpoint(ckpt_dir, router, opt, state, identity)
+        if stop_after is not None and done_here >= stop_after and state.step < settings.steps:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {done_here} steps (test hook)")
+    bar.close()
+    router.eval()
+    cfg = RoutingConfig(model=model_name, num_layers=schedule.num_layers, router="learned",
+                        schedule=list(schedule.sparsity), kv_policy=settings.kv_policy, seed=settings.seed,
+                        model_type=model.config.model_type, hidden_size=model.config.hidden_size,
+                        extra={"training": {**asdict(settings), "final": state.history[-1] if state.history else {}},
+                               "schedule_meta": {k: v for k, v in schedule.meta.items() if k != "history"}})
+    save_routing(out, cfg, router)
+    write_json_atomic(out / "train_history.json", {"history": state.history})
+    return router
