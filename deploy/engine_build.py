@@ -273,6 +273,13 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errs = logger.errors() or ["no error message"]
+        if backend.is_rtx and not s.plugins and "is_const" in errs[-1] and s.min_seq_len != s.max_seq_len:
+            # TensorRT-RTX 1.7's Myelin compiler rejects the function-body graph (TopK with k derived from
+            # a dynamic S) unless S is fixed; the plugin build has no such limit (docs/plugins.md)
+            raise UserError(f"TensorRT-RTX cannot build the {graph} graph of {onnx_path.parent} from the ONNX function "
+                            f"bodies with a dynamic sequence length (Myelin CHECK(is_const()) failed): build a fixed "
+                            f"one, e.g. --no-plugins --min-seq-len {s.opt_seq_len} --opt-seq-len {s.opt_seq_len} "
+                            f"--max-seq-len {s.opt_seq_len}, or drop --no-plugins")
         raise UserError(f"TensorRT ({backend.name}) failed to build the {graph} engine from {onnx_path}: {errs[-1]}")
     data = bytes(serialized)
     if timing is not None:

@@ -42,3 +42,18 @@ def test_smollm2_engines_with_plugins(lib, smol_export, tmp_path, monkeypatch):
     assert prefill["fallback"] == {"TopKGather": 0, "ScatterTokens": 0} and not prefill["fell_back"]
     assert (tmp_path / "eng" / "prefill.engine").stat().st_size == prefill["engine_bytes"] > 0
     assert (tmp_path / "eng" / "decode.engine").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_engines_without_plugins_static_profile(smol_export, tmp_path, monkeypatch):
+    """--no-plugins: the function bodies become TopK/Gather/Scatter layers. TensorRT-RTX 1.7 builds
+    them only with a fixed sequence length (docs/plugins.md), so the profile is S = 128."""
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+    report = engine_build.build_engines(smol_export, tmp_path / "eng", backend="tensorrt-rtx", plugins=False,
+                                        min_seq_len=128, opt_seq_len=128, max_seq_len=128, log=lambda line: None)
+    prefill = report["reports"]["prefill"]
+    print(f"\nno-plugins prefill engine: {prefill['engine_bytes'] / 2**20:.0f} MiB, layers {prefill['layers_by_type']}")
+    assert prefill["plugin_layers"] == [] and prefill["fallback"] == {"TopKGather": 26, "ScatterTokens": 26}
+    assert prefill["layers_by_type"].get("TOPK", 0) >= 2 * 26  # select + re-sort per routed block
+    assert prefill["profile"]["input_ids"][0] == prefill["profile"]["input_ids"][2] == [1, 128]
+    assert (tmp_path / "eng" / "prefill.engine").stat().st_size == prefill["engine_bytes"] > 0
