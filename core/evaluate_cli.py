@@ -116,23 +116,19 @@ def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, te
                         "and no --routers/--schedule")
     task_names = None
     if tasks:
-        from tokenskip.train.tasks import parse_tasks
-
-        task_names = parse_tasks(tasks)
-        if task_examples < 1:
-            raise UserError("--task-examples must be >= 1")
         from tokenskip.train import tasks as mc
 
+        task_names = mc.parse_tasks(tasks)
+        if task_examples < 1:
+            raise UserError("--task-examples must be >= 1")
         loaded = mc.load_tasks(task_names, task_examples, seed)  # bad task names fail before any model work
     torch.manual_seed(seed)
     lm = load_model(model)
     extra = {}
     if router == "shortgpt":
-        from tokenskip.train.baselines import shortgpt_model
+        from tokenskip.train.baselines import shortgpt_for
 
-        calib = load_windows(lm.tokenizer, None, seq_len, 8, split="calib")
-        routed, extra = shortgpt_model(lm.model, calib, sparsity, seq_len, cont_len, kv_policy or "skip", batch_size)
-        method = f"shortgpt (-{len(extra['removed'])} blocks)"
+        routed, extra, method = shortgpt_for(lm, sparsity, seq_len, cont_len, kv_policy or "skip", batch_size)
     else:
         routed, cfg = build_routed(lm.model, router=router, sparsity=sparsity, schedule=schedule,
                                    routers_dir=routers_dir, kv_policy=kv_policy, seed=seed, model_name=model)

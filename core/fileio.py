@@ -8,6 +8,7 @@ final name. Weights are read only from safetensors: nothing here unpickles.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -72,6 +73,15 @@ def load_safetensors(path: str | os.PathLike, what: str = "weights file") -> dic
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{what} {path} is not a readable safetensors file: {exc}") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (downloads are checked against pinned hashes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:

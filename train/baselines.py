@@ -16,6 +16,8 @@ from tokenskip.flops import flops_ratio
 from tokenskip.routed import RoutedModel, default_positions
 from tokenskip.schedule import Schedule
 
+CALIB_WINDOWS = 4  # calibration windows (of the evaluation length) for Block Influence
+
 
 @torch.no_grad()
 def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
@@ -65,3 +67,14 @@ def shortgpt_model(model, calib: torch.Tensor, sparsity: float, seq: int, cont_l
     info = {"block_influence": [round(b, 6) for b in bi], "removed": sorted(removed), "target_flops": target,
             "flops": flops_ratio(model.config, None, seq, removed=removed)}
     return routed, info
+
+
+def shortgpt_for(lm, sparsity: float, seq: int, cont_len: int, kv_policy: str = "skip", batch_size: int = 4,
+                 calib_text: str | None = None) -> tuple[RoutedModel, dict, str]:
+    """The ShortGPT baseline of a loaded model, Block Influence on CALIB_WINDOWS calibration windows
+    of length `seq`: (routed model, info, method name). `tokenskip eval` and the quality table share it."""
+    from .common import windows
+
+    calib = windows(lm.tokenizer, "calib", calib_text, seq, CALIB_WINDOWS)
+    routed, info = shortgpt_model(lm.model, calib, sparsity, seq, cont_len, kv_policy, batch_size)
+    return routed, info, f"shortgpt (-{len(info['removed'])} blocks)"

@@ -62,16 +62,17 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
       tokenskip search --sparsity 0.3 --router learned --routers out/train --out out/search2 \\
           --init out/search/schedule.json
     """
+    from tokenskip.evaluate_cli import check_lengths
     from tokenskip.fileio import write_json_atomic
     from tokenskip.models import load_model
     from tokenskip.routers import StaticRouter
     from tokenskip.schedule import Schedule, check_sparsity
 
-    from .common import check_cont, deterministic, windows as split_windows
+    from .common import deterministic, windows as split_windows
     from .search import SearchSettings, search_schedule
 
     check_sparsity(sparsity)
-    check_cont(seq_len, cont_len)
+    check_lengths(seq_len, cont_len)
     out = _check_out(out_dir)
     settings = SearchSettings(target=sparsity, population=population, generations=generations, seed=seed,
                               dense_first=dense_first, dense_last=dense_last)
@@ -142,13 +143,14 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
       tokenskip train --schedule out/search/schedule.json --out out/train --steps 200
       tokenskip eval --routers out/train
     """
+    from tokenskip.evaluate_cli import check_lengths
     from tokenskip.models import load_model
     from tokenskip.schedule import Schedule
 
-    from .common import check_cont, deterministic, windows as split_windows
+    from .common import deterministic, windows as split_windows
     from .trainer import TrainSettings, train_router
 
-    check_cont(seq_len, cont_len)
+    check_lengths(seq_len, cont_len)
     out = _check_out(out_dir)
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, cont_len=cont_len,
                              windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,

@@ -1,4 +1,4 @@
-"""Pieces every training stage shares: data windows, routed-model construction, determinism."""
+"""Pieces every training stage shares: data windows and determinism."""
 
 from __future__ import annotations
 
@@ -22,19 +22,3 @@ def windows(tokenizer, split: str, text_file: str | None, seq_len: int, count: i
         where = text_file or f"the built-in {split} split"
         raise UserError(f"{where}: not enough text for one window of {seq_len} tokens")
     return ids
-
-
-def check_cont(seq_len: int, cont_len: int) -> None:
-    from tokenskip.evaluate_cli import check_lengths
-
-    check_lengths(seq_len, cont_len)
-
-
-def routed_for(model, schedule, router, kv_policy: str):
-    from tokenskip.routed import RoutedModel
-
-    return RoutedModel(model, schedule, router, kv_policy=kv_policy)
-
-
-def model_name_of(lm) -> str:
-    return lm.name

@@ -122,9 +122,11 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
     from tokenskip.routers import RandomRouter, StaticRouter
     from tokenskip.schedule import Schedule
 
-    from .baselines import shortgpt_model
-    from .common import windows as split_windows
+    from .baselines import shortgpt_for
 
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
     fit_dir = Path(fit_dir)
     torch.manual_seed(seed)
     lm = lm or load_model(model_name)
@@ -133,9 +135,6 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
     base = RoutedModel(model, Schedule.dense(n), None, kv_policy=kv_policy)
     dense = dense_reference(base, ids, cont_len, batch_size, progress)
     results = [dense_result(dense, seq_len, cont_len)]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
     models: list[tuple[str, RoutedModel]] = []
     info = {}
     uniform = Schedule.uniform(n, sparsity)
@@ -150,9 +149,8 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
     if "random" in methods:
         models.append(("random (uniform)", RoutedModel(model, uniform, RandomRouter(seed), kv_policy=kv_policy)))
     if "shortgpt" in methods:
-        calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, 4)
-        sg, info = shortgpt_model(model, calib, sparsity, seq_len, cont_len, kv_policy, batch_size)
-        models.append((f"shortgpt (-{len(info['removed'])} blocks)", sg))
+        sg, info, name = shortgpt_for(lm, sparsity, seq_len, cont_len, kv_policy, batch_size, calib_text)
+        models.append((name, sg))
     for name, m in models:
         results.append(evaluate(m, ids, cont_len, dense, name, batch_size, progress))
     task_results: dict[str, list[dict]] = {}

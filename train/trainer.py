@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +32,12 @@ from tqdm.auto import tqdm
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import load_safetensors, read_json, save_safetensors_atomic, write_json_atomic
-from tokenskip.routed import RoutedModel, forced_tokens, routing_scores
-from tokenskip.routers import LearnedRouter, RouteContext, Router, router_features
+from tokenskip.routed import (RoutedModel, block_keep_count, default_positions, forced_tokens, keep_mask,
+                              routing_scores)
+from tokenskip.routers import LearnedRouter, RouteContext, StaticRouter, router_features
 from tokenskip.schedule import Schedule
-from tokenskip import ops
+
+from .common import deterministic
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_JSON = "checkpoint.json"
@@ -103,8 +104,8 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
 
 # -- feature standardisation ---------------------------------------------------------------------------
 
-class _FeatureRecorder(Router):
-    """Routes like the static router (the guide target) while recording the learned router's
+class _FeatureRecorder(StaticRouter):
+    """Routes as the static router (the guide target) while recording the learned router's
     features of the routable tokens, for the feature mean/std."""
 
     needs_attention = True
@@ -118,7 +119,7 @@ class _FeatureRecorder(Router):
         feats = router_features(ctx)  # [B,S,4]
         routable = ctx.valid & ~forced_tokens(ctx.valid, self.n_tail)  # [B,S]
         self.rows.append(feats[routable])  # [n,4]
-        return ctx.positions.to(torch.float32)
+        return super().scores(ctx)
 
 
 @torch.no_grad()
@@ -126,7 +127,7 @@ def standardise_features(router: LearnedRouter, model, schedule: Schedule, calib
                          kv_policy: str, batch_size: int = 4) -> None:
     """Set router.feature_mean/std from one static-routed pass over calibration windows."""
     rec = _FeatureRecorder(cont_len)
-    routed = RoutedModel(model, schedule, rec, kv_policy=kv_policy, score_window=_score_window())
+    routed = RoutedModel(model, schedule, rec, kv_policy=kv_policy)
     for start in range(0, len(calib), batch_size):
         routed(calib[start:start + batch_size], n_tail=cont_len, num_logits=1)
     if not rec.rows:
@@ -138,21 +139,15 @@ def standardise_features(router: LearnedRouter, model, schedule: Schedule, calib
     router.feature_std.copy_(std.float())
 
 
-def _score_window() -> int:
-    from tokenskip.routed import DEFAULT_WINDOW
-
-    return DEFAULT_WINDOW
-
-
 # -- losses ----------------------------------------------------------------------------------------------
 
 def static_keep_mask(schedule: Schedule, layer: int, valid: torch.Tensor, positions: torch.Tensor,
                      forced: torch.Tensor, n_tail: int) -> torch.Tensor:
-    """[B,S] float: the static router's hard keep mask for a block (the guide target)."""
-    sel = routing_scores(positions.to(torch.float32), valid, forced)  # [B,S]
-    k = schedule.keep_count(layer, valid.shape[1] - n_tail) + n_tail
-    index = ops.select_topk(sel, k)  # [B,k]
-    return torch.zeros_like(sel).scatter(1, index, 1.0)
+    """[B,S] float: the static router's hard keep mask for a block (the guide target), selected
+    exactly as the routed model selects."""
+    ctx = RouteContext(layer=layer, sparsity=schedule.sparsity[layer], positions=positions, valid=valid, attn=None)
+    sel = routing_scores(StaticRouter().scores(ctx), valid, forced)  # [B,S]
+    return keep_mask(sel, block_keep_count(schedule, layer, valid.shape[1], n_tail))[1]
 
 
 def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tensor, cont_len: int
@@ -162,13 +157,13 @@ def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tens
     logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [B,c,V]
     distill = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
     valid = torch.ones_like(ids, dtype=torch.bool)
-    positions = (valid.long().cumsum(-1) - 1)
+    positions = default_positions(valid)  # [B,S]
     forced = forced_tokens(valid, cont_len)
     routable = (valid & ~forced).float()  # [B,S]
     denom = routable.sum().clamp(min=1)
     guides, sparse, hard_skip, blocks = [], [], 0.0, 0
-    for li, tr in enumerate(routed_traces(out.traces)):
-        if tr is None:
+    for li, tr in enumerate(out.traces):
+        if tr.logits is None:  # not a routed block
             continue
         prob = torch.sigmoid(tr.logits.float())  # [B,S]
         target = static_keep_mask(routed.schedule, li, valid, positions, forced, cont_len)
@@ -183,11 +178,6 @@ def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tens
     sparsity = torch.stack(sparse).sum() if sparse else zero
     achieved_overall = hard_skip / routed.schedule.num_layers
     return guide, sparsity, distill, achieved_overall
-
-
-def routed_traces(traces):
-    """Per layer: the trace if the block was routed (it carries logits), else None."""
-    return [tr if tr.logits is not None else None for tr in traces]
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -256,8 +246,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         raise UserError("the schedule routes no block (all sparsities are 0): nothing to train")
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
-    torch.manual_seed(settings.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic(settings.seed)
     router = LearnedRouter()
     if init_router is not None:
         router.load_state_dict(init_router.state_dict())
