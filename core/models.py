@@ -126,10 +126,22 @@ def check_supported(config) -> None:
         raise UserError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a frozen causal LM and its tokenizer, from safetensors only."""
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a frozen causal LM and its tokenizer, from safetensors only.
+
+    The weights are loaded once, directly in `dtype` (a torch dtype or fp32/bf16/fp16) onto `device`
+    (cpu/cuda/auto or a torch.device): a 7B model in bf16 never exists as an fp32 copy.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from .precision import resolve_device, resolve_dtype
+
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
+    if not isinstance(device, torch.device):
+        device = resolve_device(str(device))
 
     hf_logging.disable_progress_bar()  # our own bars only; HF's clutter every command's output
     source = resolve_model_source(name)
@@ -141,7 +153,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     check_supported(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa",
+                                                     device_map=None if device.type == "cpu" else str(device))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
