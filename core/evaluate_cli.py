@@ -3,44 +3,56 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 import torch
 
 from .errors import UserError
-from .evaluate import EvalResult, dense_reference, dense_result, evaluate
 from .models import DEFAULT_MODEL
+from .windows import WINDOW_SOURCES
 
-TABLE_COLUMNS = ("method", "sparsity", "flops", "ppl", "ppl_ratio", "kl", "top1")
+def _num(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def format_table(results: list[EvalResult]) -> str:
-    """A Markdown table, one row per method, FLOPs next to quality so rows compare at equal compute."""
-    head = "| method | sparsity | FLOPs vs dense | cont. ppl | ppl ratio | KL to dense | top-1 agree |"
+def _with_ci(v, ci, spec: str) -> str:
+    """'1.094 [1.071, 1.118]': a value with its bootstrap 95% CI when there is one."""
+    if ci is None or v is None:
+        return _num(v, spec)
+    return f"{_num(v, spec)} [{_num(ci[0], spec)}, {_num(ci[1], spec)}]"
+
+
+def quality_markdown(rows: list[dict], title: str | None = None, tasks: bool = False) -> str:
+    """The quality table, one row per method, FLOPs next to quality so rows compare at equal compute;
+    bootstrap 95% CIs in brackets. `tasks` adds the multiple-choice columns."""
+    head = "| method | sparsity | FLOPs vs dense | cont. ppl | ppl ratio [95% CI] | KL to dense [95% CI] | top-1 agree |"
     sep = "|---|---|---|---|---|---|---|"
-    rows = [f"| {r.method} | {r.sparsity:.3f} | {r.flops:.3f} | {r.ppl:.2f} | {r.ppl_ratio:.3f} | {r.kl:.4f} | "
-            f"{r.top1:.3f} |" for r in results]
-    return "\n".join([head, sep, *rows])
+    if tasks:
+        head += " MC acc | MC retention [95% CI] |"
+        sep += "---|---|"
+    lines = [f"**{title}**", ""] if title else []
+    lines += [head, sep]
+    for r in rows:
+        line = (f"| {r['method']} | {_num(r.get('sparsity'), '.3f')} | {_num(r.get('flops'), '.3f')} | "
+                f"{_num(r.get('ppl'), '.2f')} | {_with_ci(r.get('ppl_ratio'), r.get('ppl_ratio_ci'), '.3f')} | "
+                f"{_with_ci(r.get('kl'), r.get('kl_ci'), '.4f')} | {_num(r.get('top1'), '.3f')} |")
+        if tasks:
+            line += (f" {_num(r.get('mc_acc'), '.3f')} | "
+                     f"{_with_ci(r.get('mc_retention'), r.get('mc_retention_ci'), '.3f')} |")
+        lines.append(line)
+    return "\n".join(lines)
 
 
-def format_tasks(tasks: dict) -> str:
-    """Multiple-choice accuracy per task and method, with retention (method acc / dense acc)."""
-    dense = {t["task"]: t["accuracy"] for t in tasks.get("dense", [])}
-    head = "| method | task | accuracy | chance | retention |"
-    rows = [head, "|---|---|---|---|---|"]
-    for method, results in tasks.items():
-        for t in results:
-            ret = t["accuracy"] / dense[t["task"]] if dense.get(t["task"]) else float("nan")
-            rows.append(f"| {method} | {t['task']} | {t['accuracy']:.3f} | {t['chance']:.3f} | {ret:.3f} |")
-    return "\n".join(rows)
-
-
-def load_windows(tokenizer, text_file: str | None, seq_len: int, windows: int, split: str = "eval") -> torch.Tensor:
-    """Token windows [N,L] from a user's text file or the built-in held-out split."""
-    from . import data
-
-    texts = [data.read_text_file(text_file)] if text_file else data.load_split(split)
-    return data.token_windows(tokenizer, texts, seq_len, max_windows=windows)
+def comparison_line(c: dict) -> str:
+    """One sentence for a paired comparison (tokenskip.evaluate.compare), claiming only what the CI
+    supports."""
+    lo, hi = c["kl_diff_ci"]
+    verdict = ("lower KL than" if c["a_better_kl"] else "higher KL than" if c["b_better_kl"]
+               else "not distinguishable (CI spans 0) from")
+    return (f"{c['a']} vs {c['b']}: KL difference {c['kl_diff']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]: "
+            f"{c['a']} has {verdict} {c['b']}; perplexity ratio {c['ppl_ratio']:.3f} "
+            f"[{c['ppl_ratio_ci'][0]:.3f}, {c['ppl_ratio_ci'][1]:.3f}]")
 
 
 def check_lengths(seq_len: int, cont_len: int) -> None:
@@ -74,34 +86,40 @@ def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
 @click.command("eval")
 @model_options(extra_routers=("shortgpt",))
 @click.option("--text", "text_file", type=click.Path(), default=None,
-              help="Plain UTF-8 text file to score instead of the built-in held-out split.")
-@click.option("--seq-len", default=512, show_default=True, help="Window length L.")
+              help="Plain UTF-8 text file to score instead of the built-in held-out text.")
+@click.option("--domain", type=click.Choice(["eval", "news"]), default="eval", show_default=True,
+              help="Built-in held-out text: the Wikipedia eval split, or the news corpus (a second domain).")
+@click.option("--seq-len", default=512, show_default=True, help="Window length L (prompt L-c + continuation c).")
 @click.option("--cont-len", default=64, show_default=True, help="Scored continuation length c.")
-@click.option("--windows", default=16, show_default=True, help="Number of windows.")
+@click.option("--windows", default=64, show_default=True, help="Windows, sampled by --seed across every article.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--tasks", default=None,
               help="Also multiple-choice accuracy on BIG-bench JSON tasks: comma list, or `default`.")
-@click.option("--task-examples", default=50, show_default=True, help="Examples per task (seeded sample).")
+@click.option("--task-examples", default=100, show_default=True, help="Examples per task (seeded sample).")
 @click.option("--out", "out_file", type=click.Path(), default=None,
               help="Write the results JSON here (for `tokenskip report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, text_file, seq_len, cont_len, windows,
-             batch_size, tasks, task_examples, out_file, as_json):
-    """Score a routed model on the continuation after a routed prompt.
+def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, text_file, domain, seq_len, cont_len,
+             windows, batch_size, tasks, task_examples, out_file, as_json):
+    """Score a routed model as deployment runs it: routed prefill of each window's prompt, then
+    teacher-forced decode of its continuation through the KV cache; only the continuation is scored.
 
-    Reports continuation perplexity, mean KL to dense, top-1 agreement with dense and analytic
-    FLOPs relative to dense, for dense and the chosen router.
+    Reports continuation perplexity, mean KL to dense and top-1 agreement with dense, each with a
+    paired bootstrap 95% CI over windows, and analytic prefill FLOPs relative to dense.
 
     \b
     Examples:
       tokenskip eval --router static --sparsity 0.3
       tokenskip eval --router random --sparsity 0.3 --seed 1 --json
+      tokenskip eval --routers out/fit/routers --domain news
       tokenskip eval --routers out/fit/routers --text my_corpus.txt
       tokenskip eval --router shortgpt --sparsity 0.3 --out res/shortgpt.json
       tokenskip eval --routers out/fit/routers --tasks default
     """
     from .config import build_routed
+    from .evaluate import evaluate_methods
     from .models import load_model
+    from .windows import load_windows
 
     if sparsity is not None:
         from .schedule import check_sparsity
@@ -133,27 +151,38 @@ def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, te
         routed, cfg = build_routed(lm.model, router=router, sparsity=sparsity, schedule=schedule,
                                    routers_dir=routers_dir, kv_policy=kv_policy, seed=seed, model_name=model)
         method = None if cfg.router == "dense" else f"{cfg.router} ({cfg.kv_policy})"
-    ids = load_windows(lm.tokenizer, text_file, seq_len, windows)
+    ids = load_windows(lm.tokenizer, domain, seq_len, windows, seed, text_file)
     progress = not as_json
-    dense = dense_reference(routed, ids, cont_len, batch_size, progress)
-    results = [dense_result(dense, seq_len, cont_len)]
-    if method is not None:
-        results.append(evaluate(routed, ids, cont_len, dense, method, batch_size, progress))
-    obj = {"model": model, "results": [r.to_json() for r in results]}
+    methods = [(method, routed)] if method is not None else []
+    results = evaluate_methods(methods, ids, cont_len, batch_size, progress, seed,
+                               dense_model=None if methods else routed)
+    source = text_file or f"built-in {domain}"
+    obj = {"model": model, "text": source, "seed": seed, "results": [r.to_json() for r in results]}
     if extra:
         obj["shortgpt"] = extra
     if task_names:
-        obj["tasks"] = {"dense": [r.to_json() for r in mc.run_tasks(routed, lm.tokenizer, loaded, False, progress)]}
+        from tokenskip.routed import RoutedModel
+
+        dense_model = RoutedModel(routed.model, routed.schedule, None, kv_policy=routed.kv_policy)
+        obj["tasks"] = {"dense": [r.to_json() for r in mc.run_tasks(dense_model, lm.tokenizer, loaded, progress)]}
         if method is not None:
-            obj["tasks"][method] = [r.to_json() for r in mc.run_tasks(routed, lm.tokenizer, loaded, True, progress)]
+            obj["tasks"][method] = [r.to_json() for r in mc.run_tasks(routed, lm.tokenizer, loaded, progress)]
     if out_file:
         from .fileio import write_json_atomic
 
         write_json_atomic(out_file, obj)
     if as_json:
         click.echo(json.dumps(obj, indent=2))
-    else:
-        click.echo(f"model {model}, {ids.shape[0]} windows of {seq_len} tokens, last {cont_len} scored")
-        click.echo(format_table(results))
-        if task_names:
-            click.echo(format_tasks(obj["tasks"]))
+        return
+    click.echo(f"model {model}, {ids.shape[0]} windows of {seq_len} tokens ({source}, seed {seed}), "
+               f"last {cont_len} scored after a routed prefill")
+    rows = [r.to_json() for r in results]
+    if task_names:
+        from tokenskip.train.tasks import attach_retention
+
+        attach_retention(rows, obj["tasks"], seed)
+    click.echo(quality_markdown(rows, tasks=bool(task_names)))
+    if task_names:
+        from tokenskip.train.tasks import format_tasks
+
+        click.echo(format_tasks(obj["tasks"]))

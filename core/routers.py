@@ -30,7 +30,7 @@ class RouteContext:
     layer: int
     sparsity: float  # the block's target sparsity s_l
     positions: Tensor  # [B,S] int64 original position ids
-    valid: Tensor  # [B,S] bool, False on padding
+    valid: Tensor  # [B,S] bool: the routed part (False on padding and on a scored tail)
     attn: Tensor | None  # [B,S] float32 latest attention score each token received (learned router)
 
 
@@ -49,7 +49,11 @@ class StaticRouter(Router):
 
 
 class RandomRouter(Router):
-    """Uniform noise, reproducible per (seed, block, call) on CPU."""
+    """Uniform noise per (seed, block, position), reproducible on CPU.
+
+    The noise is indexed by a token's position, not by its place in the batch, so a prompt is
+    routed the same alone or in a batch, and prefill of a prefix routes it as a longer one-pass
+    window would (the causality rule, docs/design.md)."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -57,8 +61,8 @@ class RandomRouter(Router):
 
     def scores(self, ctx: RouteContext) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + ctx.layer)
-        noise = torch.rand(ctx.positions.shape, generator=gen, dtype=torch.float32)  # [B,S]
-        return noise.to(ctx.positions.device)
+        table = torch.rand(int(ctx.positions.max()) + 1, generator=gen, dtype=torch.float32)  # [P]
+        return table[ctx.positions.cpu()].to(ctx.positions.device)  # [B,S]
 
 
 def normalized_rank(values: Tensor, valid: Tensor) -> Tensor:

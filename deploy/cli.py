@@ -328,7 +328,9 @@ def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, 
     lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device)
     if routed.router is None:
         raise UserError("decode-eval compares a routed model with dense: give --sparsity/--schedule or --routers")
-    ids = load_eval_windows(lm.tokenizer, text_file, prompt_len + new_tokens, windows)
+    from tokenskip.windows import load_windows
+
+    ids = load_windows(lm.tokenizer, "eval", prompt_len + new_tokens, windows, seed, text_file)
     res = decode_quality(routed, ids, prompt_len, new_tokens, batch_size, progress=not as_json)
     res.update(model=model, router=cfg.router)
     if as_json:
@@ -343,24 +345,3 @@ def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, 
         click.echo(f"| {cfg.router} ({cfg.kv_policy}) prefill + decode | {res['sparsity']:.3f} | "
                    f"{res['prefill_flops']:.3f} | {res['routed_ppl']:.2f} | {res['ppl_ratio']:.3f} | {res['kl']:.4f} | "
                    f"{res['top1']:.3f} | {res['greedy_agree']:.3f} | {res['greedy_prefix']:.1f} |")
-
-
-def load_eval_windows(tokenizer, text_file, seq_len: int, windows: int) -> torch.Tensor:
-    """[N, seq_len] token windows from --text or the built-in held-out split."""
-    if text_file is not None:
-        path = Path(text_file)
-        if not path.is_file():
-            raise UserError(f"--text {text_file}: no such file")
-        ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.int64)
-        n = min(windows, ids.numel() // seq_len)
-        ids = ids[:n * seq_len].view(n, seq_len)  # [N,L] consecutive, non-overlapping windows
-    else:
-        try:
-            from tokenskip.evaluate_cli import load_windows
-
-            ids = load_windows(tokenizer, None, seq_len, windows)
-        except ImportError:
-            raise UserError("the built-in text split is not available in this install: pass --text FILE") from None
-    if ids.shape[0] == 0:
-        raise UserError(f"the text has fewer than {seq_len} tokens: give a longer --text or lower --prompt-len")
-    return ids

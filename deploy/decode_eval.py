@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenskip.flops import flops_ratio
+from tokenskip.freerun import greedy_tokens, prefix_len
 from tokenskip.routed import RoutedModel
 
 
@@ -36,7 +37,8 @@ def as_dense(routed: RoutedModel):
 
 @torch.no_grad()
 def teacher_forced_logprobs(routed: RoutedModel, prompt: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
-    """prompt [B,p], cont [B,n] -> log-probs [B,n,V]: row i predicts cont[:, i] (prefill, then decode)."""
+    """prompt [B,p], cont [B,n] -> log-probs [B,n,V]: row i predicts cont[:, i] (prefill, then one
+    decode step per token, exactly generation's calls; tokenskip.evaluate does it in one decode call)."""
     bsz, p = prompt.shape
     logits, cache = routed.prefill(prompt, torch.ones_like(prompt))  # [B,V]
     steps = [logits.float()]
@@ -45,25 +47,6 @@ def teacher_forced_logprobs(routed: RoutedModel, prompt: torch.Tensor, cont: tor
         logits, cache = routed.decode_step(cont[:, i:i + 1], position, cache)
         steps.append(logits.float())
     return F.log_softmax(torch.stack(steps, 1), dim=-1)  # [B,n,V]
-
-
-@torch.no_grad()
-def greedy_tokens(routed: RoutedModel, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """prompt [B,p] -> greedy continuation [B,n]."""
-    bsz, p = prompt.shape
-    logits, cache = routed.prefill(prompt, torch.ones_like(prompt))
-    out = [logits.argmax(-1)]  # [B]
-    for i in range(n - 1):
-        position = torch.full((bsz, 1), p + i, dtype=torch.int64, device=prompt.device)
-        logits, cache = routed.decode_step(out[-1].view(bsz, 1), position, cache)
-        out.append(logits.argmax(-1))
-    return torch.stack(out, 1)  # [B,n]
-
-
-def _prefix_len(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B,n] x [B,n] -> [B] length of the identical prefix."""
-    same = (a == b).long()
-    return same.cumprod(-1).sum(-1)
 
 
 @torch.no_grad()
@@ -94,7 +77,7 @@ def decode_quality(routed: RoutedModel, windows: torch.Tensor, prompt_len: int, 
         kls.append((lp_d.exp() * (lp_d - lp_r)).sum(-1))  # [B,n] KL(dense || routed)
         top1.append((lp_d.argmax(-1) == lp_r.argmax(-1)).float())
         agree.append((g_r == g_d).float())
-        prefix.append(_prefix_len(g_r, g_d).float())
+        prefix.append(prefix_len(g_r, g_d).float())
     routed_nll, dense_nll = torch.cat(nll_r).mean().item(), torch.cat(nll_d).mean().item()
     router = routed.router
     sched = routed.schedule if router is not None else None

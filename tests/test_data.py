@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from tokenskip import data
+from tokenskip import data, windows
 from tokenskip.errors import UserError
 
 pytest.importorskip("mwparserfromhell")
@@ -37,12 +37,13 @@ def built(tmp_path_factory):
         mp.undo()
 
 
-def test_splits_non_empty_and_roughly_70_15_15(built):
+def test_splits_non_empty_and_roughly_60_15_25(built):
     _, splits = built
     sizes = {s: len(titles) for s, (titles, _) in splits.items()}
     assert all(n > 0 for n in sizes.values()), sizes
     assert sum(sizes.values()) >= 60, sizes
-    assert sizes["train"] > sizes["calib"] and sizes["train"] > sizes["eval"], sizes
+    assert sizes["train"] > sizes["eval"] > sizes["calib"], sizes
+    assert sizes["eval"] >= 20, sizes  # enough articles that windows can span many topics
     for titles, texts in splits.values():
         assert len(titles) == len(texts)
         assert all(len(t) >= data.MIN_ARTICLE_CHARS for t in texts)
@@ -188,7 +189,7 @@ def _ids(text):
 def test_windows_start_with_bos_and_follow_the_stream():
     tok = FakeTokenizer()
     texts = ["abcdefghij", "klmnopq"]  # 10 + EOS + 7 = 18 text tokens
-    w = data.token_windows(tok, texts, window=5)
+    w = windows.token_windows(tok, texts, window=5)
     stream = _ids(texts[0]) + [2] + _ids(texts[1])
     assert w.dtype == torch.long and w.shape == (4, 5)  # 18 // 4 = 4 windows, tail of 2 dropped
     assert (w[:, 0] == 1).all()
@@ -199,7 +200,7 @@ def test_windows_start_with_bos_and_follow_the_stream():
 def test_windows_without_distinct_bos():
     stream = _ids("abcdefghij") + [2] + _ids("klmnopq")
     for tok in (FakeTokenizer(bos_token_id=None), FakeTokenizer(bos_token_id=2, eos_token_id=2)):
-        w = data.token_windows(tok, ["abcdefghij", "klmnopq"], window=6)
+        w = windows.token_windows(tok, ["abcdefghij", "klmnopq"], window=6)
         assert w.shape == (3, 6)
         assert w.reshape(-1).tolist() == stream[:18]
 
@@ -207,11 +208,11 @@ def test_windows_without_distinct_bos():
 def test_windows_max_windows_stride_and_determinism():
     tok = FakeTokenizer()
     texts = ["the quick brown fox jumps over the lazy dog"] * 5
-    full = data.token_windows(tok, texts, window=16)
-    first = data.token_windows(tok, texts, window=16, max_windows=3)
+    full = windows.token_windows(tok, texts, window=16)
+    first = windows.token_windows(tok, texts, window=16, max_windows=3)
     assert torch.equal(first, full[:3])
-    assert torch.equal(full, data.token_windows(tok, texts, window=16))
-    over = data.token_windows(tok, texts, window=16, stride=8)  # half-overlapping windows
+    assert torch.equal(full, windows.token_windows(tok, texts, window=16))
+    over = windows.token_windows(tok, texts, window=16, stride=8)  # half-overlapping windows
     assert over.shape[0] > full.shape[0]
     assert over[1, 1:9].tolist() == over[0, 8:16].tolist()  # BOS + 15 text tokens, step 7
     assert torch.equal(over[0], full[0])
@@ -219,6 +220,54 @@ def test_windows_max_windows_stride_and_determinism():
 
 def test_windows_too_little_text():
     with pytest.raises(UserError, match=r"text has 3 tokens, need at least 7 for one window of 8.*--seq-len"):
-        data.token_windows(FakeTokenizer(), ["abc"], window=8)
+        windows.token_windows(FakeTokenizer(), ["abc"], window=8)
     with pytest.raises(UserError):
-        data.token_windows(FakeTokenizer(), ["abcdef"], window=1)
+        windows.token_windows(FakeTokenizer(), ["abcdef"], window=1)
+
+
+# --- sampled windows (evaluation, calibration, training) ---------------------------------------
+
+def _articles(n=6, words=40):
+    return [" ".join(f"{chr(97 + i)}{j}" for j in range(words)) for i in range(n)]
+
+
+def test_sample_windows_cover_every_article_without_overlap():
+    tok = FakeTokenizer()
+    texts = _articles()
+    ids, owner = windows.sample_windows(tok, texts, 17, 12, seed=0)
+    assert ids.shape == (12, 17) and (ids[:, 0] == 1).all()
+    assert set(owner) == set(range(len(texts)))  # round-robin: every article before any repeats
+    assert sorted(owner[:6]) == list(range(6))
+    stream = []
+    for i, t in enumerate(texts):
+        stream += ([2] if i else []) + _ids(t)
+    spans = []
+    for row in ids[:, 1:].tolist():  # locate each window in the stream: disjoint, contiguous
+        start = next(s for s in range(len(stream)) if stream[s:s + 16] == row)
+        spans.append((start, start + 16))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_sample_windows_seeded():
+    tok, texts = FakeTokenizer(), _articles()
+    a, _ = windows.sample_windows(tok, texts, 17, 8, seed=0)
+    assert torch.equal(a, windows.sample_windows(tok, texts, 17, 8, seed=0)[0])
+    assert not torch.equal(a, windows.sample_windows(tok, texts, 17, 8, seed=1)[0])
+
+
+def test_sample_windows_short_texts_are_packed_and_count_is_capped():
+    tok = FakeTokenizer()
+    texts = ["ab cd"] * 40  # 5 tokens each: several texts per window
+    ids, owner = windows.sample_windows(tok, texts, 17, 1000, seed=0)
+    assert 0 < ids.shape[0] <= (40 * 6 - 1) // 16 and len(set(owner)) == ids.shape[0]
+    with pytest.raises(UserError, match="need at least"):
+        windows.sample_windows(tok, ["abc"], 17, 2)
+
+
+def test_news_domain_is_separate_held_out_text(built):
+    _, splits = built
+    news = data.load_news()
+    assert len(news) >= 300 and all(d.strip() == d and d for d in news)
+    wiki = set(t for _, texts in splits.values() for t in texts)
+    assert not wiki & set(news)

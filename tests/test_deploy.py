@@ -306,7 +306,7 @@ def test_trt_engine_generation():
 def test_decode_quality_matches_one_pass_evaluation(tiny):
     """Teacher forcing through decode_step == the evaluation's one-pass continuation scoring."""
     from tokenskip.deploy.decode_eval import decode_quality, teacher_forced_logprobs
-    from tokenskip.evaluate import _continuation_logprobs
+    from tokenskip.evaluate import continuation_logprobs
 
     model, _ = tiny
     routed, _ = build_routed(model, router="static", sparsity=0.4)
@@ -314,7 +314,7 @@ def test_decode_quality_matches_one_pass_evaluation(tiny):
     c = 8
     lp = teacher_forced_logprobs(routed, windows[:, :-c], windows[:, -c:])
     with torch.no_grad():
-        ref = _continuation_logprobs(routed, windows, c, route=True)
+        ref = continuation_logprobs(routed, windows, c)
     torch.testing.assert_close(lp, ref, rtol=0, atol=2e-4)
     res = decode_quality(routed, windows, 32, c, batch_size=2)
     assert res["windows"] == 3 and res["dense_ppl"] > 1 and res["routed_ppl"] > 1
@@ -430,10 +430,10 @@ def test_bench_ort_on_given_exports(tiny_export):
 def test_smollm2_decode_quality_at_0_3(smollm2):
     """Decode with prefill routing stays within 10% of dense prefill + dense decode (static router, 0.3)."""
     from tokenskip.deploy.decode_eval import decode_quality
-    from tokenskip.evaluate_cli import load_windows
+    from tokenskip.windows import load_windows
 
     torch.set_num_threads(2)
-    ids = load_windows(smollm2.tokenizer, None, 512, 4)
+    ids = load_windows(smollm2.tokenizer, "eval", 512, 4)
     routed, _ = build_routed(smollm2.model, router="static", sparsity=0.3)
     res = decode_quality(routed, ids, 448, 64, batch_size=2)
     assert res["ppl_ratio"] < 1.10, res

@@ -67,34 +67,6 @@ def text_file(tmp_path_factory):
     return p
 
 
-@pytest.fixture(autouse=True)
-def _data_module(monkeypatch):
-    """tokenskip.data may not exist yet in a partial checkout: give the text-file path a stand-in."""
-    try:
-        import tokenskip.data  # noqa: F401
-        return
-    except ImportError:
-        pass
-    mod = types.ModuleType("tokenskip.data")
-    mod.read_text_file = lambda p: Path(p).read_text(encoding="utf-8")
-
-    def token_windows(tokenizer, texts, window, max_windows=None):
-        ids = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-        n = len(ids) // window
-        if max_windows is not None:
-            n = min(n, max_windows)
-        return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
-
-    def load_split(name):
-        raise RuntimeError("no built-in data in this checkout")
-
-    mod.token_windows, mod.load_split = token_windows, load_split
-    monkeypatch.setitem(sys.modules, "tokenskip.data", mod)
-    import tokenskip
-
-    monkeypatch.setattr(tokenskip, "data", mod, raising=False)
-
-
 def _run(cmd, args):
     from tokenskip.cli import main
 
@@ -148,9 +120,10 @@ def test_genetic_search_improves_and_is_deterministic():
     a = genetic_search(8, fitness, st, progress=False)
     b = genetic_search(8, fitness, st, progress=False)
     assert a.schedule.sparsity == b.schedule.sparsity and a.history == b.history
-    assert a.history[-1]["best"] > a.uniform_fitness  # better than the uniform seed
-    assert all(x["best"] <= y["best"] for x, y in zip(a.history, a.history[1:]))  # elitism
     assert abs(sum(a.schedule.sparsity) / 8 - want.mean()) < 1e-9
+    # it finds the optimum's shape, not just something better than its seed: a broken crossover,
+    # mutation or selection leaves it near the uniform schedule (max error 0.3 there)
+    assert np.abs(np.array(a.schedule.sparsity) - want).max() < 0.08, a.schedule.sparsity
 
 
 # -- search / train CLI on the tiny model --------------------------------------------------------------------
@@ -285,7 +258,7 @@ def test_guide_target_is_the_static_routers_mask(tiny_llama):
 
 
 def test_router_losses_have_gradients(tiny_llama):
-    from tokenskip.evaluate import _continuation_logprobs
+    from tokenskip.evaluate import continuation_logprobs
     from tokenskip.routed import RoutedModel
     from tokenskip.routers import LearnedRouter
     from tokenskip.schedule import Schedule
@@ -297,13 +270,41 @@ def test_router_losses_have_gradients(tiny_llama):
     sched = Schedule((0.0, 0.5, 0.5, 0.0))
     routed = RoutedModel(model, sched, router)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-    dense = _continuation_logprobs(routed, ids, 8, route=False)
+    dense = continuation_logprobs(RoutedModel(model, sched, None), ids, 8)
     guide, sparse, distill, achieved = router_losses(routed, ids, dense, 8)
     (guide + sparse + distill).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in router.parameters())
     assert router.mlp[0].weight.grad.abs().sum() > 0
     assert achieved == pytest.approx(0.5 * 2 / 4, abs=0.05)  # two blocks at 0.5 out of four
     assert float(distill.detach()) > 0
+
+
+def test_ste_carries_gradient_through_distillation_alone(tiny_llama):
+    """Guide weight 0 and no sparsity term: the router still learns, through the straight-through
+    gate, from the KL to dense alone; without the STE the hard top-k would give it no gradient."""
+    from tokenskip.evaluate import continuation_logprobs
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import LearnedRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.trainer import router_losses
+
+    model, _ = tiny_llama
+    torch.manual_seed(0)
+    router = LearnedRouter()
+    sched = Schedule((0.0, 0.5, 0.5, 0.0))
+    routed = RoutedModel(model, sched, router)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    dense = continuation_logprobs(RoutedModel(model, sched, None), ids, 8)
+    _, _, distill, _ = router_losses(routed, ids, dense, 8)
+    distill.backward()
+    grads = [p.grad for p in router.mlp.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    # and the gradient comes from the STE: the same loss with hard gates only reaches no parameter
+    router.zero_grad(set_to_none=True)
+    out = routed(ids, n_tail=8, mode="mask", trace=True, ste=False, num_logits=9)
+    logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+    hard = (dense.exp() * (dense - logp)).sum(-1).mean()
+    assert not hard.requires_grad or all(p.grad is None for p in router.mlp.parameters())
 
 
 # -- fit, baselines, report -------------------------------------------------------------------------------------
@@ -339,12 +340,7 @@ def test_shortgpt_removal_matches_flops(tiny_llama):
     assert len(r) == best and abs(flops_ratio(model.config, None, 32, removed=r) - t) <= 0.125 + 1e-9
 
 
-def test_eval_shortgpt_out_and_report(tiny_dir, text_file, tmp_path, monkeypatch):
-    import tokenskip.evaluate_cli as ec
-
-    real = ec.load_windows
-    monkeypatch.setattr(ec, "load_windows", lambda tok, text, L, n, split="eval": real(tok, text or str(text_file),
-                                                                                        L, n, split))
+def test_eval_shortgpt_out_and_report(tiny_dir, text_file, tmp_path):
     common = ["--model", tiny_dir, "--text", text_file, "--seq-len", 32, "--cont-len", 8, "--windows", 2]
     r = _run("eval", [*common, "--router", "shortgpt", "--sparsity", 0.3, "--out", tmp_path / "sg.json"])
     assert r.exit_code == 0, r.output
@@ -392,14 +388,46 @@ def test_mc_scoring_on_cached_task(tiny_llama, tmp_path, monkeypatch):
     tok = _byte_tokenizer()
     dense = RoutedModel(model, Schedule.dense(4), None)
     zero = RoutedModel(model, Schedule.dense(4), StaticRouter())
-    a = T.run_tasks(dense, tok, loaded, route=False, progress=False)[0]
-    b = T.run_tasks(zero, tok, loaded, route=True, progress=False)[0]
+    a = T.run_tasks(dense, tok, loaded, progress=False)[0]
+    b = T.run_tasks(zero, tok, loaded, progress=False)[0]
     assert a.accuracy == b.accuracy and a.chance == pytest.approx(1 / 3)
+    assert len(a.correct) == 4 and a.accuracy_ci[0] <= a.accuracy <= a.accuracy_ci[1]
     ex = loaded["toy"][0]
-    s1 = T.choice_logprobs(dense, tok, ex, route=False)
+    s1 = T.choice_logprobs(dense, tok, ex)
     routed = RoutedModel(model, Schedule((0.0, 0.6, 0.6, 0.0)), StaticRouter())
-    s2 = T.choice_logprobs(routed, tok, ex, route=True)
+    s2 = T.choice_logprobs(routed, tok, ex)
     assert len(s1) == 3 and all(v < 0 for v in s1 + s2) and s1 != s2
+
+
+def test_mc_choices_never_change_the_prompts_routing(tiny_llama):
+    """The shared prompt is routed once by prefill and each choice is decoded through its cache, so a
+    choice scores exactly prefill + token-by-token decode (a learned router whose routing of the
+    prompt read the choice would move the scores)."""
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import LearnedRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train import tasks as T
+
+    model, _ = tiny_llama
+    tok = _byte_tokenizer()
+    torch.manual_seed(5)
+    router = LearnedRouter()
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_()
+    routed = RoutedModel(model, Schedule((0.0, 0.6, 0.6, 0.0)), router, score_window=4)
+    ex = T.MCExample(prompt="Q: which letter comes after b?\nA:", choices=["c", "x", "q"], correct=[True, False, False])
+    scores = T.choice_logprobs(routed, tok, ex)
+    p_ids = tok(ex.prompt, add_special_tokens=True)["input_ids"]
+    for c, s in zip(ex.choices, scores):
+        c_ids = tok(" " + c, add_special_tokens=False)["input_ids"]
+        want = 0.0
+        with torch.no_grad():
+            logits, cache = routed.prefill(torch.tensor([p_ids]))
+            for i, t in enumerate(c_ids):
+                want += float(torch.log_softmax(logits[0].float(), -1)[t])
+                logits, cache = routed.decode_step(torch.tensor([[t]]), torch.tensor([[len(p_ids) + i]]), cache)
+        assert s == pytest.approx(want, abs=1e-4)
 
 
 def test_tasks_option_errors(tmp_path, monkeypatch):

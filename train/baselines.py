@@ -52,8 +52,9 @@ def removal_for_flops(config, influence: list[float], target_ratio: float, seq: 
 
 
 def target_flops(config, sparsity: float, seq: int, cont_len: int, kv_policy: str = "skip") -> float:
-    """FLOPs ratio of the token router at `sparsity` (uniform schedule) on windows of seq / cont_len."""
-    return flops_ratio(config, Schedule.uniform(config.num_hidden_layers, sparsity), seq, cont_len, kv_policy)
+    """Prefill FLOPs ratio of the token router at `sparsity` (uniform schedule) on the prompts
+    (seq - cont_len tokens) of evaluation windows: what routing saves, as in the quality table."""
+    return flops_ratio(config, Schedule.uniform(config.num_hidden_layers, sparsity), seq - cont_len, 0, kv_policy)
 
 
 def shortgpt_model(model, calib: torch.Tensor, sparsity: float, seq: int, cont_len: int, kv_policy: str = "skip",
@@ -61,11 +62,11 @@ def shortgpt_model(model, calib: torch.Tensor, sparsity: float, seq: int, cont_l
     """A RoutedModel with the least influential blocks removed, FLOPs matched to `sparsity`."""
     bi = block_influence(model, calib, batch_size)
     target = target_flops(model.config, sparsity, seq, cont_len, kv_policy)
-    removed = removal_for_flops(model.config, bi, target, seq)
+    removed = removal_for_flops(model.config, bi, target, seq - cont_len)
     n = model.config.num_hidden_layers
     routed = RoutedModel(model, Schedule.dense(n), None, kv_policy=kv_policy, removed_layers=removed)
     info = {"block_influence": [round(b, 6) for b in bi], "removed": sorted(removed), "target_flops": target,
-            "flops": flops_ratio(model.config, None, seq, removed=removed)}
+            "flops": flops_ratio(model.config, None, seq - cont_len, removed=removed)}
     return routed, info
 
 
@@ -75,6 +76,6 @@ def shortgpt_for(lm, sparsity: float, seq: int, cont_len: int, kv_policy: str = 
     of length `seq`: (routed model, info, method name). `tokenskip eval` and the quality table share it."""
     from .common import windows
 
-    calib = windows(lm.tokenizer, "calib", calib_text, seq, CALIB_WINDOWS)
+    calib = windows(lm.tokenizer, "calib", calib_text, seq, CALIB_WINDOWS, seed=0)
     routed, info = shortgpt_model(lm.model, calib, sparsity, seq, cont_len, kv_policy, batch_size)
     return routed, info, f"shortgpt (-{len(info['removed'])} blocks)"

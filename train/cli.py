@@ -93,7 +93,7 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
         check_matches_model(cfg, lm.model, f"--routers {routers_dir}")
         if cfg.router != "learned":
             raise UserError(f"--routers {routers_dir}: holds a {cfg.router} router, not a learned one")
-    calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, windows)
+    calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, windows, seed)
     res = search_schedule(lm.model, module, calib, cont_len, settings, kv_policy, seeds=seeds, router_name=router,
                           batch_size=batch_size, progress=not as_json,
                           extra_meta={"model": model, **({"routers": str(routers_dir)} if routers_dir else {})})
@@ -168,8 +168,8 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
         check_matches_model(cfg, lm.model, f"--init {init_routers}")
         if cfg.router != "learned":
             raise UserError(f"--init {init_routers}: holds a {cfg.router} router, not a learned one")
-    calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, settings.calib_windows)
-    ids = split_windows(lm.tokenizer, "train", train_text, seq_len, windows)
+    calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, settings.calib_windows, seed)
+    ids = split_windows(lm.tokenizer, "train", train_text, seq_len, windows, seed)
     try:
         train_router(lm.model, sched, ids, calib, settings, out, model_name=model, resume=resume, init_router=init)
     except KeyboardInterrupt:
@@ -218,33 +218,46 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 @click.option("--model", default=None, help="Model for `fit` folders (default: the one they were fitted on).")
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--cont-len", default=64, show_default=True)
-@click.option("--windows", default=16, show_default=True)
+@click.option("--windows", default=64, show_default=True,
+              help="Held-out windows per domain, sampled by --seed across every article (64 x 64 = 4096 scored tokens).")
+@click.option("--domains", default="eval,news", show_default=True,
+              help="Held-out text: eval (Wikipedia eval split) and/or news (the Lee news corpus, a second domain).")
+@click.option("--free-run", default=0, show_default=True,
+              help="Also generate greedily from this many held-out prompts: agreement with dense and repetition.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--tasks", default=None, help="Multiple-choice tasks for fit folders (comma list or `default`).")
-@click.option("--task-examples", default=50, show_default=True)
-@click.option("--text", "eval_text", type=click.Path(), default=None, help="Text file instead of the eval split.")
+@click.option("--task-examples", default=100, show_default=True)
+@click.option("--text", "eval_text", type=click.Path(), default=None, help="Text file instead of the built-in domains.")
 @click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (ShortGPT block influence).")
 @_seed
-def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_size, tasks, task_examples, eval_text,
-           calib_text, seed):
+def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains, free_run, batch_size, tasks,
+           task_examples, eval_text, calib_text, seed):
     """Markdown table comparing methods at equal FLOPs.
 
     PATHS are result files written by `tokenskip eval --out FILE` (or folders of them), or folders
     written by `tokenskip fit`: those are evaluated here against every baseline (dense, learned,
-    static searched/uniform, random, ShortGPT at matched FLOPs) on the held-out split.
+    static searched/uniform, random, ShortGPT at matched FLOPs) on held-out text, as deployment
+    computes it (routed prefill, then decode through the KV cache), with paired bootstrap 95% CIs
+    and the paired comparisons (learned vs static, ...) that the CIs support.
 
     \b
     Examples:
       tokenskip eval --routers out/fit/routers --out res/learned.json
       tokenskip eval --router shortgpt --sparsity 0.3 --out res/shortgpt.json
       tokenskip report res/learned.json res/shortgpt.json
-      tokenskip report out/fit --tasks default
+      tokenskip report out/fit --tasks default --free-run 32
+      tokenskip report out/fit --domains news --windows 128
     """
     from tokenskip.fileio import read_json, write_json_atomic
 
-    from .report import collect, markdown, quality_table
+    from .report import DOMAINS, collect, markdown, quality_table
 
-    tables, all_rows = [], []
+    domain_list = tuple(d.strip() for d in domains.split(",") if d.strip())
+    if not domain_list or set(domain_list) - set(DOMAINS):
+        raise UserError(f"--domains {domains}: choose from {', '.join(DOMAINS)}")
+    if windows < 1 or free_run < 0:
+        raise UserError("--windows must be >= 1 and --free-run >= 0")
+    tables, all_rows, reports = [], [], []
     result_paths = []
     for p in paths:
         path = Path(p)
@@ -258,11 +271,12 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_si
             obj = quality_table(model or meta["model"], float(meta["sparsity"]), path, seq_len=seq_len,
                                 cont_len=cont_len, windows=windows, batch_size=batch_size, seed=seed,
                                 kv_policy=meta.get("kv_policy", "skip"), tasks=task_list, task_examples=task_examples,
-                                eval_text=eval_text, calib_text=calib_text, progress=not as_json)
-            write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json",
-                              {k: v for k, v in obj.items() if k not in ("rows", "markdown")})
+                                eval_text=eval_text, calib_text=calib_text, progress=not as_json,
+                                domains=domain_list, free_run=free_run)
+            write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json", obj)
             tables.append(obj["markdown"])
             all_rows.extend({"source": str(path), **r} for r in obj["rows"])
+            reports.append(obj)
         else:
             result_paths.append(p)
     if result_paths:
@@ -270,8 +284,8 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_si
         tables.append(markdown(rows))
         all_rows.extend(rows)
     if out_file:
-        write_json_atomic(out_file, {"rows": all_rows})
+        write_json_atomic(out_file, {"rows": all_rows, "sweep": reports})
     if as_json:
-        click.echo(json.dumps({"rows": all_rows}, indent=2))
+        click.echo(json.dumps({"rows": all_rows, "sweep": reports}, indent=2))
     else:
         click.echo("\n\n".join(tables))

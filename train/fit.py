@@ -67,8 +67,8 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
     t0 = time.time()
     lm = lm or load_model(model_name)
     model = lm.model
-    calib = windows(lm.tokenizer, "calib", calib_text, b.seq_len, b.calib_windows)
-    train_ids = windows(lm.tokenizer, "train", train_text, b.seq_len, b.train_windows)
+    calib = windows(lm.tokenizer, "calib", calib_text, b.seq_len, b.calib_windows, seed)
+    train_ids = windows(lm.tokenizer, "train", train_text, b.seq_len, b.train_windows, seed)
     times = {}
 
     # 1. search with the static router

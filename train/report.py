@@ -1,10 +1,12 @@
-"""The quality table: every method at one sparsity, same data and seed, rows at (near) equal FLOPs.
+"""The quality table: every method at one sparsity, same windows and seed, rows at (near) equal FLOPs.
 
 Methods (benchmarks.md): dense, FTP learned router (searched schedule), static router (searched
 schedule), static router (uniform schedule), random router (uniform schedule), ShortGPT layer
-removal at matched FLOPs. Columns: achieved sparsity, analytic FLOPs vs dense, continuation
-perplexity and its ratio to dense, KL(dense || method), top-1 agreement, and, with tasks, mean
-multiple-choice accuracy and its retention (mean over tasks of method acc / dense acc).
+removal at matched FLOPs. Every number is measured as deployment computes it (tokenskip.evaluate:
+routed prefill, then teacher-forced decode through the KV cache) with paired bootstrap 95% CIs over
+windows, on held-out Wikipedia windows sampled across every article and on a second held-out domain
+(news). Paired comparisons (learned vs static, ...) say which differences the CIs support. Free-running
+greedy text (agreement with dense, repetition) and multiple-choice retention are optional.
 """
 
 from __future__ import annotations
@@ -16,55 +18,34 @@ from pathlib import Path
 import torch
 
 from tokenskip.errors import UserError
+from tokenskip.evaluate_cli import comparison_line, quality_markdown
 
 METHODS = ("learned", "static-searched", "static-uniform", "random", "shortgpt")
-COLUMNS = ("method", "sparsity", "flops", "ppl", "ppl_ratio", "kl", "top1", "mc_acc", "mc_retention")
-
-
-def _fmt(v, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
+COLUMNS = ("method", "sparsity", "flops", "ppl", "ppl_ratio", "ppl_ratio_ci", "kl", "kl_ci", "top1", "top1_ci",
+           "mc_acc", "mc_retention", "mc_retention_ci")
+# paired comparisons reported under every table: (a, b) where a is meant to beat b
+COMPARISONS = (("learned (searched)", "static (searched)"), ("learned (searched)", "static (uniform)"),
+               ("static (searched)", "static (uniform)"), ("static (uniform)", "random (uniform)"))
+DOMAINS = ("eval", "news")
 
 
 def markdown(rows: list[dict], title: str | None = None) -> str:
-    head = ("| method | sparsity | FLOPs vs dense | cont. ppl | ppl ratio | KL to dense | top-1 agree | MC acc | "
-            "MC retention |")
-    sep = "|---|---|---|---|---|---|---|---|---|"
-    lines = [f"**{title}**", ""] if title else []
-    lines += [head, sep]
-    for r in rows:
-        lines.append(f"| {r['method']} | {_fmt(r.get('sparsity'), '.3f')} | {_fmt(r.get('flops'), '.3f')} | "
-                     f"{_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | {_fmt(r.get('kl'), '.4f')} | "
-                     f"{_fmt(r.get('top1'), '.3f')} | {_fmt(r.get('mc_acc'), '.3f')} | "
-                     f"{_fmt(r.get('mc_retention'), '.3f')} |")
-    return "\n".join(lines)
-
-
-def retention(method: list[dict], dense: list[dict]) -> tuple[float, float]:
-    """(mean accuracy, mean over tasks of acc/dense acc) for task results of one method."""
-    d = {t["task"]: t["accuracy"] for t in dense}
-    pairs = [(t["accuracy"], d.get(t["task"])) for t in method if d.get(t["task"])]
-    if not pairs:
-        return float("nan"), float("nan")
-    return sum(a for a, _ in pairs) / len(pairs), sum(a / b for a, b in pairs) / len(pairs)
+    return quality_markdown(rows, title, tasks=any("mc_acc" in r for r in rows))
 
 
 def rows_from_results(obj: dict) -> list[dict]:
     """Rows from one `tokenskip eval --out` JSON file."""
     if not isinstance(obj, dict) or not isinstance(obj.get("results"), list):
         raise ValueError("expected an object with a 'results' list")
-    tasks = obj.get("tasks") or {}
-    dense_tasks = tasks.get("dense")
+    from .tasks import attach_retention
+
     rows = []
     for r in obj["results"]:
         row = {k: r.get(k) for k in COLUMNS if k in r}
         row["method"] = r["method"]
         row["seq_len"], row["cont_len"], row["windows"] = r.get("seq_len"), r.get("cont_len"), r.get("windows")
-        mt = tasks.get(r["method"])
-        if mt and dense_tasks:
-            row["mc_acc"], row["mc_retention"] = retention(mt, dense_tasks)
         rows.append(row)
+    attach_retention(rows, obj.get("tasks") or {}, int(obj.get("seed", 0) or 0))
     return rows
 
 
@@ -103,70 +84,119 @@ def collect(paths: list[str]) -> list[dict]:
 
 # -- the full table at one sparsity -------------------------------------------------------------------
 
-def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_len: int = 512, cont_len: int = 64,
-                  windows: int = 16, batch_size: int = 4, seed: int = 0, kv_policy: str = "skip",
-                  tasks: list[str] | None = None, task_examples: int = 50, eval_text: str | None = None,
-                  calib_text: str | None = None, lm=None, progress: bool = True,
-                  methods: tuple[str, ...] = METHODS) -> dict:
-    """Evaluate every method at `sparsity` on the held-out split. `fit_dir` is a `tokenskip fit` output
-    (routers/ for the learned router, search-static/schedule.json for the static searched schedule).
-
-    Returns {"model", "settings", "results": [EvalResult json], "tasks": {method: [TaskResult json]},
-    "rows": [table rows], "markdown": str}.
-    """
+def _methods(lm, fit_dir: Path, sparsity: float, names: tuple[str, ...], seq_len: int, cont_len: int, kv_policy: str,
+             batch_size: int, seed: int, calib_text: str | None) -> tuple[list, dict]:
     from tokenskip.config import build_routed
-    from tokenskip.evaluate import dense_reference, dense_result, evaluate
-    from tokenskip.evaluate_cli import load_windows
-    from tokenskip.models import load_model
     from tokenskip.routed import RoutedModel
     from tokenskip.routers import RandomRouter, StaticRouter
     from tokenskip.schedule import Schedule
 
     from .baselines import shortgpt_for
 
+    model, n = lm.model, lm.model.config.num_hidden_layers
+    uniform = Schedule.uniform(n, sparsity)
+    out, info = [], {}
+    if "learned" in names:
+        learned, _ = build_routed(model, routers_dir=fit_dir / "routers", kv_policy=kv_policy, model_name=lm.name)
+        out.append(("learned (searched)", learned))
+    if "static-searched" in names:
+        searched = Schedule.load(fit_dir / "search-static" / "schedule.json", n)
+        out.append(("static (searched)", RoutedModel(model, searched, StaticRouter(), kv_policy=kv_policy)))
+    if "static-uniform" in names:
+        out.append(("static (uniform)", RoutedModel(model, uniform, StaticRouter(), kv_policy=kv_policy)))
+    if "random" in names:
+        out.append(("random (uniform)", RoutedModel(model, uniform, RandomRouter(seed), kv_policy=kv_policy)))
+    if "shortgpt" in names:
+        sg, info, name = shortgpt_for(lm, sparsity, seq_len, cont_len, kv_policy, batch_size, calib_text)
+        out.append((name, sg))
+    return out, info
+
+
+def comparisons(results: list, seed: int = 0) -> list[dict]:
+    """Paired bootstrap comparisons of COMPARISONS among the evaluated methods."""
+    from tokenskip.evaluate import compare
+
+    by = {r.method: r for r in results}
+    return [compare(by[a], by[b], seed) for a, b in COMPARISONS if a in by and b in by]
+
+
+def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_len: int = 512, cont_len: int = 64,
+                  windows: int = 64, batch_size: int = 4, seed: int = 0, kv_policy: str = "skip",
+                  tasks: list[str] | None = None, task_examples: int = 100, eval_text: str | None = None,
+                  calib_text: str | None = None, lm=None, progress: bool = True,
+                  methods: tuple[str, ...] = METHODS, domains: tuple[str, ...] = DOMAINS,
+                  free_run: int = 0, free_run_tokens: int = 64) -> dict:
+    """Evaluate every method at `sparsity` on held-out text. `fit_dir` is a `tokenskip fit` output
+    (routers/ for the learned router, search-static/schedule.json for the static searched schedule).
+
+    Windows are sampled by `seed` across every article of each domain in `domains` ("eval": the
+    Wikipedia eval split; "news": the Lee corpus); `eval_text` replaces them with one text file.
+    `free_run` > 0 also generates greedily from that many prompts (free-running agreement and
+    repetition). Returns {"model", "sparsity", "settings", "shortgpt", "domains": {domain: {"results",
+    "rows", "comparisons", "markdown"}}, "results"/"rows" (the first domain's), "free_running",
+    "tasks", "markdown"}.
+    """
+    from tokenskip.evaluate import evaluate_methods
+    from tokenskip.models import load_model
+    from tokenskip.routed import RoutedModel
+    from tokenskip.schedule import Schedule
+    from tokenskip.windows import load_windows
+
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
+    bad = set(domains) - set(DOMAINS)
+    if bad or not domains:
+        raise UserError(f"--domains {','.join(domains)}: choose from {', '.join(DOMAINS)}")
     fit_dir = Path(fit_dir)
     torch.manual_seed(seed)
     lm = lm or load_model(model_name)
     model, n = lm.model, lm.model.config.num_hidden_layers
-    ids = load_windows(lm.tokenizer, eval_text, seq_len, windows, split="eval")
+    models, info = _methods(lm, fit_dir, sparsity, tuple(methods), seq_len, cont_len, kv_policy, batch_size, seed,
+                            calib_text)
     base = RoutedModel(model, Schedule.dense(n), None, kv_policy=kv_policy)
-    dense = dense_reference(base, ids, cont_len, batch_size, progress)
-    results = [dense_result(dense, seq_len, cont_len)]
-    models: list[tuple[str, RoutedModel]] = []
-    info = {}
-    uniform = Schedule.uniform(n, sparsity)
-    if "learned" in methods:
-        learned, _ = build_routed(model, routers_dir=fit_dir / "routers", kv_policy=kv_policy, model_name=model_name)
-        models.append(("learned (searched)", learned))
-    if "static-searched" in methods:
-        searched = Schedule.load(fit_dir / "search-static" / "schedule.json", n)
-        models.append(("static (searched)", RoutedModel(model, searched, StaticRouter(), kv_policy=kv_policy)))
-    if "static-uniform" in methods:
-        models.append(("static (uniform)", RoutedModel(model, uniform, StaticRouter(), kv_policy=kv_policy)))
-    if "random" in methods:
-        models.append(("random (uniform)", RoutedModel(model, uniform, RandomRouter(seed), kv_policy=kv_policy)))
-    if "shortgpt" in methods:
-        sg, info, name = shortgpt_for(lm, sparsity, seq_len, cont_len, kv_policy, batch_size, calib_text)
-        models.append((name, sg))
-    for name, m in models:
-        results.append(evaluate(m, ids, cont_len, dense, name, batch_size, progress))
-    task_results: dict[str, list[dict]] = {}
+    title = f"{model_name} @ sparsity {sparsity:g}"
+    per_domain, texts = {}, []
+    sources = [("text", eval_text)] if eval_text else [(d, None) for d in domains]
+    for domain, text_file in sources:
+        ids = load_windows(lm.tokenizer, domain if not text_file else "eval", seq_len, windows, seed, text_file)
+        results = evaluate_methods(models, ids, cont_len, batch_size, progress, seed, dense_model=base)
+        comps = comparisons(results, seed)
+        rows = rows_from_results({"results": [r.to_json() for r in results]})
+        label = text_file or {"eval": "held-out Wikipedia", "news": "held-out news (second domain)"}[domain]
+        md = markdown(rows, f"{title}, {label}: {int(ids.shape[0])} windows of {seq_len} tokens, last {cont_len} "
+                            f"scored after a routed prefill, kv_policy={kv_policy}, seed {seed}")
+        md += "\n\n" + "\n".join(f"- {comparison_line(c)}" for c in comps)
+        per_domain[domain] = {"results": [r.to_json() for r in results], "rows": rows, "comparisons": comps,
+                              "markdown": md, "windows": int(ids.shape[0])}
+        texts.append(md)
+    first = per_domain[sources[0][0]]
+    obj = {"model": model_name, "sparsity": sparsity, "seed": seed,
+           "settings": {"seq_len": seq_len, "cont_len": cont_len, "windows": first["windows"], "seed": seed,
+                        "kv_policy": kv_policy, "tasks": tasks or [], "task_examples": task_examples,
+                        "domains": [d for d, _ in sources], "free_run": free_run, "free_run_tokens": free_run_tokens},
+           "shortgpt": info, "domains": per_domain, "results": first["results"], "rows": first["rows"],
+           "comparisons": first["comparisons"], "tasks": {}, "free_running": []}
+    if free_run:
+        from tokenskip.freerun import format_free_running, free_running
+
+        prompts = load_windows(lm.tokenizer, sources[0][0] if not eval_text else "eval", seq_len - cont_len, free_run,
+                               seed + 1, eval_text)
+        fr = free_running(models, base, prompts, free_run_tokens, batch_size=8, progress=progress, seed=seed)
+        obj["free_running"] = fr
+        texts.append(f"Free-running greedy text, {free_run} prompts of {seq_len - cont_len} tokens, "
+                     f"{free_run_tokens} new tokens each:\n\n" + format_free_running(fr))
     if tasks:
         from . import tasks as T
 
         loaded = T.load_tasks(tasks, task_examples, seed)
-        task_results["dense"] = [r.to_json() for r in T.run_tasks(base, lm.tokenizer, loaded, False, progress)]
+        task_results = {"dense": [r.to_json() for r in T.run_tasks(base, lm.tokenizer, loaded, progress, seed)]}
         for name, m in models:
-            task_results[name] = [r.to_json() for r in T.run_tasks(m, lm.tokenizer, loaded, True, progress)]
-    obj = {"model": model_name, "sparsity": sparsity,
-           "settings": {"seq_len": seq_len, "cont_len": cont_len, "windows": int(ids.shape[0]), "seed": seed,
-                        "kv_policy": kv_policy, "tasks": tasks or [], "task_examples": task_examples},
-           "shortgpt": info, "results": [r.to_json() for r in results], "tasks": task_results}
-    rows = rows_from_results(obj)
-    obj["rows"] = rows
-    obj["markdown"] = markdown(rows, f"{model_name} @ sparsity {sparsity:g}, {int(ids.shape[0])} windows of "
-                                     f"{seq_len} tokens, last {cont_len} scored, kv_policy={kv_policy}")
+            task_results[name] = [r.to_json() for r in T.run_tasks(m, lm.tokenizer, loaded, progress, seed)]
+        obj["tasks"] = task_results
+        T.attach_retention(obj["rows"], task_results, seed)
+        texts[0] = markdown(obj["rows"], texts[0].splitlines()[0].strip("*")) + "\n\n" + \
+            "\n".join(f"- {comparison_line(c)}" for c in first["comparisons"])
+        texts.append(T.format_tasks(task_results))
+    obj["markdown"] = "\n\n".join(texts)
     return obj

@@ -210,7 +210,8 @@ def kl_fitness(model, router, calib: torch.Tensor, cont_len: int, kv_policy: str
     return fitness
 
 
-def heuristic_seeds(model, calib: torch.Tensor, settings: SearchSettings, batch_size: int = 4) -> list[Schedule]:
+def heuristic_seeds(model, calib: torch.Tensor, settings: SearchSettings, batch_size: int = 4,
+                    influence: list[float] | None = None) -> list[Schedule]:
     """Structured starting points near the best-known shape (outer two blocks dense, the budget on
     the middle), so a small population explores more than one neighbourhood: gentle rising and
     falling ramps with depth, a tent peaking at 2/3 depth, and sparsity proportional to each
@@ -227,7 +228,7 @@ def heuristic_seeds(model, calib: torch.Tensor, settings: SearchSettings, batch_
     if not mid.any():
         return []
     x = np.linspace(0.0, 1.0, n)
-    bi = np.array(block_influence(model, calib, batch_size))
+    bi = np.array(influence if influence is not None else block_influence(model, calib, batch_size))
     shapes = (1.0 + x, 2.0 - x, 1.0 + np.minimum(x / (2 / 3), (1 - x) / (1 / 3)), np.sqrt(1.0 / np.maximum(bi, 1e-6)))
     out = []
     for w in shapes:
@@ -246,8 +247,11 @@ def search_schedule(model, router, calib: torch.Tensor, cont_len: int, settings:
         uniform_default = Schedule.uniform(n, settings.target)
     except UserError:
         pass
+    from .baselines import block_influence
+
     seeds = list(seeds or []) + ([uniform_default] if uniform_default is not None else [])
-    seeds += heuristic_seeds(model, calib, settings, batch_size)
+    influence = block_influence(model, calib, batch_size)
+    seeds += heuristic_seeds(model, calib, settings, batch_size, influence)
     fit = kl_fitness(model, router, calib, cont_len, kv_policy, batch_size)
     res = genetic_search(n, fit, settings, seeds=seeds, progress=progress)
     meta = {"kind": "searched", "target": settings.target, "router": router_name, "kv_policy": kv_policy,
@@ -255,6 +259,7 @@ def search_schedule(model, router, calib: torch.Tensor, cont_len: int, settings:
             "fitness_metric": "-KL(dense||routed) on calibration continuation",
             "history": res.history, "settings": asdict(settings),
             "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "cont_len": cont_len},
+            "block_influence": [round(float(b), 6) for b in influence],
             **(extra_meta or {})}
     res.schedule = Schedule(res.schedule.sparsity, meta=meta)
     return res

@@ -5,11 +5,13 @@ package would drag in TensorFlow, so we never install it). We fetch the sdist on
 `pip download --no-deps --no-binary :all:`, read `bigbench/benchmark_tasks/<task>/task.json`
 straight out of the tarball and cache those files under `cache_dir()/bigbench/`.
 
-Scoring (the choices are the continuation): a prompt is the task prefix, the example's input and
-the output prefix (BIG-bench's defaults "\\nQ: " / "\\nA:"), routed like any prompt; each choice is
-appended and force-kept (n_tail = its token count), and scored by the summed log-probability of its
-tokens. The prediction is the highest-scoring choice; it is right when its target score is the
-example's maximum. Chance is the mean over examples of (#right choices / #choices).
+Scoring (the choices are the continuation), exactly as deployment computes it: a prompt is the
+task prefix, the example's input and the output prefix (BIG-bench's defaults "\\nQ: " / "\\nA:"). It
+is routed ONCE by prefill; every choice is then decoded teacher-forced through that KV cache and
+scored by the summed log-probability of its tokens. So a choice never changes the routing of the
+shared prompt. The prediction is the highest-scoring choice; it is right when its target score is
+the example's maximum. Chance is the mean over examples of (#right choices / #choices). Accuracy
+and retention carry paired bootstrap 95% CIs over examples.
 """
 
 from __future__ import annotations
@@ -133,44 +135,103 @@ class TaskResult:
     accuracy: float
     chance: float
     examples: int
+    correct: list[int] | None = None  # per example 0/1 (the bootstrap's unit)
+    accuracy_ci: list[float] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 @torch.no_grad()
-def choice_logprobs(routed, tokenizer, ex: MCExample, route: bool) -> list[float]:
-    """Summed log-prob of each choice's tokens as the continuation of the (routed) prompt."""
+def choice_logprobs(routed, tokenizer, ex: MCExample) -> list[float]:
+    """Summed log-prob of each choice's tokens after the prompt: one routed prefill of the prompt,
+    then each choice decoded teacher-forced through its cache (choices of equal length batched)."""
+    from tokenskip.block import LayerKV
+
     p_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"][-MAX_PROMPT_TOKENS:]
     c_ids = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
              for c in ex.choices]
+    prompt = torch.tensor([p_ids], dtype=torch.long)  # [1,P]
+    first, cache = routed.prefill(prompt)  # [1,V] predicts each choice's first token
+    first_lp = F.log_softmax(first.float(), -1)[0]  # [V]
     scores = [0.0] * len(c_ids)
     by_len: dict[int, list[int]] = {}
     for i, c in enumerate(c_ids):
         by_len.setdefault(len(c), []).append(i)
-    for t, idx in by_len.items():  # equal lengths batch without padding (same prompt routing per row)
-        ids = torch.tensor([p_ids + c_ids[i] for i in idx], dtype=torch.long)  # [b,P+t]
-        if route:
-            out = routed(ids, n_tail=t, num_logits=t + 1)
-        else:
-            out = routed.dense_forward(ids, num_logits=t + 1)
-        lp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [b,t,V]
-        tok = ids[:, -t:]  # [b,t]
-        s = lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).sum(-1)  # [b]
+    for t, idx in by_len.items():
+        toks = torch.tensor([c_ids[i] for i in idx], dtype=torch.long)  # [b,t]
+        s = first_lp[toks[:, 0]]  # [b]
+        if t > 1:
+            b = len(idx)
+            rows = [None if kv is None else LayerKV(kv.key.expand(b, -1, -1, -1), kv.value.expand(b, -1, -1, -1),
+                                                    kv.pos.expand(b, -1), kv.valid.expand(b, -1)) for kv in cache]
+            pos = torch.arange(len(p_ids), len(p_ids) + t - 1).expand(b, -1)  # [b,t-1]
+            logits, _ = routed.decode_step(toks[:, :-1], pos, rows, all_logits=True)  # [b,t-1,V]
+            lp = F.log_softmax(logits.float(), -1)
+            s = s + lp.gather(-1, toks[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
         for j, i in enumerate(idx):
             scores[i] = float(s[j])
     return scores
 
 
-def mc_accuracy(routed, tokenizer, name: str, examples: list[MCExample], route: bool) -> TaskResult:
-    right, chance = 0, 0.0
+def mc_accuracy(routed, tokenizer, name: str, examples: list[MCExample], seed: int = 0) -> TaskResult:
+    from tokenskip import stats
+
+    correct, chance = [], 0.0
     for ex in examples:
-        scores = choice_logprobs(routed, tokenizer, ex, route)
+        scores = choice_logprobs(routed, tokenizer, ex)
         pred = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        right += ex.correct[pred]
+        correct.append(int(ex.correct[pred]))
         chance += sum(ex.correct) / len(ex.correct)
     n = len(examples)
-    return TaskResult(task=name, accuracy=right / n, chance=chance / n, examples=n)
+    return TaskResult(task=name, accuracy=sum(correct) / n, chance=chance / n, examples=n, correct=correct,
+                      accuracy_ci=list(stats.proportion_ci(correct, seed=seed)))
+
+
+def retention(method: list[dict], dense: list[dict], seed: int = 0) -> tuple[float, float, list[float] | None]:
+    """(mean accuracy, mean over tasks of acc / dense acc, its paired bootstrap 95% CI) for the task
+    results of one method. The bootstrap resamples each task's examples, the same draws for the
+    method and dense."""
+    import numpy as np
+
+    from tokenskip import stats
+
+    d = {t["task"]: t for t in dense}
+    pairs = [(t, d[t["task"]]) for t in method if d.get(t["task"]) and d[t["task"]]["accuracy"] > 0]
+    if not pairs:
+        return float("nan"), float("nan"), None
+    acc = sum(m["accuracy"] for m, _ in pairs) / len(pairs)
+    ret = sum(m["accuracy"] / r["accuracy"] for m, r in pairs) / len(pairs)
+    if not all(m.get("correct") and r.get("correct") for m, r in pairs):
+        return acc, ret, None
+    per_task = []
+    for k, (m, r) in enumerate(pairs):
+        idx = stats.resample_indices(len(m["correct"]), seed=seed + k)
+        a, b = np.asarray(m["correct"], float)[idx].mean(1), np.asarray(r["correct"], float)[idx].mean(1)
+        per_task.append(a / np.maximum(b, 1e-12))
+    return acc, ret, list(stats.percentile_ci(np.mean(per_task, axis=0)))
+
+
+def attach_retention(rows: list[dict], tasks: dict, seed: int = 0) -> None:
+    """Add mc_acc / mc_retention / mc_retention_ci to table rows from {method: [TaskResult json]}."""
+    dense = tasks.get("dense")
+    for row in rows:
+        mt = tasks.get(row["method"])
+        if mt and dense:
+            row["mc_acc"], row["mc_retention"], row["mc_retention_ci"] = retention(mt, dense, seed)
+
+
+def format_tasks(tasks: dict) -> str:
+    """Multiple-choice accuracy per task and method (95% CI), chance, and retention vs dense."""
+    dense = {t["task"]: t["accuracy"] for t in tasks.get("dense", [])}
+    rows = ["| method | task | n | accuracy [95% CI] | chance | retention |", "|---|---|---|---|---|---|"]
+    for method, results in tasks.items():
+        for t in results:
+            ret = t["accuracy"] / dense[t["task"]] if dense.get(t["task"]) else float("nan")
+            ci = t.get("accuracy_ci")
+            acc = f"{t['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            rows.append(f"| {method} | {t['task']} | {t['examples']} | {acc} | {t['chance']:.3f} | {ret:.3f} |")
+    return "\n".join(rows)
 
 
 def parse_tasks(value: str) -> list[str]:
@@ -190,9 +251,10 @@ def load_tasks(names: list[str], max_examples: int, seed: int = 0) -> dict[str, 
     return {t: load_task(t, files[t], max_examples, seed) for t in names}
 
 
-def run_tasks(routed, tokenizer, tasks: dict[str, list[MCExample]], route: bool, progress: bool = True
+def run_tasks(routed, tokenizer, tasks: dict[str, list[MCExample]], progress: bool = True, seed: int = 0
               ) -> list[TaskResult]:
+    """Accuracy of `routed` (router None = dense) on every task, scored as deployment runs."""
     from tqdm.auto import tqdm
 
-    return [mc_accuracy(routed, tokenizer, name, exs, route)
+    return [mc_accuracy(routed, tokenizer, name, exs, seed)
             for name, exs in tqdm(tasks.items(), desc="tasks", disable=not progress, leave=False)]

@@ -117,7 +117,7 @@ class _FeatureRecorder(StaticRouter):
 
     def scores(self, ctx: RouteContext) -> torch.Tensor:
         feats = router_features(ctx)  # [B,S,4]
-        routable = ctx.valid & ~forced_tokens(ctx.valid, self.n_tail)  # [B,S]
+        routable = ctx.valid & ~forced_tokens(ctx.valid, 0)  # [B,S] (ctx.valid is already the prompt part)
         self.rows.append(feats[routable])  # [n,4]
         return super().scores(ctx)
 
@@ -237,7 +237,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     `stop_after` stops (as an interruption would) after that many steps of this call, for tests.
     """
     from tokenskip.config import RoutingConfig, save_routing
-    from tokenskip.evaluate import _continuation_logprobs
+    from tokenskip.evaluate import continuation_logprobs
 
     settings.check()
     if schedule.num_layers != model.config.num_hidden_layers:
@@ -271,7 +271,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         the values never depend on which windows shared a batch: resuming stays exact)."""
         if i not in cache:
             with torch.no_grad():
-                cache[i] = _continuation_logprobs(base, train_ids[i:i + 1], settings.cont_len, route=False)[0]
+                cache[i] = continuation_logprobs(base, train_ids[i:i + 1], settings.cont_len)[0]
         return cache[i]
 
     bar = tqdm(total=settings.steps, initial=state.step, desc="train router", disable=not progress, leave=False)
