@@ -83,6 +83,29 @@ def block_keep_count(schedule: Schedule, layer: int, seq: int, n_tail: int = 0) 
     return schedule.keep_count(layer, seq - n_tail) + n_tail
 
 
+def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, k: int, temperature: float | None) -> Tensor:
+    """The soft gate whose gradient the straight-through estimator passes to the router ([B,S]).
+
+    temperature None: sigmoid(logit), FTP as written. A number T: sigmoid((logit - t) / (T * sd)),
+    centred on the row's top-k decision threshold t (halfway between the last kept and the first
+    skipped logit) and scaled by the spread sd of the row's logits. Then the tokens whose decision
+    could flip get the most gradient, and logits pushed to saturation by the guide loss do not
+    silence the distillation signal (sigmoid'(large) ~ 0). Everything but `raw` is detached.
+    """
+    if temperature is None:
+        return torch.sigmoid(raw.float())
+    logits = raw.float()
+    order = torch.sort(sel, dim=-1, descending=True, stable=True).indices  # [B,S] selection order
+    ranked = logits.detach().gather(1, order)  # [B,S] logits in selection order
+    s = sel.shape[1]
+    t = 0.5 * (ranked[:, k - 1] + ranked[:, min(k, s - 1)])  # [B]
+    m = routable.float()
+    n = m.sum(-1).clamp(min=2)
+    mean = (logits.detach() * m).sum(-1) / n
+    sd = (((logits.detach() - mean[:, None]) ** 2 * m).sum(-1) / (n - 1)).sqrt().clamp(min=1e-6)  # [B]
+    return torch.sigmoid((logits - t[:, None]) / (temperature * sd[:, None]))
+
+
 def keep_mask(sel: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Selection scores [B,S] -> (index [B,k] ascending, mask [B,S] float with 1 on the kept tokens):
     the same top-k that gather execution runs."""
@@ -127,7 +150,7 @@ class RoutedModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
                 mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
                 num_logits: int | None = None, return_cache: bool = False, trace: bool = False,
-                ste: bool = False) -> RoutedOutput:
+                ste: bool | float = False) -> RoutedOutput:
         """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
         scored continuation, training's fast one-pass form); keep counts are computed over the
         other tokens.
@@ -222,8 +245,8 @@ class RoutedModel(nn.Module):
         res = run_block(layer, h, cos_sin, positions, valid, k_active=k_active, q_active=keep & routable,
                         score_window=window)
         gate = hard
-        if ste:  # forward value = hard mask, gradient = d sigmoid(logit)
-            soft = torch.sigmoid(raw.float())
+        if ste:  # forward value = hard mask, gradient = d soft / d logit
+            soft = ste_surrogate(raw, sel, routable, k, None if ste is True else float(ste))
             gate = hard + soft - soft.detach()
         h = h + gate.unsqueeze(-1).to(h.dtype) * (res.out - h)  # [B,S,H]
         if window:

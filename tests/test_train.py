@@ -180,7 +180,8 @@ def test_train_resume_after_interruption_matches(tiny_dir, text_file, schedule_f
     lm = load_model(str(tiny_dir))
     ids = windows(lm.tokenizer, "train", str(text_file), 32, 6)
     sched = Schedule.load(schedule_file, 4)
-    st = TrainSettings(steps=7, seq_len=32, cont_len=8, batch_size=2, windows=6, checkpoint_every=2)
+    st = TrainSettings(steps=7, seq_len=32, cont_len=8, batch_size=2, windows=6, checkpoint_every=2,
+                       validate_every=3, ste_temperature=1.0, lr=0.05)
     train_router(lm.model, sched, ids, ids[:2], st, tmp_path / "full", progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_router(lm.model, sched, ids, ids[:2], st, tmp_path / "cut", progress=False, stop_after=5)
@@ -191,22 +192,33 @@ def test_train_resume_after_interruption_matches(tiny_dir, text_file, schedule_f
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
 
 
+def test_validation_ships_the_best_router(tiny_dir, text_file, schedule_file, tmp_path):
+    """With --validate-every, the router written is the one with the lowest calibration KL
+    (deployment function), which the history records; step 0 (the starting router) competes."""
+    from tokenskip.config import build_routed
+    from tokenskip.evaluate import dense_reference, evaluate
+    from tokenskip.models import load_model
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.common import windows
+    from tokenskip.train.trainer import TrainSettings, train_router
+
+    lm = load_model(str(tiny_dir))
+    ids = windows(lm.tokenizer, "train", str(text_file), 32, 6)
+    sched = Schedule.load(schedule_file, 4)
+    st = TrainSettings(steps=8, seq_len=32, cont_len=8, batch_size=2, windows=6, validate_every=2, lr=0.2)
+    train_router(lm.model, sched, ids, ids[:3], st, tmp_path / "r", progress=False)
+    hist = json.loads((tmp_path / "r/train_history.json").read_text())["history"]
+    vals = {h["step"]: h["val_kl"] for h in hist if "val_kl" in h}
+    assert sorted(vals) == [2, 4, 6, 8]
+    extra = json.loads((tmp_path / "r/tokenskip.json").read_text())["extra"]["training"]
+    best = extra["best_val_kl"]
+    assert best <= min(vals.values()) + 1e-6 and extra["best_step"] in (0, *vals)
+    routed, _ = build_routed(lm.model, routers_dir=tmp_path / "r")
+    ref = dense_reference(routed, ids[:3], 8, progress=False)
+    assert evaluate(routed, ids[:3], 8, ref, progress=False).kl == pytest.approx(best, abs=1e-6)
+
+
 RUNNER = """
-import sys, types, torch
-from pathlib import Path
-try:
-    import tokenskip.data
-except ImportError:  # partial checkout: the same stand-in as the tests' fixture
-    mod = types.ModuleType("tokenskip.data")
-    mod.read_text_file = lambda p: Path(p).read_text(encoding="utf-8")
-    def token_windows(tokenizer, texts, window, max_windows=None):
-        ids = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-        n = len(ids) // window if max_windows is None else min(len(ids) // window, max_windows)
-        return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
-    mod.token_windows = token_windows
-    sys.modules["tokenskip.data"] = mod
-    import tokenskip
-    tokenskip.data = mod
 from tokenskip.cli import main
 main()
 """

@@ -123,6 +123,12 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @click.option("--init", "init_routers", type=click.Path(), default=None,
               help="Start from this routers folder's learned router instead of a fresh one.")
 @click.option("--guide-weight", default=1.0, show_default=True, help="Guide-loss weight at step 0 (decays to 0).")
+@click.option("--validate-every", default=0, show_default=True,
+              help="Every N steps, KL to dense on the calibration windows as deployment computes it; the router "
+                   "that validates best is written (0: the last one).")
+@click.option("--ste-temperature", default=0.0, show_default=True,
+              help="0: straight-through gradient of sigmoid(logit); T > 0: of a sigmoid centred on the top-k "
+                   "threshold with temperature T (docs/training.md).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/checkpoint if it exists (same options required).")
 @click.option("--train-text", type=click.Path(), default=None,
@@ -131,7 +137,7 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @_seed
 @_calib_text
 def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_size, windows, checkpoint_every,
-          init_routers, guide_weight, resume, train_text, kv_policy, seed, calib_text):
+          init_routers, guide_weight, validate_every, ste_temperature, resume, train_text, kv_policy, seed, calib_text):
     """Train the shared FTP router with the LLM frozen.
 
     Loss = guide (BCE to the static router's masks, weight decaying to 0) + sparsity + KL to dense
@@ -154,7 +160,7 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
     out = _check_out(out_dir)
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, cont_len=cont_len,
                              windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,
-                             guide_weight=guide_weight)
+                             guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every)
     settings.check()
     deterministic(seed)
     lm = load_model(model)

@@ -60,6 +60,9 @@ class TrainSettings:
     warmup: int = 10  # linear LR warm-up steps, then cosine to 10%
     checkpoint_every: int = 25
     calib_windows: int = 8  # windows of the calibration split for feature standardisation
+    ste_temperature: float = 0.0  # 0: STE through sigmoid(logit); > 0: centred on the top-k threshold
+    validate_every: int = 0  # > 0: KL on the calibration windows (deployment function) every N steps;
+    #                          the router with the lowest one is the result
 
     def check(self) -> None:
         if self.steps < 1:
@@ -68,6 +71,10 @@ class TrainSettings:
             raise UserError(f"--lr {self.lr}: must be a positive number")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+        if not (self.ste_temperature >= 0 and math.isfinite(self.ste_temperature)):
+            raise UserError(f"--ste-temperature {self.ste_temperature}: must be >= 0 (0 = plain sigmoid)")
+        if self.validate_every < 0:
+            raise UserError(f"--validate-every {self.validate_every}: must be >= 0")
         if self.checkpoint_every < 1:
             raise UserError(f"--checkpoint-every {self.checkpoint_every}: must be >= 1")
 
@@ -76,6 +83,9 @@ class TrainSettings:
 class TrainState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    best_kl: float = float("inf")  # lowest validation KL so far, and the router that had it
+    best_step: int = -1
+    best: dict | None = None
 
 
 # -- schedules of the step ----------------------------------------------------------------------------
@@ -150,10 +160,11 @@ def static_keep_mask(schedule: Schedule, layer: int, valid: torch.Tensor, positi
     return keep_mask(sel, block_keep_count(schedule, layer, valid.shape[1], n_tail))[1]
 
 
-def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tensor, cont_len: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tensor, cont_len: int,
+                  ste_temperature: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(guide, sparsity, distill, achieved hard sparsity) for one batch ids [B,L]."""
-    out = routed(ids, n_tail=cont_len, mode="mask", trace=True, ste=True, num_logits=cont_len + 1)
+    out = routed(ids, n_tail=cont_len, mode="mask", trace=True, ste=ste_temperature or True,
+                 num_logits=cont_len + 1)
     logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [B,c,V]
     distill = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
     valid = torch.ones_like(ids, dtype=torch.bool)
@@ -197,10 +208,13 @@ def save_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
         for name, value in opt.state.get(p, {}).items():
             tensors[f"optim.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
+    for k, v in (state.best or {}).items():
+        tensors[f"best.{k}"] = v
     name = f"state-{state.step:07d}.safetensors"
     save_safetensors_atomic(tensors, ckpt_dir / name, metadata={"step": str(state.step)})
     write_json_atomic(ckpt_dir / CHECKPOINT_JSON, {"step": state.step, "file": name, "identity": identity,
-                                                   "history": state.history})
+                                                   "history": state.history, "best_kl": state.best_kl,
+                                                   "best_step": state.best_step})
     for old in ckpt_dir.glob("state-*.safetensors"):  # only the newest is needed
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -224,7 +238,10 @@ def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
             opt.state[p] = st
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
-    return TrainState(step=int(meta["step"]), history=list(meta.get("history", [])))
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    return TrainState(step=int(meta["step"]), history=list(meta.get("history", [])),
+                      best_kl=float(meta.get("best_kl", float("inf"))), best_step=int(meta.get("best_step", -1)),
+                      best=best)
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
@@ -274,6 +291,23 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
                 cache[i] = continuation_logprobs(base, train_ids[i:i + 1], settings.cont_len)[0]
         return cache[i]
 
+    validate = None
+    if settings.validate_every > 0:
+        from tokenskip.evaluate import dense_reference, evaluate
+
+        ref = dense_reference(base, calib_ids, settings.cont_len, progress=False)
+
+        def validate() -> None:
+            """KL to dense on the calibration windows, as deployment computes it; keep the best."""
+            kl = evaluate(routed, calib_ids, settings.cont_len, ref, "val", progress=False).kl
+            if state.history and state.history[-1]["step"] == state.step:
+                state.history[-1]["val_kl"] = round(kl, 6)
+            if kl < state.best_kl:
+                state.best_kl, state.best_step = kl, state.step
+                state.best = {k: v.detach().clone() for k, v in router.state_dict().items()}
+
+        if state.step == 0:
+            validate()
     bar = tqdm(total=settings.steps, initial=state.step, desc="train router", disable=not progress, leave=False)
     done_here = 0
     router.train()
@@ -282,7 +316,8 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         idx = batch_indices(step, n, settings.batch_size, settings.seed)
         ids = train_ids[idx]  # [B,L]
         dense_logp = torch.stack([teacher(int(i)) for i in idx])  # [B,c,V]
-        guide, sparse, distill, achieved = router_losses(routed, ids, dense_logp, settings.cont_len)
+        guide, sparse, distill, achieved = router_losses(routed, ids, dense_logp, settings.cont_len,
+                                                         settings.ste_temperature)
         wg = guide_weight_at(step, settings)
         loss = wg * guide + settings.sparsity_weight * sparse + settings.distill_weight * distill
         for group in opt.param_groups:
@@ -298,6 +333,8 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}", guide=f"{rec['guide']:.3f}",
                         sparsity=f"{achieved:.3f}")
+        if validate is not None and (state.step % settings.validate_every == 0 or state.step == settings.steps):
+            validate()
         if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
             save_checkpoint(ckpt_dir, router, opt, state, identity)
         if stop_after is not None and done_here >= stop_after and state.step < settings.steps:
@@ -305,10 +342,14 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
             raise KeyboardInterrupt(f"stopped after {done_here} steps (test hook)")
     bar.close()
     router.eval()
+    if state.best is not None:  # ship the router that validated best (step 0 = the starting router)
+        router.load_state_dict(state.best)
     cfg = RoutingConfig(model=model_name, num_layers=schedule.num_layers, router="learned",
                         schedule=list(schedule.sparsity), kv_policy=settings.kv_policy, seed=settings.seed,
                         model_type=model.config.model_type, hidden_size=model.config.hidden_size,
-                        extra={"training": {**asdict(settings), "final": state.history[-1] if state.history else {}},
+                        extra={"training": {**asdict(settings), "final": state.history[-1] if state.history else {},
+                                            "best_step": state.best_step,
+                                            "best_val_kl": None if state.best is None else state.best_kl},
                                "schedule_meta": {k: v for k, v in schedule.meta.items() if k != "history"}})
     save_routing(out, cfg, router)
     write_json_atomic(out / "train_history.json", {"history": state.history})
