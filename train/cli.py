@@ -224,9 +224,13 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 @click.option("--task-examples", default=50, show_default=True)
 @click.option("--text", "eval_text", type=click.Path(), default=None, help="Text file instead of the eval split.")
 @click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (ShortGPT block influence).")
+@click.option("--plots", "plots_out", type=click.Path(), default=None,
+              help="Also draw the figures (PNG + SVG + the JSON drawn) into this folder (extra `plots`).")
+@click.option("--plot-json", "plot_json", type=click.Path(), multiple=True,
+              help="More JSON for --plots: `tokenskip bench --out` / `tokenskip explain --out` files, sweeps.")
 @_seed
 def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_size, tasks, task_examples, eval_text,
-           calib_text, seed):
+           calib_text, plots_out, plot_json, seed):
     """Markdown table comparing methods at equal FLOPs.
 
     PATHS are result files written by `tokenskip eval --out FILE` (or folders of them), or folders
@@ -239,12 +243,17 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_si
       tokenskip eval --router shortgpt --sparsity 0.3 --out res/shortgpt.json
       tokenskip report res/learned.json res/shortgpt.json
       tokenskip report out/fit --tasks default
+      tokenskip report out/fit --plots figs --plot-json bench.json --plot-json explain.json
     """
     from tokenskip.fileio import read_json, write_json_atomic
 
     from .report import collect, markdown, quality_table
 
-    tables, all_rows = [], []
+    if plots_out:
+        from .plots.common import require_matplotlib
+
+        require_matplotlib()  # before any evaluation: a missing extra fails fast
+    tables, all_rows, reports = [], [], []
     result_paths = []
     for p in paths:
         path = Path(p)
@@ -262,6 +271,7 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_si
             write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json",
                               {k: v for k, v in obj.items() if k not in ("rows", "markdown")})
             tables.append(obj["markdown"])
+            reports.append((str(path), obj))
             all_rows.extend({"source": str(path), **r} for r in obj["rows"])
         else:
             result_paths.append(p)
@@ -271,6 +281,11 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_si
         all_rows.extend(rows)
     if out_file:
         write_json_atomic(out_file, {"rows": all_rows})
+    if plots_out:
+        from .plots import report_figures
+
+        for f in report_figures(plots_out, reports, paths, plot_json):
+            click.echo(f"wrote {f}", err=True)
     if as_json:
         click.echo(json.dumps({"rows": all_rows}, indent=2))
     else:
