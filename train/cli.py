@@ -250,9 +250,9 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, batch_si
     from .report import collect, markdown, quality_table
 
     if plots_out:
-        from .plots.common import require_matplotlib
+        from .plots import check_plots_out
 
-        require_matplotlib()  # before any evaluation: a missing extra fails fast
+        check_plots_out(plots_out)  # before any evaluation: a missing extra or bad folder fails fast
     tables, all_rows, reports = [], [], []
     result_paths = []
     for p in paths:

@@ -16,10 +16,10 @@ from pathlib import Path
 from tokenskip.errors import UserError
 from tokenskip.fileio import read_json
 
-from .common import plots_installed, require_matplotlib, write_figure
+from .common import check_plots_out, plots_installed, write_figure
 from .inputs import classify_folder, is_bench, is_explain, is_quality, load_explain, load_quality, quality_reports
 
-__all__ = ["report_figures", "pipeline_figures", "plots_installed"]
+__all__ = ["check_plots_out", "report_figures", "pipeline_figures", "plots_installed"]
 
 
 def _fit_folders(paths) -> list[tuple[Path, str | None]]:
@@ -46,7 +46,7 @@ def report_figures(out: str | Path, reports: list[tuple[str, dict]], paths=(), e
     explain and bench JSON, as the table read them); extra:
     more JSON files (`tokenskip explain --json`, `tokenskip bench --json`, quality reports, sweeps).
     """
-    require_matplotlib()
+    check_plots_out(out)
     from .frontier import draw_frontier, frontier_data
     from .routing_map import draw_routing, routing_data
     from .schedule_fig import draw_schedule, schedule_data

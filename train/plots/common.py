@@ -68,11 +68,18 @@ def wants_log(values: list[float], ratio: float = 20.0) -> bool:
     return max(vals) / min(vals) >= ratio
 
 
-def write_figure(fig, data: dict, out_dir: str | Path, name: str) -> list[Path]:
-    """NAME.json (the data drawn), NAME.png and NAME.svg in out_dir, each written atomically."""
+def check_plots_out(out_dir: str | Path) -> Path:
+    """The extra is installed and the --plots folder can be one (checked before any work)."""
+    require_matplotlib()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--plots {out_dir}: exists and is not a folder")
+    return out
+
+
+def write_figure(fig, data: dict, out_dir: str | Path, name: str) -> list[Path]:
+    """NAME.json (the data drawn), NAME.png and NAME.svg in out_dir, each written atomically."""
+    out = check_plots_out(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{name}.json"]
     write_json_atomic(written[0], data)

@@ -121,20 +121,20 @@ def _panel(ax, data: dict, metric: str, log_ratio: float) -> None:
 def draw_frontier(data: dict):
     fig = new_figure(12, 5.2)
     ax_kl, ax_ppl = fig.subplots(1, 2)
-    _panel(ax_kl, data, "kl", 20.0)
+    _panel(ax_kl, data, "kl", 10.0)
     ax_kl.set_ylabel("KL(dense ‖ method) on the continuation (nats/token)")
-    ax_kl.set_title("KL to dense (lower is better)")
+    ax_kl.set_title("KL to dense (lower is better)", pad=16)
     _panel(ax_ppl, data, "ppl_ratio", 3.0)
     ax_ppl.set_ylabel("continuation perplexity / dense perplexity")
-    ax_ppl.set_title("perplexity ratio (lower is better)")
-    # which sparsity each column of points belongs to
+    ax_ppl.set_title("perplexity ratio (lower is better)", pad=16)
+    # which sparsity each column of points belongs to (above the frame, under the titles)
     targets: dict[float, list[float]] = {}
     for ser in data["series"]:
         for p in ser["points"]:
             targets.setdefault(p["target"], []).append(p["flops"])
     for ax in (ax_kl, ax_ppl):
         for t, xs in sorted(targets.items()):
-            ax.text(statistics.median(xs), 0.01, f"s={t:g}", transform=ax.get_xaxis_transform(), ha="center",
+            ax.text(statistics.median(xs), 1.005, f"s={t:g}", transform=ax.get_xaxis_transform(), ha="center",
                     va="bottom", fontsize=8, color="dimgray")
     ax_ppl.legend(loc="best", fontsize=8)
     model = data.get("model") or "model"

@@ -51,8 +51,8 @@ def draw_routing(data: dict):
     ax.set_xlabel("prompt token (text shown)")
     ax.legend(handles=[Patch(color=KEPT, label="runs the block"), Patch(color=SKIPPED, label="skips the block")],
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    overall = data.get("overall")
-    what = f"{data.get('router', '?')} router" + (f", overall sparsity {overall:.3f}" if overall is not None else "")
+    what = f"{data.get('router', '?')} router, schedule mean sparsity {data.get('target', 0.0):.2f}, " \
+           f"{100 * data.get('overall', 0.0):.1f}% of (token, block) pairs skipped here"
     prompt = data.get("prompt", "")
     prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
     fig.suptitle(f"{data.get('model') or 'model'}: which blocks each token runs ({what}, "

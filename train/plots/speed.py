@@ -16,7 +16,8 @@ def _machine(m: dict | None) -> str:
         return ""
     if m.get("cuda"):
         return str(m["cuda"])
-    return f"{m.get('cpus', '?')}-core CPU, {m.get('threads', '?')} threads"
+    threads = m.get("threads", "?")
+    return f"{m.get('cpus', '?')}-core CPU, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def speed_data(paths: list[str | Path]) -> dict:
