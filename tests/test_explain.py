@@ -120,3 +120,30 @@ def test_out_must_be_a_file_and_rich_is_named_when_missing(tiny, tmp_path, monke
     assert res.exit_code == 1
     assert res.output.strip() == ("Error: the terminal view of `tokenskip explain` (or use --json) needs the `plots` "
                                   "extra: pip install 'tokenskip[plots]'")
+
+
+def test_pipeline_hook_runs_explain_and_draws_into_figures(tiny, tmp_path):
+    """The pipeline's quality-stage hook: `tokenskip explain` on the routers folder into
+    OUT/explain.json, then the frontier, schedule and routing map into OUT/figures."""
+    import shutil
+    from pathlib import Path
+
+    import click
+
+    from tokenskip.config import RoutingConfig, save_routing
+    from tokenskip.pipeline import _figures, pipeline
+
+    model, path, _ = tiny
+    out = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "plots" / "run", out)
+    (out / "explain.json").unlink()
+    routers = tmp_path / "routers"
+    n = model.config.num_hidden_layers
+    save_routing(routers, RoutingConfig(model=str(path), num_layers=n, router="static",
+                                        schedule=[0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0], hidden_size=64))
+    with click.Context(pipeline) as ctx:
+        _figures(ctx, out, "quality", model=str(path), routers_dir=str(routers))
+    data = json.loads((out / "explain.json").read_text())
+    assert data["router"] == "static" and len(data["keep"]) == n
+    assert json.loads((out / "figures" / "routing-map.json").read_text())["keep"] == data["keep"]
+    assert {p.name for p in (out / "figures").glob("*.png")} == {"frontier.png", "schedule.png", "routing-map.png"}
