@@ -113,6 +113,7 @@ def test_cli_errors_are_one_line(tiny, args, message):
 
 def test_out_must_be_a_file_and_rich_is_named_when_missing(tiny, tmp_path, monkeypatch):
     _, path, _ = tiny
+    assert "explain" in CliRunner().invoke(main, ["--help"]).output
     res = CliRunner().invoke(main, ["explain", "--model", str(path), "--prompt", "hi", "--json", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "is a folder" in res.output
     monkeypatch.setitem(sys.modules, "rich.console", None)

@@ -259,3 +259,16 @@ def test_pipeline_figures_from_a_pipeline_folder(tmp_path):
     assert written == {f"{n}.{e}" for n in ("frontier", "schedule", "routing-map") for e in ("json", "png", "svg")}
     assert {p.name for p in pipeline_figures(run, "speed")} == {"speed.json", "speed.png", "speed.svg"}
     assert all((run / "figures" / n).is_file() for n in written)
+    # figures drawn into an input folder are not read back as inputs on the next run
+    CliRunner().invoke(main, ["report", str(run), "--plots", str(run)])
+    res = CliRunner().invoke(main, ["report", str(run), "--plots", str(run)])
+    assert res.exit_code == 0, res.output
+    assert not list(run.glob("routing-map-*"))
+
+
+def test_plots_installed_follows_the_extra(monkeypatch):
+    from tokenskip.train.plots import plots_installed
+
+    assert plots_installed()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert not plots_installed()  # the pipeline then prints one line and draws nothing

@@ -166,6 +166,8 @@ def classify_folder(folder: str | Path) -> dict[str, list[Path]]:
             obj = read_json(f)
         except UserError:
             continue
+        if isinstance(obj, dict) and "figure" in obj:  # a figure's own data file (--plots into this folder)
+            continue
         for kind, test in (("explain", is_explain), ("bench", is_bench), ("quality", is_quality)):
             if test(obj):
                 found[kind].append(f)
