@@ -55,6 +55,6 @@ def draw_routing(data: dict):
            f"{100 * data.get('overall', 0.0):.1f}% of (token, block) pairs skipped here"
     prompt = data.get("prompt", "")
     prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
-    fig.suptitle(f"{data.get('model') or 'model'}: which blocks each token runs ({what}, "
-                 f"kv_policy={data.get('kv_policy', '?')})\nprompt: {prompt!r}", fontsize=10)
+    fig.suptitle(f"{data.get('model') or 'model'}: which blocks each token runs\n{what}, "
+                 f"kv_policy={data.get('kv_policy', '?')}\nprompt: {prompt!r}", fontsize=10)
     return fig
