@@ -26,6 +26,7 @@ _COMMANDS: dict[str, str] = {
     "generate": "tokenskip.deploy.cli:generate",
     "bench": "tokenskip.deploy.cli:bench",
     "decode-eval": "tokenskip.deploy.cli:decode_eval",
+    "explain": "tokenskip.deploy.explain:explain",
 }
 
 _HELP = {
@@ -34,7 +35,7 @@ _HELP = {
     "search": "Genetic search of the per-block sparsity schedule.",
     "train": "Train the shared router with the LLM frozen.",
     "fit": "search -> train -> re-search -> train, as one command.",
-    "report": "Markdown table comparing methods at equal FLOPs.",
+    "report": "Markdown table comparing methods at equal FLOPs (--plots: figures).",
     "export": "Export the routed model to ONNX with tokenskip custom ops.",
     "validate": "Check an ONNX export against the PyTorch routed model.",
     "plugins": "Build the TensorRT plugin library (CUDA).",
@@ -42,6 +43,7 @@ _HELP = {
     "generate": "Generate text with a routed model (PyTorch, ONNX Runtime or TensorRT).",
     "bench": "Benchmark routed vs dense prefill and decode.",
     "decode-eval": "Decode-time quality: routed prefill + cached decode vs dense.",
+    "explain": "Which tokens each block runs for one prompt (terminal shading, --json keep masks).",
 }
 
 

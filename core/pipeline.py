@@ -44,6 +44,24 @@ def _invoke(ctx: click.Context, command_path: str, **kwargs) -> None:
     ctx.invoke(getattr(importlib.import_module(module), attr), **kwargs)
 
 
+def _figures(ctx: click.Context, out: Path, stage: str, **explain) -> None:
+    """The stage's figures into OUT/figures when the `plots` extra is installed (the quality stage
+    first runs `tokenskip explain` on the learned routers, whose JSON is the routing map's input)."""
+    from .train.plots import pipeline_figures, plots_installed
+
+    if not plots_installed():
+        click.echo("   (figures skipped: pip install 'tokenskip[plots]' to draw them)")
+        return
+    if stage == "quality":
+        from .deploy.explain import SAMPLE_PROMPT
+
+        _invoke(ctx, "tokenskip.deploy.explain:explain", prompt=SAMPLE_PROMPT, out_file=str(out / "explain.json"),
+                **explain)
+    for f in pipeline_figures(out, stage):
+        if f.suffix == ".png":
+            click.echo(f"   figure: {f}")
+
+
 def _gpu_can_run_engine() -> bool:
     return torch.cuda.is_available()
 
@@ -107,6 +125,7 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_l
         table = quality_table(model, sparsity, fit_dir, windows=windows, seed=seed, lm=lm)
         click.echo(table["markdown"])
         write_json_atomic(out / "quality.json", table)
+        _figures(ctx, out, "quality", model=model, routers_dir=str(routers_dir))
         _done(t0)
 
     if "export" in chosen:
@@ -139,7 +158,8 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_l
     if "speed" in chosen:
         t0 = _stage(6, f"speed: routed vs dense prefill, ONNX Runtime CPU, S={bench_seq_len}, batch 1")
         _invoke(ctx, "tokenskip.deploy.cli:bench", backend="ort", onnx_dir=export_dir, onnx_dense_dir=dense_dir,
-                seq_lens=str(bench_seq_len), batches="1", repeats=5, warmup=1)
+                seq_lens=str(bench_seq_len), batches="1", repeats=5, warmup=1, out_file=str(out / "bench.json"))
+        _figures(ctx, out, "speed")
         _done(t0)
 
     write_json_atomic(out / "pipeline.json", {"model": model, "sparsity": sparsity, "budget": budget,

@@ -235,9 +235,13 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 @click.option("--task-examples", default=100, show_default=True)
 @click.option("--text", "eval_text", type=click.Path(), default=None, help="Text file instead of the built-in domains.")
 @click.option("--calib-text", type=click.Path(), default=None, help="Calibration text (ShortGPT block influence).")
+@click.option("--plots", "plots_out", type=click.Path(), default=None,
+              help="Also draw the figures (PNG + SVG + the JSON drawn) into this folder (extra `plots`).")
+@click.option("--plot-json", "plot_json", type=click.Path(), multiple=True,
+              help="More JSON for --plots: `tokenskip bench --out` / `tokenskip explain --out` files, sweeps.")
 @_seed
 def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains, free_run, batch_size, tasks,
-           task_examples, eval_text, calib_text, seed):
+           task_examples, eval_text, calib_text, plots_out, plot_json, seed):
     """Markdown table comparing methods at equal FLOPs.
 
     PATHS are result files written by `tokenskip eval --out FILE` (or folders of them), or folders
@@ -253,6 +257,7 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
       tokenskip report res/learned.json res/shortgpt.json
       tokenskip report out/fit --tasks default --free-run 32
       tokenskip report out/fit --domains news --windows 128
+      tokenskip report out/fit --plots figs --plot-json bench.json --plot-json explain.json
     """
     from tokenskip.fileio import read_json, write_json_atomic
 
@@ -263,6 +268,10 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
         raise UserError(f"--domains {domains}: choose from {', '.join(DOMAINS)}")
     if windows < 1 or free_run < 0:
         raise UserError("--windows must be >= 1 and --free-run >= 0")
+    if plots_out:
+        from .plots import check_plots_out
+
+        check_plots_out(plots_out)  # before any evaluation: a missing extra or bad folder fails fast
     tables, all_rows, reports = [], [], []
     result_paths = []
     for p in paths:
@@ -281,8 +290,8 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
                                 domains=domain_list, free_run=free_run)
             write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json", obj)
             tables.append(obj["markdown"])
+            reports.append((str(path), obj))
             all_rows.extend({"source": str(path), **r} for r in obj["rows"])
-            reports.append(obj)
         else:
             result_paths.append(p)
     if result_paths:
@@ -290,8 +299,13 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
         tables.append(markdown(rows))
         all_rows.extend(rows)
     if out_file:
-        write_json_atomic(out_file, {"rows": all_rows, "sweep": reports})
+        write_json_atomic(out_file, {"rows": all_rows, "sweep": [obj for _, obj in reports]})
+    if plots_out:
+        from .plots import report_figures
+
+        for f in report_figures(plots_out, reports, paths, plot_json):
+            click.echo(f"wrote {f}", err=True)
     if as_json:
-        click.echo(json.dumps({"rows": all_rows, "sweep": reports}, indent=2))
+        click.echo(json.dumps({"rows": all_rows, "sweep": [obj for _, obj in reports]}, indent=2))
     else:
         click.echo("\n\n".join(tables))
