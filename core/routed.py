@@ -77,10 +77,21 @@ def block_keep_count(schedule: Schedule, layer: int, seq: int, n_tail: int = 0) 
     return schedule.keep_count(layer, seq - n_tail) + n_tail
 
 
-def keep_mask(sel: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def block_keep_counts(schedule: Schedule, layer: int, valid: Tensor, n_tail: int = 0) -> Tensor:
+    """[B] int64: real tokens each row keeps in block `layer`, from its own valid length L_b (the
+    per-row rule of docs/ops.md): n_tail + keep(L_b - n_tail), at most L_b. A full row keeps
+    block_keep_count(schedule, layer, S, n_tail), the batch's output width."""
+    lengths = valid.sum(-1)  # [B]
+    num, den = schedule.keep_fraction(layer)
+    routable = (lengths - n_tail).clamp(min=0)
+    return torch.minimum(lengths, ops.keep_count(routable, num, den, MIN_KEEP) + n_tail)
+
+
+def keep_mask(sel: Tensor, k: int, valid: Tensor | None = None, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Selection scores [B,S] -> (index [B,k] ascending, mask [B,S] float with 1 on the kept tokens):
-    the same top-k that gather execution runs."""
-    index = ops.select_topk(sel, k)  # [B,k]
+    the same selection that gather execution runs (row b keeps counts[b] real tokens, padding fills
+    the rest of its k slots; None: no padding, k each)."""
+    index = ops.select_topk(sel, k, valid, counts)  # [B,k]
     return index, torch.zeros_like(sel).scatter(1, index, 1.0)
 
 
@@ -159,7 +170,8 @@ class RoutedModel(nn.Module):
             if mode == "gather":
                 h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table)
             else:
-                h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste)
+                h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste,
+                                                    n_tail=n_tail)
             cache.append(kv)
             if trace:
                 tr.logits, tr.forced = raw, forced
@@ -172,11 +184,11 @@ class RoutedModel(nn.Module):
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
 
     def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table):
-        if n_tail == 0:  # exactly the exported op: k from the keep fraction and S
+        if n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
             num, den = self.schedule.keep_fraction(li)
-            kept, index = ops.topk_gather(h, sel, num, den, MIN_KEEP)  # [B,k,H], [B,k]
+            kept, index = ops.topk_gather(h, sel, valid, num, den, MIN_KEEP)  # [B,k,H], [B,k]
         else:
-            index = ops.select_topk(sel, k)  # [B,k]
+            index = ops.select_topk(sel, k, valid, block_keep_counts(self.schedule, li, valid, n_tail))  # [B,k]
             kept = ops.gather_rows(h, index)  # [B,k,H]
         kpos = positions.gather(1, index)  # [B,k] original positions -> RoPE
         kvalid = valid.gather(1, index)  # [B,k]
@@ -196,8 +208,8 @@ class RoutedModel(nn.Module):
                 table = torch.where(res.attn_seen, res.attn_score, table)
         return h, table, res.kv, LayerTrace(k=index.shape[1], index=index)
 
-    def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste):
-        index, hard = keep_mask(sel, k)  # [B,k], [B,S] 1 = keep
+    def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste, *, n_tail: int):
+        index, hard = keep_mask(sel, k, valid, block_keep_counts(self.schedule, li, valid, n_tail))  # [B,k], [B,S]
         keep = hard.bool()
         window = self.score_window if self._needs_scores() else 0
         k_active = keep if self.kv_policy == "skip" else None

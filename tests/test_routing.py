@@ -43,7 +43,7 @@ def test_torch_ops_match_numpy_reference(seq, num, den):
     scores = torch.randint(0, 5, (2, seq), generator=g).float()  # many ties
     scores[0, 0] = float("inf")
     scores[1, -1] = float("-inf")
-    kept, index = ops.topk_gather(hidden, scores, num, den, 2)
+    kept, index = ops.topk_gather(hidden, scores, torch.ones(2, seq, dtype=torch.bool), num, den, 2)
     ref_kept, ref_index = ops_reference.topk_gather(hidden.numpy(), scores.numpy(), num, den, 2)
     assert np.array_equal(index.numpy(), ref_index)
     assert np.array_equal(kept.numpy(), ref_kept)
