@@ -86,15 +86,20 @@ namespace host {
 // threads (a power of two <= blockThreads) per row, blockThreads / threadsPerRow rows per block.
 struct RowSplit {
     int threadsPerRow;
+    int tprLog2;  // threadsPerRow == 1 << tprLog2
     int rowsPerBlock;
     int blocks;
 };
 
 inline RowSplit rowSplit(int64_t rows, int64_t rowVecs, int blockThreads = 256) {
-    int tpr = 1;
-    while (tpr < blockThreads && tpr < rowVecs) tpr <<= 1;
+    int tpr = 1, log2 = 0;
+    while (tpr < blockThreads && tpr < rowVecs) {
+        tpr <<= 1;
+        ++log2;
+    }
     RowSplit s;
     s.threadsPerRow = tpr;
+    s.tprLog2 = log2;
     s.rowsPerBlock = blockThreads / tpr;
     int64_t blocks = (rows + s.rowsPerBlock - 1) / s.rowsPerBlock;
     const int64_t cap = int64_t(1) << 20;  // grid-stride beyond this

@@ -92,10 +92,8 @@ static void launchAddAs(const void* hidden, const void* delta, const int32_t* in
     const int64_t rowVecs = H / N;
     const int64_t rows = int64_t(B) * S;
     const host::RowSplit split = host::rowSplit(rows, rowVecs);
-    int tprLog2 = 0;
-    while ((1 << tprLog2) < split.threadsPerRow) ++tprLog2;
     scatterAddKernel<T, N><<<split.blocks, 256, 0, stream>>>(static_cast<const P*>(hidden), static_cast<const P*>(delta),
-                                                             inverse, S, k, rowVecs, rows, tprLog2, static_cast<P*>(out));
+                                                             inverse, S, k, rowVecs, rows, split.tprLog2, static_cast<P*>(out));
 }
 
 template <typename T, int N, typename IdxT>
@@ -105,11 +103,9 @@ static void launchInPlaceAs(void* hidden, const void* delta, const IdxT* index, 
     const int64_t rowVecs = H / N;
     const int64_t rows = int64_t(B) * k;
     const host::RowSplit split = host::rowSplit(rows, rowVecs);
-    int tprLog2 = 0;
-    while ((1 << tprLog2) < split.threadsPerRow) ++tprLog2;
     scatterInPlaceKernel<T, N, IdxT><<<split.blocks, 256, 0, stream>>>(static_cast<P*>(hidden),
                                                                        static_cast<const P*>(delta), index, S, k,
-                                                                       rowVecs, rows, tprLog2);
+                                                                       rowVecs, rows, split.tprLog2);
 }
 
 // 16-byte packs when H and every pointer allow it, else one element at a time.

@@ -32,10 +32,8 @@ static void launchGatherAs(const void* hidden, const IdxT* index, int B, int S, 
     const int64_t rowVecs = int64_t(rowBytes / sizeof(V));
     const int64_t rows = int64_t(B) * k;
     const host::RowSplit split = host::rowSplit(rows, rowVecs);
-    int tprLog2 = 0;
-    while ((1 << tprLog2) < split.threadsPerRow) ++tprLog2;
     gatherRowsKernel<V, IdxT><<<split.blocks, 256, 0, stream>>>(static_cast<const V*>(hidden), index, S, k, rowVecs,
-                                                                rows, tprLog2, static_cast<V*>(kept));
+                                                                rows, split.tprLog2, static_cast<V*>(kept));
 }
 
 template <typename IdxT>

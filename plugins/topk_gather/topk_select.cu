@@ -203,6 +203,14 @@ __device__ Counts compact(const float* row, const uint8_t* vrow, int64_t S, int6
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Row b of scores [B,S] and of valid [B,S] (nullptr: no padding).
+struct Row {
+    const float* scores;
+    const uint8_t* valid;
+    __device__ Row(const float* s, const uint8_t* v, int64_t b, int64_t S)
+        : scores(s + b * S), valid(v ? v + b * S : nullptr) {}
+};
+
 // ------------------------------------------------------------------------ single block per row
 template <typename IdxT>
 __global__ void __launch_bounds__(kSingleThreads)
@@ -212,8 +220,9 @@ selectRowKernel(const float* __restrict__ scores, const uint8_t* __restrict__ va
     __shared__ u64 scratch[32];
     __shared__ SelectState sState;
     const int64_t b = blockIdx.x;
-    const float* row = scores + b * S;  // [S]
-    const uint8_t* vrow = valid ? valid + b * S : nullptr;
+    const Row r(scores, valid, b, S);  // [S]
+    const float* row = r.scores;
+    const uint8_t* vrow = r.valid;
     const bool aligned = aligned16(row);
     const int64_t groups = (S + kGroup - 1) / kGroup;
     const int64_t steps = (groups + blockDim.x - 1) / blockDim.x;  // uniform trip count for all threads
@@ -261,8 +270,9 @@ histChunkKernel(const float* __restrict__ scores, const uint8_t* __restrict__ va
     __shared__ uint32_t h[kBins];
     __shared__ SelectState sState;
     const int64_t b = blockIdx.y;
-    const float* row = scores + b * S;
-    const uint8_t* vrow = valid ? valid + b * S : nullptr;
+    const Row r(scores, valid, b, S);
+    const float* row = r.scores;
+    const uint8_t* vrow = r.valid;
     uint32_t* rowHist = hist + b * kPasses * kBins;
     for (int i = threadIdx.x; i < kBins; i += blockDim.x) h[i] = 0u;
     const SelectState st = replay(rowHist, pass, S, keep, &sState);  // its __syncthreads orders the clear
@@ -283,39 +293,31 @@ histChunkKernel(const float* __restrict__ scores, const uint8_t* __restrict__ va
         if (h[i]) atomicAdd(rowHist + pass * kBins + i, h[i]);
 }
 
-// counts [B][chunks][3] <- (greater, equal, padding) of each chunk. Grid (chunks, B).
+// Grid (chunks, B), after the 4 histogram passes. kWrite false: counts [B][chunks][3] <- each
+// chunk's (greater, equal, padding) counts. kWrite true: index [B,k] <- each chunk's taken positions,
+// starting from the sum of the counts of the chunks before it.
+template <bool kWrite, typename IdxT>
 __global__ void __launch_bounds__(kMultiThreads)
-countChunkKernel(const float* __restrict__ scores, const uint8_t* __restrict__ valid, int64_t S, Keep keep,
-                 const uint32_t* __restrict__ hist, uint32_t* __restrict__ counts) {
-    __shared__ u64 scratch[32];
-    __shared__ SelectState sState;
-    const int64_t b = blockIdx.y;
-    const float* row = scores + b * S;
-    const uint8_t* vrow = valid ? valid + b * S : nullptr;
-    const SelectState st = replay(hist + b * kPasses * kBins, kPasses, S, keep, &sState);
-    const int64_t g0 = int64_t(blockIdx.x) * (kChunk / kGroup);
-    const Counts c = compact<false, int32_t>(row, vrow, S, g0, kChunkSteps, aligned16(row), st, Counts{0u, 0u, 0u},
-                                             nullptr, scratch);
-    if (threadIdx.x == 0) {
-        uint32_t* o = counts + (b * gridDim.x + blockIdx.x) * 3;
-        o[0] = c.gt;
-        o[1] = c.eq;
-        o[2] = c.pad;
-    }
-}
-
-// index [B,k] <- each chunk's taken positions, from the counts of the chunks before it. Grid (chunks, B).
-template <typename IdxT>
-__global__ void __launch_bounds__(kMultiThreads)
-writeChunkKernel(const float* __restrict__ scores, const uint8_t* __restrict__ valid, int64_t S, int64_t k, Keep keep,
-                 const uint32_t* __restrict__ hist, const uint32_t* __restrict__ counts, IdxT* __restrict__ index) {
+chunkKernel(const float* __restrict__ scores, const uint8_t* __restrict__ valid, int64_t S, int64_t k, Keep keep,
+            const uint32_t* __restrict__ hist, uint32_t* __restrict__ counts, IdxT* __restrict__ index) {
     __shared__ u64 scratch[32];
     __shared__ uint32_t scratch32[32];
     __shared__ SelectState sState;
     const int64_t b = blockIdx.y;
-    const float* row = scores + b * S;
-    const uint8_t* vrow = valid ? valid + b * S : nullptr;
+    const Row r(scores, valid, b, S);
     const SelectState st = replay(hist + b * kPasses * kBins, kPasses, S, keep, &sState);
+    const int64_t g0 = int64_t(blockIdx.x) * (kChunk / kGroup);
+    uint32_t* mine = counts + (b * gridDim.x + blockIdx.x) * 3;
+    if (!kWrite) {
+        const Counts c = compact<false, IdxT>(r.scores, r.valid, S, g0, kChunkSteps, aligned16(r.scores), st,
+                                              Counts{0u, 0u, 0u}, nullptr, scratch);
+        if (threadIdx.x == 0) {
+            mine[0] = c.gt;
+            mine[1] = c.eq;
+            mine[2] = c.pad;
+        }
+        return;
+    }
     uint32_t gt = 0u, eq = 0u, pad = 0u;
     for (int64_t c = threadIdx.x; c < blockIdx.x; c += blockDim.x) {
         const uint32_t* q = counts + (b * gridDim.x + c) * 3;
@@ -327,8 +329,7 @@ writeChunkKernel(const float* __restrict__ scores, const uint8_t* __restrict__ v
     device::blockExclusiveSum<uint32_t>(gt, base.gt, scratch32);
     device::blockExclusiveSum<uint32_t>(eq, base.eq, scratch32);
     device::blockExclusiveSum<uint32_t>(pad, base.pad, scratch32);
-    const int64_t g0 = int64_t(blockIdx.x) * (kChunk / kGroup);
-    compact<true>(row, vrow, S, g0, kChunkSteps, aligned16(row), st, base, index + b * k, scratch);
+    compact<true>(r.scores, r.valid, S, g0, kChunkSteps, aligned16(r.scores), st, base, index + b * k, scratch);
 }
 
 int64_t chunksOf(int64_t S) { return (S + kChunk - 1) / kChunk; }
@@ -350,8 +351,8 @@ cudaError_t launchTyped(const float* scores, const uint8_t* valid, int64_t B, in
     const dim3 grid(unsigned(chunksOf(S)), unsigned(B));
     for (int pass = 0; pass < kPasses; ++pass)
         histChunkKernel<<<grid, kMultiThreads, 0, stream>>>(scores, valid, S, keep, pass, hist);
-    countChunkKernel<<<grid, kMultiThreads, 0, stream>>>(scores, valid, S, keep, hist, counts);
-    writeChunkKernel<IdxT><<<grid, kMultiThreads, 0, stream>>>(scores, valid, S, k, keep, hist, counts, index);
+    chunkKernel<false, IdxT><<<grid, kMultiThreads, 0, stream>>>(scores, valid, S, k, keep, hist, counts, index);
+    chunkKernel<true, IdxT><<<grid, kMultiThreads, 0, stream>>>(scores, valid, S, k, keep, hist, counts, index);
     return cudaGetLastError();
 }
 
