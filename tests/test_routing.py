@@ -118,11 +118,14 @@ def smollm2_f64(smollm2):
 def test_gather_equals_mask_emulation(smollm2, smollm2_f64, kv_policy, router_cls):
     """Training's mask emulation computes the same function as real gather/scatter at 0.3.
 
-    In float64 the two agree exactly (same logic); in fp32 they differ only by summation order
-    inside attention (k keys vs S masked keys), about 4e-6 relative to the logits.
+    They differ only by summation order inside attention (k keys vs S masked keys): about 4e-6
+    relative to the logits in fp32. In float64 that order gives 1e-14 differences, but HF's RMSNorm
+    computes in float32 even for a float64 model, so such a difference can flip one float32 rounding
+    (6e-8 relative) that later blocks carry to ~1e-6 (seen with the per-row keep counts, where
+    padding rows fill the slots of short rows): the float64 check allows 1e-5.
     """
     ids, mask, _ = padded_batch(smollm2.model.config.vocab_size, seq=48)
-    for model, tol in ((smollm2_f64, 1e-9), (smollm2.model, 2e-4)):
+    for model, tol in ((smollm2_f64, 1e-5), (smollm2.model, 2e-4)):
         torch.manual_seed(0)
         rm = RoutedModel(model, Schedule.uniform(model.config.num_hidden_layers, 0.3), router_cls(),
                          kv_policy=kv_policy)
