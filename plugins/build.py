@@ -128,7 +128,8 @@ def build_library(arch: str | list[str] | None = None, force: bool = False, *, c
         seconds = time.monotonic() - t0
         os.chmod(tmp, 0o755)  # mkstemp made it 0600
     write_json_atomic(out_dir / "build.json", {
-        "library": lib.name, "source_hash": src_hash, "kernels_only": kernels_only, "archs": archs, "ptx": archs[-1], "flags": flags,
+        "library": lib.name, "source_hash": src_hash, "kernels_only": kernels_only, "archs": archs, "ptx": archs[-1],
+        "flags": flags,
         "nvcc": str(nvcc.path), "nvcc_origin": nvcc.origin, "nvcc_version": nvcc.version(),
         "tensorrt_include": None if include is None else str(include), "tensorrt_include_origin": include_origin,
         "compile_seconds": round(seconds, 1)})

@@ -59,8 +59,8 @@ def routed_block_model(hidden: int = 64, dtype: str = "float32", keep_num: int =
         [helper.make_tensor_value_info("y", elem, ["batch", seq, hidden]),
          helper.make_tensor_value_info("index", TensorProto.INT64, ["batch", "kept"])],
         initializer=[w_init])
-    return helper.make_model(graph, ir_version=IR_VERSION,
-                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+    return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=opsets,
                              functions=function_protos(OPSET))
 
 

@@ -43,7 +43,8 @@ def scatter_session(dtype=TensorProto.FLOAT, opset: int = 18):
 
 def check_both(hidden, scores, num, den, min_keep, dtype=TensorProto.FLOAT, seed=0, valid=None):
     valid = np.ones(scores.shape, bool) if valid is None else valid
-    kept, index = topk_session(num, den, min_keep, dtype).run(None, {"hidden": hidden, "scores": scores, "valid": valid})
+    feeds = {"hidden": hidden, "scores": scores, "valid": valid}
+    kept, index = topk_session(num, den, min_keep, dtype).run(None, feeds)
     rkept, rindex = ref.topk_gather(hidden, scores, num, den, min_keep, valid)
     assert index.dtype == np.int64
     assert np.array_equal(index, rindex)

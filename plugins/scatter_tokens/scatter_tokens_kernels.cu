@@ -93,7 +93,8 @@ static void launchAddAs(const void* hidden, const void* delta, const int32_t* in
     const int64_t rows = int64_t(B) * S;
     const host::RowSplit split = host::rowSplit(rows, rowVecs);
     scatterAddKernel<T, N><<<split.blocks, 256, 0, stream>>>(static_cast<const P*>(hidden), static_cast<const P*>(delta),
-                                                             inverse, S, k, rowVecs, rows, split.tprLog2, static_cast<P*>(out));
+                                                             inverse, S, k, rowVecs, rows, split.tprLog2,
+                                                             static_cast<P*>(out));
 }
 
 template <typename T, int N, typename IdxT>
