@@ -83,12 +83,22 @@ def block_keep_count(schedule: Schedule, layer: int, seq: int, n_tail: int = 0) 
     return schedule.keep_count(layer, seq - n_tail) + n_tail
 
 
-def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, k: int, temperature: float | None) -> Tensor:
+def block_keep_counts(schedule: Schedule, layer: int, valid: Tensor, n_tail: int = 0) -> Tensor:
+    """[B] int64: real tokens each row keeps in block `layer`, from its own valid length L_b (the
+    per-row rule of docs/ops.md): n_tail + keep(L_b - n_tail), at most L_b. A full row keeps
+    block_keep_count(schedule, layer, S, n_tail), the batch's output width."""
+    lengths = valid.sum(-1)  # [B]
+    num, den = schedule.keep_fraction(layer)
+    routable = (lengths - n_tail).clamp(min=0)
+    return torch.minimum(lengths, ops.keep_count(routable, num, den, MIN_KEEP) + n_tail)
+
+
+def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, counts: Tensor, temperature: float | None) -> Tensor:
     """The soft gate whose gradient the straight-through estimator passes to the router ([B,S]).
 
     temperature None: sigmoid(logit), FTP as written. A number T: sigmoid((logit - t) / (T * sd)),
     centred on the row's top-k decision threshold t (halfway between the last kept and the first
-    skipped logit) and scaled by the spread sd of the row's logits. Then the tokens whose decision
+    skipped logit; row b keeps counts[b] tokens) and scaled by the spread sd of the row's logits. Then the tokens whose decision
     could flip get the most gradient, and logits pushed to saturation by the guide loss do not
     silence the distillation signal (sigmoid'(large) ~ 0). Everything but `raw` is detached.
     """
@@ -98,7 +108,8 @@ def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, k: int, temperatur
     order = torch.sort(sel, dim=-1, descending=True, stable=True).indices  # [B,S] selection order
     ranked = logits.detach().gather(1, order)  # [B,S] logits in selection order
     s = sel.shape[1]
-    t = 0.5 * (ranked[:, k - 1] + ranked[:, min(k, s - 1)])  # [B]
+    last = (counts.to(order.device) - 1).clamp(0, s - 1).unsqueeze(1)  # [B,1]
+    t = 0.5 * (ranked.gather(1, last) + ranked.gather(1, (last + 1).clamp(max=s - 1))).squeeze(1)  # [B]
     m = routable.float()
     n = m.sum(-1).clamp(min=2)
     mean = (logits.detach() * m).sum(-1) / n
@@ -106,10 +117,11 @@ def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, k: int, temperatur
     return torch.sigmoid((logits - t[:, None]) / (temperature * sd[:, None]))
 
 
-def keep_mask(sel: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def keep_mask(sel: Tensor, k: int, valid: Tensor | None = None, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Selection scores [B,S] -> (index [B,k] ascending, mask [B,S] float with 1 on the kept tokens):
-    the same top-k that gather execution runs."""
-    index = ops.select_topk(sel, k)  # [B,k]
+    the same selection that gather execution runs (row b keeps counts[b] real tokens, padding fills
+    the rest of its k slots; None: no padding, k each)."""
+    index = ops.select_topk(sel, k, valid, counts)  # [B,k]
     return index, torch.zeros_like(sel).scatter(1, index, 1.0)
 
 
@@ -199,7 +211,7 @@ class RoutedModel(nn.Module):
                                                       table)
             else:
                 h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table,
-                                                    ste)
+                                                    ste, n_tail=n_tail)
             cache.append(kv)
             if trace:
                 tr.logits, tr.forced = raw, forced
@@ -212,11 +224,11 @@ class RoutedModel(nn.Module):
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
 
     def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table):
-        if n_tail == 0:  # exactly the exported op: k from the keep fraction and S
+        if n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
             num, den = self.schedule.keep_fraction(li)
-            kept, index = ops.topk_gather(h, sel, num, den, MIN_KEEP)  # [B,k,H], [B,k]
+            kept, index = ops.topk_gather(h, sel, valid, num, den, MIN_KEEP)  # [B,k,H], [B,k]
         else:
-            index = ops.select_topk(sel, k)  # [B,k]
+            index = ops.select_topk(sel, k, valid, block_keep_counts(self.schedule, li, valid, n_tail))  # [B,k]
             kept = ops.gather_rows(h, index)  # [B,k,H]
         kpos = positions.gather(1, index)  # [B,k] original positions -> RoPE
         kvalid = valid.gather(1, index)  # [B,k]
@@ -237,8 +249,9 @@ class RoutedModel(nn.Module):
                 table = torch.where(res.attn_seen, res.attn_score, table)
         return h, table, res.kv, LayerTrace(k=index.shape[1], index=index)
 
-    def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table, ste):
-        index, hard = keep_mask(sel, k)  # [B,k], [B,S] 1 = keep
+    def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table, ste, *, n_tail: int):
+        counts = block_keep_counts(self.schedule, li, valid, n_tail)  # [B] real tokens each row keeps
+        index, hard = keep_mask(sel, k, valid, counts)  # [B,k], [B,S] 1 = keep
         keep = hard.bool()
         window = self.score_window if self._needs_scores() else 0
         k_active = keep if self.kv_policy == "skip" else None
@@ -246,7 +259,7 @@ class RoutedModel(nn.Module):
                         score_window=window)
         gate = hard
         if ste:  # forward value = hard mask, gradient = d soft / d logit
-            soft = ste_surrogate(raw, sel, routable, k, None if ste is True else float(ste))
+            soft = ste_surrogate(raw, sel, routable, counts, None if ste is True else float(ste))
             gate = hard + soft - soft.detach()
         h = h + gate.unsqueeze(-1).to(h.dtype) * (res.out - h)  # [B,S,H]
         if window:

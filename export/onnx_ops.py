@@ -34,12 +34,15 @@ def _schemas() -> list[defs.OpSchema]:
                 "TensorRT plugin namespace (\"tokenskip\"); ignored by everything else", required=False)
     topk = defs.OpSchema(
         TOPK_GATHER, DOMAIN, DOMAIN_VERSION,
-        doc="Keep the k best-scored tokens of each row (ties: lower position first), in ascending "
-            "order: k = min(S, max(min_keep, ceil(keep_num * S / keep_den))). See docs/ops.md.",
-        inputs=[P("hidden", "T", "[B,S,H]"), P("scores", "F", "[B,S] float32")],
+        doc="Row b keeps its keep(L_b) best-scored valid tokens (NaN as -inf, ties: lower position "
+            "first) plus its lowest k - keep(L_b) padding positions, in ascending order; "
+            "k = keep(S), keep(n) = min(n, max(min_keep, ceil(keep_num * n / keep_den))), "
+            "L_b = valid[b].sum(). See docs/ops.md.",
+        inputs=[P("hidden", "T", "[B,S,H]"), P("scores", "F", "[B,S] float32"),
+                P("valid", "V", "[B,S] bool, False on padding")],
         outputs=[P("kept", "T", "[B,k,H]"), P("index", "I", "[B,k] int64, ascending")],
         type_constraints=[("T", FLOAT_TYPES, "hidden dtype"), ("F", ["tensor(float)"], "scores"),
-                          ("I", ["tensor(int64)"], "indices")],
+                          ("V", ["tensor(bool)"], "valid mask"), ("I", ["tensor(int64)"], "indices")],
         attributes=[A("keep_num", defs.OpSchema.AttrType.INT, "keep fraction numerator (>= 0)", required=True),
                     A("keep_den", defs.OpSchema.AttrType.INT, "keep fraction denominator (>= 1)", required=True),
                     A("min_keep", defs.OpSchema.AttrType.INT, "lower bound on k (>= 1)", required=True),
@@ -78,41 +81,85 @@ def _const_i64(out: str, value: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, TensorProto.INT64, [1], [value]))
 
 
+def _keep_count_nodes(x: str, out: str) -> list[onnx.NodeProto]:
+    """out = min(x, max(min_keep, (keep_num * x + keep_den - 1) // keep_den)) on int64 tensors (x >= 0);
+    reads the Constants `num`, `den`, `mink` and `one` of the TopKGather body."""
+    return [
+        helper.make_node("Mul", ["num", x], [f"{out}_nx"]),
+        helper.make_node("Add", [f"{out}_nx", "den"], [f"{out}_t0"]),
+        helper.make_node("Sub", [f"{out}_t0", "one"], [f"{out}_t1"]),
+        helper.make_node("Div", [f"{out}_t1", "den"], [f"{out}_ceil"]),  # integer ceil (all >= 0)
+        helper.make_node("Max", [f"{out}_ceil", "mink"], [f"{out}_t2"]),
+        helper.make_node("Min", [f"{out}_t2", x], [out]),
+    ]
+
+
 def topk_gather_function(opset: int) -> onnx.FunctionProto:
-    """TopKGather as standard ops: k in integer shape arithmetic, TopK (ties lower index first),
-    indices sorted ascending by a second TopK (on float copies, exact below 2^24), GatherElements."""
+    """TopKGather as standard ops, the per-row rule of docs/ops.md without a per-row TopK:
+
+    k = keep(S) and k_b = keep(L_b) in integer arithmetic; the k_b-th best valid score `thr` is
+    column k_b - 1 of one TopK(k) over the scores with padding at -inf (NaN -> -inf first); row b
+    takes its valid tokens above thr, the first (k_b - #above) equal to thr by position (CumSum),
+    and its first k - k_b padding positions; a TopK(k) of that 0/1 mask (ties: lower index first)
+    lists the taken positions in ascending order; GatherElements copies the rows."""
+    ninf = helper.make_tensor("ninf", TensorProto.FLOAT, [], [float("-inf")])
     nodes = [
-        helper.make_node("Shape", ["hidden"], ["shape"]),  # [3] B,S,H
         helper.make_node("Shape", ["hidden"], ["S"], start=1, end=2),  # [1]
         helper.make_node("Shape", ["hidden"], ["Hdim"], start=2, end=3),  # [1]
-        helper.make_node("Constant", [], ["num"]),  # scalars; they broadcast against S [1]
+        helper.make_node("Constant", [], ["num"]),  # scalars from the attributes (set below)
         helper.make_node("Constant", [], ["den"]),
         helper.make_node("Constant", [], ["mink"]),
         _const_i64("one", 1),
+        _const_i64("zero", 0),
+        _const_i64("axis1", 1),
         _const_i64("minus_one", -1),
-        helper.make_node("Mul", ["num", "S"], ["numS"]),  # keep_num * S
-        helper.make_node("Add", ["numS", "den"], ["t0"]),
-        helper.make_node("Sub", ["t0", "one"], ["t1"]),
-        helper.make_node("Div", ["t1", "den"], ["ceil"]),  # (num*S + den - 1) // den (all >= 0)
-        helper.make_node("Max", ["ceil", "mink"], ["t2"]),
-        helper.make_node("Min", ["t2", "S"], ["k"]),  # [1]
-        # best k, ties broken by the lower position first (ONNX TopK semantics)
-        helper.make_node("TopK", ["scores", "k"], ["top_v", "top_i"], axis=-1, largest=1, sorted=1),
-        # ascending original order
-        helper.make_node("Cast", ["top_i"], ["top_f"], to=TensorProto.FLOAT),
-        helper.make_node("TopK", ["top_f", "k"], ["sorted_v", "order"], axis=-1, largest=0, sorted=1),
-        helper.make_node("GatherElements", ["top_i", "order"], ["index"], axis=1),  # [B,k]
+        helper.make_node("Constant", [], ["neg_inf"], value=ninf),
+        # k = keep(S) for the batch, k_b = keep(L_b) per row
+        *_keep_count_nodes("S", "k"),  # [1]
+        helper.make_node("Cast", ["valid"], ["valid_i"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["valid_i", "axis1"], ["L"], keepdims=1),  # [B,1]
+        *_keep_count_nodes("L", "kb"),  # [B,1]
+        # selection keys: NaN ranks like -inf; padding never competes with real tokens
+        helper.make_node("IsNaN", ["scores"], ["is_nan"]),
+        helper.make_node("Where", ["is_nan", "neg_inf", "scores"], ["key"]),  # [B,S]
+        helper.make_node("Where", ["valid", "key", "neg_inf"], ["key_v"]),  # [B,S]
+        helper.make_node("TopK", ["key_v", "k"], ["top_v", "top_i"], axis=-1, largest=1, sorted=1),  # [B,k]
+        helper.make_node("Sub", ["kb", "one"], ["kb_m1"]),
+        helper.make_node("Max", ["kb_m1", "zero"], ["thr_col"]),  # [B,1] (k_b = 0 only when L_b = 0)
+        helper.make_node("GatherElements", ["top_v", "thr_col"], ["thr"], axis=1),  # [B,1] k_b-th best
+        helper.make_node("Greater", ["key", "thr"], ["above"]),
+        helper.make_node("And", ["valid", "above"], ["gt"]),  # [B,S]
+        helper.make_node("Equal", ["key", "thr"], ["same"]),
+        helper.make_node("And", ["valid", "same"], ["eq"]),  # [B,S]
+        helper.make_node("Cast", ["gt"], ["gt_i"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["gt_i", "axis1"], ["n_gt"], keepdims=1),  # [B,1]
+        helper.make_node("Sub", ["kb", "n_gt"], ["take_eq"]),  # [B,1] ties at thr to take, lowest first
+        helper.make_node("Cast", ["eq"], ["eq_i"], to=TensorProto.INT64),
+        helper.make_node("CumSum", ["eq_i", "axis1"], ["eq_rank"]),  # [B,S] inclusive
+        helper.make_node("LessOrEqual", ["eq_rank", "take_eq"], ["eq_ok"]),
+        helper.make_node("And", ["eq", "eq_ok"], ["sel_eq"]),
+        helper.make_node("Not", ["valid"], ["pad"]),
+        helper.make_node("Cast", ["pad"], ["pad_i"], to=TensorProto.INT64),
+        helper.make_node("CumSum", ["pad_i", "axis1"], ["pad_rank"]),  # [B,S] inclusive
+        helper.make_node("Sub", ["k", "kb"], ["fill"]),  # [B,1] padding slots of row b
+        helper.make_node("LessOrEqual", ["pad_rank", "fill"], ["pad_ok"]),
+        helper.make_node("And", ["pad", "pad_ok"], ["sel_pad"]),
+        helper.make_node("Or", ["gt", "sel_eq"], ["sel_real"]),
+        helper.make_node("Or", ["sel_real", "sel_pad"], ["taken"]),  # [B,S] exactly k per row
+        helper.make_node("Cast", ["taken"], ["taken_f"], to=TensorProto.FLOAT),
+        # equal values come out lower index first: the taken positions, ascending
+        helper.make_node("TopK", ["taken_f", "k"], ["_taken_v", "index"], axis=-1, largest=1, sorted=1),  # [B,k]
         helper.make_node("Unsqueeze", ["index", "minus_one"], ["index3"]),  # [B,k,1]
         helper.make_node("Shape", ["index"], ["bk"]),  # [2]
         helper.make_node("Concat", ["bk", "Hdim"], ["bkh"], axis=0),  # [3]
         helper.make_node("Expand", ["index3", "bkh"], ["index_h"]),  # [B,k,H]
         helper.make_node("GatherElements", ["hidden", "index_h"], ["kept"], axis=1),  # [B,k,H]
     ]
-    # the three Constants read the function's attributes (attribute references)
-    for node, ref in zip(nodes[3:6], TOPK_ATTRS):
+    # the three attribute Constants read the function's attributes (attribute references)
+    for node, ref in zip(nodes[2:5], TOPK_ATTRS):
         node.attribute.append(_attr_ref("value_int", ref))
     return helper.make_function(
-        DOMAIN, TOPK_GATHER, inputs=["hidden", "scores"], outputs=["kept", "index"], nodes=nodes,
+        DOMAIN, TOPK_GATHER, inputs=["hidden", "scores", "valid"], outputs=["kept", "index"], nodes=nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=list(TOPK_ATTRS),
         doc_string="tokenskip::TopKGather reference body (docs/ops.md)")
 
@@ -148,8 +195,8 @@ def _translation_table() -> dict:
     register_schemas()
     ts = values.Opset(DOMAIN, DOMAIN_VERSION)
 
-    def topk_gather(hidden, scores, keep_num: int, keep_den: int, min_keep: int):
-        return ts.TopKGather(hidden, scores, keep_num=keep_num, keep_den=keep_den, min_keep=min_keep,
+    def topk_gather(hidden, scores, valid, keep_num: int, keep_den: int, min_keep: int):
+        return ts.TopKGather(hidden, scores, valid, keep_num=keep_num, keep_den=keep_den, min_keep=min_keep,
                              plugin_namespace=PLUGIN_NAMESPACE)
 
     def scatter_tokens(hidden, delta, index):
@@ -222,10 +269,11 @@ def single_op_model(op: str, opset: int, hidden_dtype: int = TensorProto.FLOAT, 
     """A model holding just one tokenskip node (+ its function): for testing the bodies alone."""
     if op == TOPK_GATHER:
         inputs = [helper.make_tensor_value_info("hidden", hidden_dtype, ["B", "S", "H"]),
-                  helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "S"])]
+                  helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "S"]),
+                  helper.make_tensor_value_info("valid", TensorProto.BOOL, ["B", "S"])]
         outputs = [helper.make_tensor_value_info("kept", hidden_dtype, ["B", "k", "H"]),
                    helper.make_tensor_value_info("index", TensorProto.INT64, ["B", "k"])]
-        node = helper.make_node(TOPK_GATHER, ["hidden", "scores"], ["kept", "index"], domain=DOMAIN, **attrs)
+        node = helper.make_node(TOPK_GATHER, ["hidden", "scores", "valid"], ["kept", "index"], domain=DOMAIN, **attrs)
     elif op == SCATTER_TOKENS:
         inputs = [helper.make_tensor_value_info("hidden", hidden_dtype, ["B", "S", "H"]),
                   helper.make_tensor_value_info("delta", hidden_dtype, ["B", "k", "H"]),

@@ -25,6 +25,7 @@ from tokenskip.fileio import atomic_path, cache_dir, write_json_atomic
 from . import toolchain
 
 LIB_NAME = "libtokenskip_plugins.so"
+KERNELS_LIB_NAME = "libtokenskip_kernels.so"  # the CUDA kernels' C entry points alone (no TensorRT headers)
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 DEFAULT_ARCHS = ("80", "86", "89", "90", "120")  # + PTX of the newest, for future GPUs
@@ -37,8 +38,9 @@ def source_files() -> list[Path]:
     return sorted(p for p in SOURCE_DIR.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
 
 
-def compile_units() -> list[Path]:
-    return [p for p in source_files() if p.suffix in (".cu", ".cpp")]
+def compile_units(kernels_only: bool = False) -> list[Path]:
+    """The .cu/.cpp files to compile; kernels_only: the CUDA kernels and their C entry points (.cu)."""
+    return [p for p in source_files() if p.suffix == ".cu" or (p.suffix == ".cpp" and not kernels_only)]
 
 
 def source_hash() -> str:
@@ -78,36 +80,40 @@ def arch_flags(archs: list[str]) -> list[str]:
 
 
 def build_library(arch: str | list[str] | None = None, force: bool = False, *, cache: Path | None = None,
-                  verbose: bool = False) -> Path:
+                  verbose: bool = False, kernels_only: bool = False) -> Path:
     """Compile (or reuse) libtokenskip_plugins.so for `arch` (default: sm_80/86/89/90/120 + PTX).
 
-    Returns the library path. Raises UserError with one line when nvcc or the headers are missing
-    or the compile fails (the full log is kept next to where the library would have been).
+    kernels_only: libtokenskip_kernels.so, the CUDA kernels and their C entry points without the
+    TensorRT plugins, so no TensorRT headers are needed (the GPU tests and benchmark on a machine
+    with no TensorRT). Returns the library path. Raises UserError with one line when nvcc or the
+    headers are missing or the compile fails (the full log is kept next to where the library would
+    have been).
     """
     archs = parse_archs(arch)
     cache = Path(cache) if cache is not None else cache_dir() / "plugins"
     nvcc = toolchain.find_nvcc()
-    include, include_origin = toolchain.find_tensorrt_include(cache)
+    include, include_origin = (None, None) if kernels_only else toolchain.find_tensorrt_include(cache)
     src_hash = source_hash()
     flags = [*BASE_FLAGS, *arch_flags(archs), f"-DTOKENSKIP_SOURCE_HASH=\"{src_hash}\""]
-    version_header = include / "NvInferVersion.h"
+    version_header = None if include is None else include / "NvInferVersion.h"
     key = hashlib.sha256(json.dumps({
-        "sources": src_hash, "flags": flags, "nvcc": nvcc.version(),
-        "headers": hashlib.sha256(version_header.read_bytes()).hexdigest() if version_header.is_file() else "",
+        "sources": src_hash, "flags": flags, "nvcc": nvcc.version(), "kernels_only": kernels_only,
+        "headers": hashlib.sha256(version_header.read_bytes()).hexdigest()
+        if version_header is not None and version_header.is_file() else "",
     }, sort_keys=True).encode()).hexdigest()[:20]
     out_dir = cache / key
-    lib = out_dir / LIB_NAME
+    lib = out_dir / (KERNELS_LIB_NAME if kernels_only else LIB_NAME)
     if lib.is_file() and not force:
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "nvcc.log"
     with atomic_path(lib) as tmp:
-        cmd = [str(nvcc.path), *flags, f"-I{include}", f"-I{SOURCE_DIR}"]
+        cmd = [str(nvcc.path), *flags, *([] if include is None else [f"-I{include}"]), f"-I{SOURCE_DIR}"]
         if nvcc.lib_dir is not None:
             cmd.append(f"-L{nvcc.lib_dir}")  # libcudadevrt / libcudart_static of that toolkit
-        cmd += [str(p) for p in compile_units()] + ["-o", str(tmp)]
+        cmd += [str(p) for p in compile_units(kernels_only)] + ["-o", str(tmp)]
         if verbose:
-            print(f"compiling {LIB_NAME} for sm_{', sm_'.join(archs)} with {nvcc.path} ({nvcc.origin}) ...",
+            print(f"compiling {lib.name} for sm_{', sm_'.join(archs)} with {nvcc.path} ({nvcc.origin}) ...",
                   file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
@@ -122,9 +128,10 @@ def build_library(arch: str | list[str] | None = None, force: bool = False, *, c
         seconds = time.monotonic() - t0
         os.chmod(tmp, 0o755)  # mkstemp made it 0600
     write_json_atomic(out_dir / "build.json", {
-        "library": LIB_NAME, "source_hash": src_hash, "archs": archs, "ptx": archs[-1], "flags": flags,
+        "library": lib.name, "source_hash": src_hash, "kernels_only": kernels_only, "archs": archs, "ptx": archs[-1],
+        "flags": flags,
         "nvcc": str(nvcc.path), "nvcc_origin": nvcc.origin, "nvcc_version": nvcc.version(),
-        "tensorrt_include": str(include), "tensorrt_include_origin": include_origin,
+        "tensorrt_include": None if include is None else str(include), "tensorrt_include_origin": include_origin,
         "compile_seconds": round(seconds, 1)})
     return lib
 

@@ -2,11 +2,9 @@
 
 `write_export(dir)` writes a folder shaped like `tokenskip export` output (export.json + model.onnx
 + decode.onnx) whose graphs route a toy block through TopKGather -> MatMul -> ScatterTokens. The
-nodes carry plugin_namespace="tokenskip" and the model ships model-local function bodies made of
-standard ops (the fallback TensorRT uses when our plugin library is not loaded), implementing
-docs/ops.md exactly: TopK (ties: lower index first), then a second TopK on the float indices to
-put the kept positions in ascending order (exact for S < 2^24), then GatherElements / gather + add +
-ScatterElements (TensorRT-RTX lacks ScatterElements reduction="add").
+nodes carry plugin_namespace="tokenskip" and the model ships the exporter's own model-local
+function bodies (`tokenskip.export.onnx_ops.function_protos`, standard ops only): the fallback
+TensorRT uses when our plugin library is not loaded.
 """
 
 from __future__ import annotations
@@ -15,70 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-DOMAIN = "tokenskip"
+from tokenskip.export.onnx_ops import DOMAIN, DOMAIN_VERSION, IR_VERSION, PLUGIN_NAMESPACE, function_protos
+
 OPSET = 18
-IR_VERSION = 10  # onnxruntime reads at most IR 13; onnx 1.23 writes 14 by default
 DTYPES = {"float32": 1, "float16": 10, "bfloat16": 16}  # TensorProto enums
 
 
-def _topk_gather_function():
-    from onnx import AttributeProto, TensorProto, helper
-
-    def const(name, value):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [1], [value]))
-
-    def ref(name):  # Constant whose value_int reads the function attribute `name`
-        node = helper.make_node("Constant", [], [name])
-        attr = AttributeProto()
-        attr.name, attr.ref_attr_name, attr.type = "value_int", name, AttributeProto.INT
-        node.attribute.append(attr)
-        return node
-
-    nodes = [
-        helper.make_node("Shape", ["hidden"], ["S"], start=1, end=2),      # [1]
-        helper.make_node("Shape", ["hidden"], ["Hd"], start=2, end=3),     # [1]
-        ref("keep_num"), ref("keep_den"), ref("min_keep"), const("one", 1), const("minus_one", -1),
-        helper.make_node("Mul", ["keep_num", "S"], ["nS"]),
-        helper.make_node("Add", ["nS", "keep_den"], ["t0"]),
-        helper.make_node("Sub", ["t0", "one"], ["t1"]),
-        helper.make_node("Div", ["t1", "keep_den"], ["ceil"]),            # ceil(num * S / den), integers >= 0
-        helper.make_node("Max", ["ceil", "min_keep"], ["t2"]),
-        helper.make_node("Min", ["t2", "S"], ["k"]),                       # [1]
-        helper.make_node("TopK", ["scores", "k"], ["_v", "top"], axis=-1, largest=1, sorted=1),  # [B,k]
-        helper.make_node("Cast", ["top"], ["top_f"], to=TensorProto.FLOAT),
-        helper.make_node("TopK", ["top_f", "k"], ["_w", "order"], axis=-1, largest=0, sorted=1),
-        helper.make_node("GatherElements", ["top", "order"], ["index"], axis=1),  # [B,k] ascending
-        helper.make_node("Unsqueeze", ["index", "minus_one"], ["index3"]),       # [B,k,1]
-        helper.make_node("Shape", ["index"], ["bk"]),
-        helper.make_node("Concat", ["bk", "Hd"], ["bkh"], axis=0),
-        helper.make_node("Expand", ["index3", "bkh"], ["index_h"]),             # [B,k,H]
-        helper.make_node("GatherElements", ["hidden", "index_h"], ["kept"], axis=1),
-    ]
-    return helper.make_function(DOMAIN, "TopKGather", ["hidden", "scores"], ["kept", "index"], nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["keep_num", "keep_den", "min_keep"])
-
-
-def _scatter_tokens_function():
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m", TensorProto.INT64, [1], [-1])),
-        helper.make_node("Unsqueeze", ["index", "minus_one"], ["index3"]),  # [B,k,1]
-        helper.make_node("Shape", ["delta"], ["bkh"]),
-        helper.make_node("Expand", ["index3", "bkh"], ["index_h"]),         # [B,k,H]
-        helper.make_node("GatherElements", ["hidden", "index_h"], ["rows"], axis=1),
-        helper.make_node("Add", ["rows", "delta"], ["updated"]),
-        helper.make_node("ScatterElements", ["hidden", "index_h", "updated"], ["hidden_out"], axis=1),
-    ]
-    return helper.make_function(DOMAIN, "ScatterTokens", ["hidden", "delta", "index"], ["hidden_out"], nodes,
-                                [helper.make_opsetid("", OPSET)])
-
-
 def routed_block_model(hidden: int = 64, dtype: str = "float32", keep_num: int = 3, keep_den: int = 5,
-                       min_keep: int = 1, seq: str | int = "seq", seed: int = 0):
-    """x [batch, seq, H], scores [batch, seq] -> y [batch, seq, H], index [batch, k].
+                       min_keep: int = 1, seq: str | int = "seq", seed: int = 0, with_mask: bool = False):
+    """x [batch, seq, H], scores [batch, seq] (+ mask [batch, seq] int64) -> y [batch, seq, H], index [batch, k].
 
-    y = ScatterTokens(x, TopKGather(x, scores).kept @ W, index): one routed block in miniature.
+    y = ScatterTokens(x, TopKGather(x, scores, valid).kept @ W, index): one routed block in miniature.
+    valid = mask != 0 with `with_mask` (as the export's attention_mask), else every token is valid.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -91,23 +37,31 @@ def routed_block_model(hidden: int = 64, dtype: str = "float32", keep_num: int =
         w_init = numpy_helper.from_array(w.astype(np.float16), "W")
     else:
         w_init = _bf16_tensor("W", w)
-    ns = {"plugin_namespace": DOMAIN}
+    ns = {"plugin_namespace": PLUGIN_NAMESPACE}
+    inputs = [helper.make_tensor_value_info("x", elem, ["batch", seq, hidden]),
+              helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", seq])]
+    if with_mask:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", seq]))
+        valid = [helper.make_node("Cast", ["mask"], ["valid"], to=TensorProto.BOOL, name="valid")]
+    else:
+        valid = [helper.make_node("Shape", ["scores"], ["scores_shape"], name="scores_shape"),
+                 helper.make_node("ConstantOfShape", ["scores_shape"], ["valid"], name="valid",
+                                  value=helper.make_tensor("true", TensorProto.BOOL, [1], [True]))]
     nodes = [
-        helper.make_node("TopKGather", ["x", "scores"], ["kept", "index"], name="route_gather", domain=DOMAIN,
-                         keep_num=keep_num, keep_den=keep_den, min_keep=min_keep, **ns),
+        *valid,
+        helper.make_node("TopKGather", ["x", "scores", "valid"], ["kept", "index"], name="route_gather",
+                         domain=DOMAIN, keep_num=keep_num, keep_den=keep_den, min_keep=min_keep, **ns),
         helper.make_node("MatMul", ["kept", "W"], ["delta"], name="block"),
         helper.make_node("ScatterTokens", ["x", "delta", "index"], ["y"], name="route_scatter", domain=DOMAIN, **ns),
     ]
     graph = helper.make_graph(
-        nodes, "routed_block",
-        [helper.make_tensor_value_info("x", elem, ["batch", seq, hidden]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", seq])],
+        nodes, "routed_block", inputs,
         [helper.make_tensor_value_info("y", elem, ["batch", seq, hidden]),
          helper.make_tensor_value_info("index", TensorProto.INT64, ["batch", "kept"])],
         initializer=[w_init])
-    return helper.make_model(graph, ir_version=IR_VERSION,
-                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                             functions=[_topk_gather_function(), _scatter_tokens_function()])
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+    return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=opsets,
+                             functions=function_protos(OPSET))
 
 
 def _bf16_tensor(name: str, arr: np.ndarray):
@@ -128,7 +82,7 @@ def _io(model) -> dict:
 
 
 def write_export(out_dir: str | Path, hidden: int = 64, dtype: str = "float32", keep_num: int = 3, keep_den: int = 5,
-                 min_keep: int = 1, decode: bool = True) -> Path:
+                 min_keep: int = 1, decode: bool = True, with_mask: bool = False) -> Path:
     """A folder shaped like `tokenskip export` output: export.json + model.onnx (+ decode.onnx)."""
     import json
 
@@ -137,16 +91,16 @@ def write_export(out_dir: str | Path, hidden: int = 64, dtype: str = "float32", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     graphs = {}
-    prefill = routed_block_model(hidden, dtype, keep_num, keep_den, min_keep)
+    prefill = routed_block_model(hidden, dtype, keep_num, keep_den, min_keep, with_mask=with_mask)
     onnx.save(prefill, out / "model.onnx")
     graphs["prefill"] = {"file": "model.onnx", "inputs": _io(prefill)}
     if decode:  # one new token per step: the decode graph routes a length-1 sequence
-        dec = routed_block_model(hidden, dtype, keep_num, keep_den, min_keep, seq=1)
+        dec = routed_block_model(hidden, dtype, keep_num, keep_den, min_keep, seq=1, with_mask=with_mask)
         onnx.save(dec, out / "decode.onnx")
         graphs["decode"] = {"file": "decode.onnx", "inputs": _io(dec)}
     short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
     side = {"format": "tokenskip-export", "version": 1, "dtype": short, "max_seq_len": 4096, "graphs": graphs,
-            "custom_ops": {"domain": DOMAIN, "version": 1, "plugin_namespace": DOMAIN,
+            "custom_ops": {"domain": DOMAIN, "version": DOMAIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE,
                            "ops": ["TopKGather", "ScatterTokens"]}}
     (out / "export.json").write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
     return out

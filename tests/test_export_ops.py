@@ -41,9 +41,11 @@ def scatter_session(dtype=TensorProto.FLOAT, opset: int = 18):
     return _SESSIONS[key]
 
 
-def check_both(hidden, scores, num, den, min_keep, dtype=TensorProto.FLOAT, seed=0):
-    kept, index = topk_session(num, den, min_keep, dtype).run(None, {"hidden": hidden, "scores": scores})
-    rkept, rindex = ref.topk_gather(hidden, scores, num, den, min_keep)
+def check_both(hidden, scores, num, den, min_keep, dtype=TensorProto.FLOAT, seed=0, valid=None):
+    valid = np.ones(scores.shape, bool) if valid is None else valid
+    feeds = {"hidden": hidden, "scores": scores, "valid": valid}
+    kept, index = topk_session(num, den, min_keep, dtype).run(None, feeds)
+    rkept, rindex = ref.topk_gather(hidden, scores, num, den, min_keep, valid)
     assert index.dtype == np.int64
     assert np.array_equal(index, rindex)
     assert kept.dtype == hidden.dtype and np.array_equal(kept, rkept)
@@ -59,11 +61,13 @@ def test_function_bodies_present_and_attributes():
     m = onnx_ops.single_op_model(onnx_ops.TOPK_GATHER, 18, keep_num=7, keep_den=10, min_keep=2)
     node = m.graph.node[0]
     assert (node.domain, node.op_type) == ("tokenskip", "TopKGather")
+    assert list(node.input) == ["hidden", "scores", "valid"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"keep_num": 7, "keep_den": 10, "min_keep": 2, "plugin_namespace": b"tokenskip"}
     funcs = {(f.domain, f.name): f for f in m.functions}
     assert set(funcs) == {("tokenskip", "TopKGather"), ("tokenskip", "ScatterTokens")}
     assert list(funcs[("tokenskip", "TopKGather")].attribute) == ["keep_num", "keep_den", "min_keep"]
+    assert list(funcs[("tokenskip", "TopKGather")].input) == ["hidden", "scores", "valid"]
     body_ops = {n.op_type for n in funcs[("tokenskip", "ScatterTokens")].node}
     assert "ScatterElements" in body_ops
     for n in funcs[("tokenskip", "ScatterTokens")].node:  # TensorRT-RTX has no reduction="add"
@@ -104,19 +108,24 @@ def test_all_equal_scores_pick_lowest_positions():
 
 
 def test_batch_with_different_valid_lengths():
-    """Scores as the routed model gives them: padding -inf, first/last valid +inf."""
+    """Scores as the routed model gives them: padding -inf, first/last valid +inf; each row keeps
+    keep(L_b) real tokens and fills the rest of its k slots with padding."""
     rng = np.random.default_rng(2)
     seq = 23
     hidden = rng.standard_normal((4, seq, 6)).astype(np.float32)
     scores = rng.standard_normal((4, seq)).astype(np.float32)
-    for b, pad in enumerate([0, 5, 17, 21]):  # left padding; the last row keeps some padding
+    valid = np.ones((4, seq), bool)
+    for b, pad in enumerate([0, 5, 17, 21]):  # left padding
+        valid[b, :pad] = False
         scores[b, :pad] = -np.inf
         scores[b, pad] = np.inf
         scores[b, -1] = np.inf
-    idx = check_both(hidden, scores, 3, 5, 2)
+    idx = check_both(hidden, scores, 3, 5, 2, valid=valid)
     k = ref.keep_count(seq, 3, 5, 2)
     assert idx.shape == (4, k)
     assert (np.diff(idx, axis=1) > 0).all()  # ascending and unique
+    real = np.take_along_axis(valid, idx, axis=1).sum(axis=1)
+    assert real.tolist() == [ref.keep_count(seq - pad, 3, 5, 2) for pad in [0, 5, 17, 21]] == [14, 11, 4, 2]
 
 
 def test_long_sequence_beyond_tensorrt_topk_cap():
@@ -141,7 +150,7 @@ def test_other_opsets(opset):
     hidden = rng.standard_normal((2, 12, 4)).astype(np.float32)
     scores = rng.standard_normal((2, 12)).astype(np.float32)
     sess = _session(onnx_ops.single_op_model(onnx_ops.TOPK_GATHER, opset, keep_num=1, keep_den=2, min_keep=2))
-    kept, index = sess.run(None, {"hidden": hidden, "scores": scores})
+    kept, index = sess.run(None, {"hidden": hidden, "scores": scores, "valid": np.ones((2, 12), bool)})
     assert np.array_equal(index, ref.topk_gather(hidden, scores, 1, 2, 2)[1])
 
 

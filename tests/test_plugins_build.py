@@ -32,8 +32,11 @@ def test_library_compiles_with_entry_points_and_source_hash(lib):
     assert meta["archs"] == ["90"] and meta["compile_seconds"] > 0
     handle = ctypes.CDLL(str(lib))
     for name in ("getCreators", "setLoggerFinder", "tokenskip_topk_gather_bf16_i64", "tokenskip_topk_select_i32",
-                 "tokenskip_scatter_tokens_f16_i32", "tokenskip_scatter_tokens_workspace_size"):
+                 "tokenskip_scatter_tokens_f16_i32", "tokenskip_scatter_tokens_inplace_bf16_i64",
+                 "tokenskip_scatter_tokens_workspace_size", "tokenskip_plugins_set_aliased_io",
+                 "tokenskip_plugins_aliases_granted"):
         assert hasattr(handle, name), name
+    assert handle.tokenskip_plugins_supports_aliased_io() == 1  # TensorRT 10.14 headers: IPluginV3OneBuildV2
     assert build.library_source_hash(lib) == build.source_hash()
     assert build.check_library(lib) == lib
     handle.tokenskip_keep_count.restype = ctypes.c_int64
@@ -41,6 +44,33 @@ def test_library_compiles_with_entry_points_and_source_hash(lib):
     assert handle.tokenskip_keep_count(40000, 3, 5, 1) == 24000
     assert handle.tokenskip_keep_count(1, 0, 1, 4) == 1
     assert handle.tokenskip_keep_count(10, 1, 0, 1) == -1
+
+
+def test_selection_path_and_workspace_host_logic(lib):
+    """The host-side choices of the selection kernels (callable without a GPU)."""
+    from tokenskip.plugins import kernels
+
+    handle = kernels.load(lib)
+    multi = handle.tokenskip_topk_select_uses_multi_block
+    assert multi(1, 32768) and multi(8, 32768) and multi(1, 8193)
+    assert not multi(1, 8192) and not multi(1, 1024) and not multi(128, 32768)  # short rows / a full GPU
+    size = handle.tokenskip_topk_gather_workspace_size
+    assert size(0, 100) == 0 and size(1, 0) == 0
+    # per row: 4 x 256 uint32 histograms + 3 uint32 counts per 2048-score chunk (each part 256-aligned)
+    assert size(1, 32768) == 4096 + 256 and size(8, 32768) == 8 * 4096 + 8 * 16 * 12
+    assert size(2, 100000) >= size(2, 99999) >= size(1, 99999)
+
+
+def test_kernels_only_library_needs_no_tensorrt_headers(lib, tmp_path, monkeypatch):
+    """What the GPU machine (no TensorRT) builds for tests/test_plugins_gpu.py and the benchmark."""
+    monkeypatch.setenv("TENSORRT_INCLUDE_DIR", str(tmp_path / "no-headers"))  # would fail a plugin build
+    kern = build.build_library(arch="90", cache=tmp_path / "plugins", kernels_only=True)
+    assert kern.name == "libtokenskip_kernels.so"
+    meta = json.loads((kern.parent / "build.json").read_text())
+    assert meta["kernels_only"] and meta["tensorrt_include"] is None
+    handle = ctypes.CDLL(str(kern))
+    assert hasattr(handle, "tokenskip_topk_select_i64") and hasattr(handle, "tokenskip_scatter_tokens_inplace_f16_i64")
+    assert not hasattr(handle, "getCreators")
 
 
 def test_second_build_is_a_cache_hit(lib):
@@ -109,7 +139,7 @@ def test_compile_error_leaves_no_library(lib, tmp_path, monkeypatch):
     broken = tmp_path / "broken.cu"
     broken.write_text("__global__ void k() { this is not cuda; }\n")
     monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(build, "compile_units", lambda: [broken])
+    monkeypatch.setattr(build, "compile_units", lambda kernels_only=False: [broken])
     line = _one_line_error(CliRunner().invoke(plugins, ["build", "--arch", "90", "--force"]))
     assert "nvcc failed" in line and "full log" in line
     assert _no_library(tmp_path / "cache")

@@ -43,7 +43,7 @@ def test_torch_ops_match_numpy_reference(seq, num, den):
     scores = torch.randint(0, 5, (2, seq), generator=g).float()  # many ties
     scores[0, 0] = float("inf")
     scores[1, -1] = float("-inf")
-    kept, index = ops.topk_gather(hidden, scores, num, den, 2)
+    kept, index = ops.topk_gather(hidden, scores, torch.ones(2, seq, dtype=torch.bool), num, den, 2)
     ref_kept, ref_index = ops_reference.topk_gather(hidden.numpy(), scores.numpy(), num, den, 2)
     assert np.array_equal(index.numpy(), ref_index)
     assert np.array_equal(kept.numpy(), ref_kept)
@@ -118,11 +118,14 @@ def smollm2_f64(smollm2):
 def test_gather_equals_mask_emulation(smollm2, smollm2_f64, kv_policy, router_cls):
     """Training's mask emulation computes the same function as real gather/scatter at 0.3.
 
-    In float64 the two agree exactly (same logic); in fp32 they differ only by summation order
-    inside attention (k keys vs S masked keys), about 4e-6 relative to the logits.
+    They differ only by summation order inside attention (k keys vs S masked keys): about 4e-6
+    relative to the logits in fp32. In float64 that order gives 1e-14 differences, but HF's RMSNorm
+    computes in float32 even for a float64 model, so such a difference can flip one float32 rounding
+    (6e-8 relative) that later blocks carry to ~1e-6 (seen with the per-row keep counts, where
+    padding rows fill the slots of short rows): the float64 check allows 1e-5.
     """
     ids, mask, _ = padded_batch(smollm2.model.config.vocab_size, seq=48)
-    for model, tol in ((smollm2_f64, 1e-9), (smollm2.model, 2e-4)):
+    for model, tol in ((smollm2_f64, 1e-5), (smollm2.model, 2e-4)):
         torch.manual_seed(0)
         rm = RoutedModel(model, Schedule.uniform(model.config.num_hidden_layers, 0.3), router_cls(),
                          kv_policy=kv_policy)

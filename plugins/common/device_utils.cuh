@@ -19,32 +19,39 @@ __device__ __forceinline__ uint32_t orderedKey(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block-wide exclusive prefix sum of one uint32 per thread (blockDim.x a multiple of 32, <= 1024).
-// `scratch` is 32 words of shared memory; `total` receives the block sum. Contains __syncthreads:
-// every thread of the block must call it.
-__device__ __forceinline__ uint32_t blockExclusiveSum(uint32_t value, uint32_t& total, uint32_t* scratch) {
+// The selection key of a score (docs/ops.md): orderedKey, with every NaN ranked exactly like -inf.
+// Never 0 (the smallest key is -inf's, 0x007fffff), which the selection uses as "below everything".
+__device__ __forceinline__ uint32_t selectKey(float f) {
+    return f != f ? 0x007fffffu : orderedKey(f);
+}
+
+// Block-wide exclusive prefix sum of one T (uint32_t or unsigned long long) per thread (blockDim.x a
+// multiple of 32, <= 1024). `scratch` is 32 T of shared memory; `total` receives the block sum.
+// Contains __syncthreads: every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ T blockExclusiveSum(T value, T& total, T* scratch) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int nWarps = blockDim.x >> 5;
-    uint32_t x = value;
+    T x = value;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+        T y = __shfl_up_sync(0xffffffffu, x, o);
         if (lane >= o) x += y;
     }
     if (lane == 31) scratch[warp] = x;
     __syncthreads();
     if (warp == 0) {
-        uint32_t w = lane < nWarps ? scratch[lane] : 0u;
+        T w = lane < nWarps ? scratch[lane] : T(0);
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
-            uint32_t y = __shfl_up_sync(0xffffffffu, w, o);
+            T y = __shfl_up_sync(0xffffffffu, w, o);
             if (lane >= o) w += y;
         }
         scratch[lane] = w;  // inclusive sums of warp totals
     }
     __syncthreads();
-    const uint32_t before = warp ? scratch[warp - 1] : 0u;
+    const T before = warp ? scratch[warp - 1] : T(0);
     total = scratch[nWarps - 1];
     __syncthreads();  // scratch may be reused by the caller's next call
     return before + x - value;
@@ -79,15 +86,20 @@ namespace host {
 // threads (a power of two <= blockThreads) per row, blockThreads / threadsPerRow rows per block.
 struct RowSplit {
     int threadsPerRow;
+    int tprLog2;  // threadsPerRow == 1 << tprLog2
     int rowsPerBlock;
     int blocks;
 };
 
 inline RowSplit rowSplit(int64_t rows, int64_t rowVecs, int blockThreads = 256) {
-    int tpr = 1;
-    while (tpr < blockThreads && tpr < rowVecs) tpr <<= 1;
+    int tpr = 1, log2 = 0;
+    while (tpr < blockThreads && tpr < rowVecs) {
+        tpr <<= 1;
+        ++log2;
+    }
     RowSplit s;
     s.threadsPerRow = tpr;
+    s.tprLog2 = log2;
     s.rowsPerBlock = blockThreads / tpr;
     int64_t blocks = (rows + s.rowsPerBlock - 1) / s.rowsPerBlock;
     const int64_t cap = int64_t(1) << 20;  // grid-stride beyond this

@@ -1,9 +1,15 @@
-// Element and index kinds shared by the kernel launchers and the TensorRT plugins.
+// Element and index kinds and the keep-count rule shared by the kernels and the TensorRT plugins.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#if defined(__CUDACC__)
+#define TOKENSKIP_HD __host__ __device__
+#else
+#define TOKENSKIP_HD
+#endif
 
 namespace tokenskip {
 
@@ -13,13 +19,23 @@ enum class IndexKind : int32_t { kI32 = 0, kI64 = 1 };
 inline size_t elemBytes(ElemKind e) { return e == ElemKind::kF32 ? 4 : 2; }
 inline size_t indexBytes(IndexKind i) { return i == IndexKind::kI32 ? 4 : 8; }
 
-// k = min(S, max(min_keep, ceil(keep_num * S / keep_den))) in exact integer arithmetic (docs/ops.md);
-// -1 for a bad fraction or S < 0.
-inline int64_t keepCount(int64_t S, int64_t keepNum, int64_t keepDen, int64_t minKeep) {
-    if (S < 0 || keepNum < 0 || keepDen < 1 || minKeep < 1) return -1;
-    int64_t k = (keepNum * S + keepDen - 1) / keepDen;
-    if (k < minKeep) k = minKeep;
-    return k < S ? k : S;
+// The keep fraction of a TopKGather node (attributes keep_num, keep_den, min_keep).
+struct Keep {
+    int64_t num;
+    int64_t den;
+    int64_t minKeep;
+};
+
+inline bool validKeep(Keep k) { return k.num >= 0 && k.den >= 1 && k.minKeep >= 1; }
+
+// keep(n) = min(n, max(min_keep, ceil(keep_num * n / keep_den))) in exact integer arithmetic
+// (docs/ops.md): the batch width k = keep(S) and a row's real-token count k_b = keep(L_b).
+// -1 for a bad fraction or n < 0.
+TOKENSKIP_HD inline int64_t keepCount(int64_t n, Keep keep) {
+    if (n < 0 || keep.num < 0 || keep.den < 1 || keep.minKeep < 1) return -1;
+    int64_t k = (keep.num * n + keep.den - 1) / keep.den;
+    if (k < keep.minKeep) k = keep.minKeep;
+    return k < n ? k : n;
 }
 
 // Round a byte count up to 256 so that workspace slices stay aligned for vector loads.

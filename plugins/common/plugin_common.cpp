@@ -10,6 +10,8 @@ namespace plugin {
 
 namespace {
 std::atomic<ILoggerFinder*> gFinder{nullptr};
+std::atomic<bool> gAliasedIo{false};
+std::atomic<int64_t> gAliasesGranted{0};
 
 void logAt(ILogger::Severity sev, std::string const& msg) noexcept {
     ILoggerFinder* finder = gFinder.load();
@@ -21,6 +23,12 @@ void logAt(ILogger::Severity sev, std::string const& msg) noexcept {
 void setLoggerFinder(ILoggerFinder* finder) noexcept { gFinder.store(finder); }
 void logError(std::string const& msg) noexcept { logAt(ILogger::Severity::kERROR, msg); }
 void logWarning(std::string const& msg) noexcept { logAt(ILogger::Severity::kWARNING, msg); }
+void logInfo(std::string const& msg) noexcept { logAt(ILogger::Severity::kINFO, msg); }
+
+void setAliasedIo(bool on) noexcept { gAliasedIo.store(on); }
+bool aliasedIo() noexcept { return gAliasedIo.load(); }
+void countAliasGranted() noexcept { gAliasesGranted.fetch_add(1); }
+int64_t aliasesGranted() noexcept { return gAliasesGranted.load(); }
 
 bool readIntField(PluginFieldCollection const* fc, char const* plugin, char const* name, int64_t& value) noexcept {
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
@@ -61,15 +69,6 @@ bool toIndexKind(DataType t, IndexKind& out) noexcept {
 bool isHiddenType(DataType t) noexcept {
     ElemKind e;
     return toElemKind(t, e);
-}
-
-IPluginCapability* PluginBase::getCapabilityInterface(PluginCapabilityType type) noexcept {
-    switch (type) {
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
 }
 
 } // namespace plugin

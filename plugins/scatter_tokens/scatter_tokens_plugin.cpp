@@ -63,9 +63,20 @@ int32_t ScatterTokensPlugin::configurePlugin(DynamicPluginTensorDesc const* in, 
     return 0;
 }
 
+#if TOKENSKIP_HAS_ALIASED_IO
+int32_t ScatterTokensPlugin::getAliasedInput(int32_t outputIndex) noexcept {
+    // Only when switched on (plugin_common.h): TensorRT-RTX asks even without the preview feature and
+    // then fails the build, so a plain build must hear "no alias" and gets the copy path.
+    if (outputIndex != 0 || !aliasedIo()) return -1;
+    countAliasGranted();
+    logInfo("ScatterTokens: output 0 (hidden_out) aliases input 0 (hidden): in place");
+    return kHidden;
+}
+#endif
+
 size_t ScatterTokensPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*,
                                              int32_t) const noexcept {
-    Dims const& m = inputs[kHidden].max;
+    Dims const& m = inputs[kHidden].max;  // the copy path's inverse map; unused in place
     return scatter::workspaceSize(int(m.d[0]), int(m.d[1]), int(m.d[2]), int(inputs[kDelta].max.d[1]));
 }
 
@@ -83,6 +94,7 @@ int32_t ScatterTokensPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     ElemKind ek;
     IndexKind ik;
     if (!toElemKind(inputDesc[kHidden].type, ek) || !toIndexKind(inputDesc[kIndex].type, ik)) return -1;
+    // outputs[0] == inputs[0] when TensorRT honoured getAliasedInput: the in-place kernel runs
     cudaError_t err = scatter::launchScatterTokens(ek, ik, inputs[kHidden], inputs[kDelta], inputs[kIndex], int(B),
                                                    int(S), int(H), int(k), outputs[0], workspace, stream);
     if (err != cudaSuccess) {

@@ -6,7 +6,12 @@
 namespace tokenskip {
 namespace plugin {
 
-class ScatterTokensPlugin final : public PluginBase {
+// Offers the V2 build interface where the headers have it: hidden_out aliases hidden (in place, only
+// the k updated rows are touched) when the engine is built with
+// PreviewFeature::kALIASED_PLUGIN_IO_10_03; without it TensorRT gives a separate output and
+// enqueue runs the one-pass copy kernel. enqueue picks the kernel by pointer equality, so both
+// builds are correct.
+class ScatterTokensPlugin final : public PluginBase<BuildV2> {
 public:
     ScatterTokensPlugin() = default;
 
@@ -27,6 +32,9 @@ public:
                             nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                             nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+#if TOKENSKIP_HAS_ALIASED_IO
+    int32_t getAliasedInput(int32_t outputIndex) noexcept override;
+#endif
 
     // IPluginV3OneRuntime
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,

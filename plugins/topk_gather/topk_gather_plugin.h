@@ -6,9 +6,9 @@
 namespace tokenskip {
 namespace plugin {
 
-class TopKGatherPlugin final : public PluginBase {
+class TopKGatherPlugin final : public PluginBase<nvinfer1::IPluginV3OneBuild> {
 public:
-    TopKGatherPlugin(int64_t keepNum, int64_t keepDen, int64_t minKeep);
+    explicit TopKGatherPlugin(Keep keep);
 
     // IPluginV3OneCore
     char const* getPluginName() const noexcept override;
@@ -35,9 +35,7 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    int64_t mKeepNum;
-    int64_t mKeepDen;
-    int64_t mMinKeep;
+    Keep mKeep;
     Fields mFields;
 };
 
