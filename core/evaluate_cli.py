@@ -48,10 +48,10 @@ def comparison_line(c: dict) -> str:
     """One sentence for a paired comparison (tokenskip.evaluate.compare), claiming only what the CI
     supports."""
     lo, hi = c["kl_diff_ci"]
-    verdict = ("lower KL than" if c["a_better_kl"] else "higher KL than" if c["b_better_kl"]
-               else "not distinguishable (CI spans 0) from")
+    verdict = ("has lower KL than" if c["a_better_kl"] else "has higher KL than" if c["b_better_kl"]
+               else "is not distinguishable in KL (the CI spans 0) from")
     return (f"{c['a']} vs {c['b']}: KL difference {c['kl_diff']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}]: "
-            f"{c['a']} has {verdict} {c['b']}; perplexity ratio {c['ppl_ratio']:.3f} "
+            f"{c['a']} {verdict} {c['b']}; perplexity ratio {c['ppl_ratio']:.3f} "
             f"[{c['ppl_ratio_ci'][0]:.3f}, {c['ppl_ratio_ci'][1]:.3f}]")
 
 

@@ -123,6 +123,8 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @click.option("--init", "init_routers", type=click.Path(), default=None,
               help="Start from this routers folder's learned router instead of a fresh one.")
 @click.option("--guide-weight", default=1.0, show_default=True, help="Guide-loss weight at step 0 (decays to 0).")
+@click.option("--score-window", default=64, show_default=True,
+              help="Query rows of the attention-score feature the learned router reads (saved with the router).")
 @click.option("--validate-every", default=0, show_default=True,
               help="Every N steps, KL to dense on the calibration windows as deployment computes it; the router "
                    "that validates best is written (0: the last one).")
@@ -137,7 +139,8 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @_seed
 @_calib_text
 def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_size, windows, checkpoint_every,
-          init_routers, guide_weight, validate_every, ste_temperature, resume, train_text, kv_policy, seed, calib_text):
+          init_routers, guide_weight, score_window, validate_every, ste_temperature, resume, train_text, kv_policy, seed,
+          calib_text):
     """Train the shared FTP router with the LLM frozen.
 
     Loss = guide (BCE to the static router's masks, weight decaying to 0) + sparsity + KL to dense
@@ -160,7 +163,8 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
     out = _check_out(out_dir)
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, cont_len=cont_len,
                              windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,
-                             guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every)
+                             guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every,
+                             score_window=score_window)
     settings.check()
     deterministic(seed)
     lm = load_model(model)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import load_safetensors, read_json, save_safetensors_atomic, write_json_atomic
-from tokenskip.routed import (RoutedModel, block_keep_count, default_positions, forced_tokens, keep_mask,
+from tokenskip.routed import (DEFAULT_WINDOW, RoutedModel, block_keep_count, default_positions, forced_tokens, keep_mask,
                               routing_scores)
 from tokenskip.routers import LearnedRouter, RouteContext, StaticRouter, router_features
 from tokenskip.schedule import Schedule
@@ -61,6 +61,7 @@ class TrainSettings:
     checkpoint_every: int = 25
     calib_windows: int = 8  # windows of the calibration split for feature standardisation
     ste_temperature: float = 0.0  # 0: STE through sigmoid(logit); > 0: centred on the top-k threshold
+    score_window: int = DEFAULT_WINDOW  # query rows of the attention-score feature (a router input)
     validate_every: int = 0  # > 0: KL on the calibration windows (deployment function) every N steps;
     #                          the router with the lowest one is the result
 
@@ -75,6 +76,8 @@ class TrainSettings:
             raise UserError(f"--ste-temperature {self.ste_temperature}: must be >= 0 (0 = plain sigmoid)")
         if self.validate_every < 0:
             raise UserError(f"--validate-every {self.validate_every}: must be >= 0")
+        if self.score_window < 1:
+            raise UserError(f"--score-window {self.score_window}: must be >= 1")
         if self.checkpoint_every < 1:
             raise UserError(f"--checkpoint-every {self.checkpoint_every}: must be >= 1")
 
@@ -134,10 +137,10 @@ class _FeatureRecorder(StaticRouter):
 
 @torch.no_grad()
 def standardise_features(router: LearnedRouter, model, schedule: Schedule, calib: torch.Tensor, cont_len: int,
-                         kv_policy: str, batch_size: int = 4) -> None:
+                         kv_policy: str, batch_size: int = 4, score_window: int = DEFAULT_WINDOW) -> None:
     """Set router.feature_mean/std from one static-routed pass over calibration windows."""
     rec = _FeatureRecorder(cont_len)
-    routed = RoutedModel(model, schedule, rec, kv_policy=kv_policy)
+    routed = RoutedModel(model, schedule, rec, kv_policy=kv_policy, score_window=score_window)
     for start in range(0, len(calib), batch_size):
         routed(calib[start:start + batch_size], n_tail=cont_len, num_logits=1)
     if not rec.rows:
@@ -268,7 +271,8 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     if init_router is not None:
         router.load_state_dict(init_router.state_dict())
     else:
-        standardise_features(router, model, schedule, calib_ids, settings.cont_len, settings.kv_policy)
+        standardise_features(router, model, schedule, calib_ids, settings.cont_len, settings.kv_policy,
+                             score_window=settings.score_window)
     opt = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     identity = _identity(settings, schedule, model_name)
     state = None
@@ -278,7 +282,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         for f in ckpt_dir.iterdir():
             f.unlink()
     state = state or TrainState()
-    routed = RoutedModel(model, schedule, router, kv_policy=settings.kv_policy)
+    routed = RoutedModel(model, schedule, router, kv_policy=settings.kv_policy, score_window=settings.score_window)
     base = RoutedModel(model, Schedule.dense(schedule.num_layers), None, kv_policy=settings.kv_policy)
     n = train_ids.shape[0]
     cache: dict[int, torch.Tensor] = {}
@@ -346,6 +350,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         router.load_state_dict(state.best)
     cfg = RoutingConfig(model=model_name, num_layers=schedule.num_layers, router="learned",
                         schedule=list(schedule.sparsity), kv_policy=settings.kv_policy, seed=settings.seed,
+                        score_window=settings.score_window,
                         model_type=model.config.model_type, hidden_size=model.config.hidden_size,
                         extra={"training": {**asdict(settings), "final": state.history[-1] if state.history else {},
                                             "best_step": state.best_step,
