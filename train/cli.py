@@ -216,8 +216,10 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
 @_seed
 @_calib_text
 @click.option("--train-text", type=click.Path(), default=None, help="Plain text file to train on.")
+@click.option("--batch-size", type=int, default=None,
+              help="Global training batch instead of the budget's (2); at least the number of processes.")
 @device_options
-def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text, device, dtype):
+def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text, batch_size, device, dtype):
     """search (static router) -> train -> re-search (learned router) -> short final train.
 
     Writes OUT/search-static, OUT/router-1, OUT/search-learned and the final OUT/routers.
@@ -228,7 +230,7 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
       tokenskip fit --sparsity 0.3 --out out/fit
       tokenskip fit --sparsity 0.3 --out out/fit --device cuda --dtype bf16
       accelerate launch --multi_gpu --num_processes 8 -m tokenskip fit --sparsity 0.3 --out out/fit \\
-          --device cuda --dtype bf16
+          --batch-size 8 --device cuda --dtype bf16
       tokenskip eval --routers out/fit/routers
     """
     from tokenskip.schedule import check_sparsity
@@ -243,7 +245,7 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
     deterministic(seed)
     final = run_fit(model, sparsity, out_dir, budget=budget, seed=seed, kv_policy=kv_policy, calib_text=calib_text,
                     train_text=train_text, log=lambda m: click.echo(m, err=True), device=device, dtype=dtype,
-                    dist=dist)
+                    dist=dist, batch_size=batch_size)
     if dist.is_main:
         click.echo(str(final))
 

@@ -55,12 +55,13 @@ BUDGETS = {
 def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str = "small", seed: int = 0,
             kv_policy: str = "skip", calib_text: str | None = None, train_text: str | None = None,
             progress: bool = True, lm=None, log=print, resume: bool = True, device: str = "cpu", dtype: str = "fp32",
-            dist: Dist | None = None) -> Path:
+            dist: Dist | None = None, batch_size: int | None = None) -> Path:
     """search -> train -> re-search -> train. Returns the final routers folder (DIR/routers).
 
     The model is loaded once in `dtype` on `device` (or `dist.device`: one GPU per process when
     launched by torchrun / accelerate); `dist` splits every stage over the processes and only
-    rank 0 writes. Every process returns the same routers."""
+    rank 0 writes. Every process returns the same routers. `batch_size` replaces the budget's
+    global training batch (at least one window per process)."""
     from tokenskip.models import load_model
 
     from .common import windows
@@ -73,6 +74,13 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
     if budget not in BUDGETS:
         raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
+    if batch_size is not None:
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: must be >= 1")
+        b = replace(b, batch_size=batch_size)
+    if b.batch_size < dist.world:  # fail before the search, not after it
+        raise UserError(f"--batch-size {b.batch_size}: the global batch must hold at least one window per process "
+                        f"({dist.world} processes); pass --batch-size {dist.world} or more")
     out = Path(out_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
