@@ -5,9 +5,10 @@ Tolerances (measured values in docs/gpu.md):
 - routed model, tiny random Llama: mean KL(fp32 || bf16) of the next-token distributions <= 1e-4,
   kept-token sets of the learned router >= 95% the same;
 - smollm2-135m (slow test), 4 held-out windows of 256 tokens, last 32 scored: KL(fp32 || bf16) <= 0.005
-  for dense and static-routed (measured 0.0012), <= 0.06 for a learned router (measured 0.035: about 2%
-  of its kept tokens change, as its attention-score feature reads bf16 hidden states), whose kept
-  sets are >= 93% the same in every block (measured 95.1% worst, 97.7% mean);
+  for dense and static-routed (measured 0.0012), <= 0.05 for a learned router (seed 0, standardised,
+  untrained: measured 0.017; about 1.5% of its kept tokens change, as its attention-score feature
+  reads bf16 hidden states), whose kept sets are >= 93% the same in every block (measured 96.2%
+  worst, 98.5% mean);
 - a short router training: every logged loss, guide and KL within 2% (relative) of fp32 (measured 0.44%).
 """
 
@@ -26,7 +27,7 @@ from tests.test_train import TEXT, _make_model
 KL_TINY = 1e-4
 KEPT_TINY = 0.95
 KL_REAL = 0.005
-KL_REAL_LEARNED = 0.06
+KL_REAL_LEARNED = 0.05
 KEPT_REAL = 0.93
 LOSS_REL = 0.02
 
@@ -181,8 +182,8 @@ def test_smollm2_bf16_matches_fp32(smollm2):
     ids = load_windows(smollm2.tokenizer, "eval", 256, 4, 0)  # [4,256]
     n = fp32.config.num_hidden_layers
     sched = Schedule.uniform(n, 0.3)
+    torch.manual_seed(0)  # the untrained router's weights: its sensitivity to bf16 depends on them (docs/gpu.md)
     learned = LearnedRouter()
-    torch.manual_seed(0)
     standardise_features(learned, fp32, sched, ids[:2], 32, "skip")
     for router in (None, StaticRouter(), learned):
         a = RoutedModel(fp32, sched, router)(ids, n_tail=32, trace=True, num_logits=32)
