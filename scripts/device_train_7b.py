@@ -166,7 +166,8 @@ def quality(model, device, router, sched, seq_len, cont_len, windows, batch) -> 
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, model.config.vocab_size, (windows, seq_len), generator=g)
-    methods = [("static (uniform)", RoutedModel(model, sched, StaticRouter())), ("learned", RoutedModel(model, sched, router))]
+    methods = [("static (uniform)", RoutedModel(model, sched, StaticRouter())),
+               ("learned", RoutedModel(model, sched, router))]
     reset_peak(device)
     sync(device)
     t0 = time.time()
@@ -197,7 +198,8 @@ def versus_fp32(model, router, sched, seq_len, cont_len) -> dict:
             mb = torch.zeros(ids.shape, device=ids.device).scatter(1, tb.index, 1.0)
             overlaps.append(float((ma * mb).sum() / ta.index.numel()))
     del fp32
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1": float((la.argmax(-1) == lb.argmax(-1)).float().mean()),
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float((la.argmax(-1) == lb.argmax(-1)).float().mean()),
             "kept_overlap_min": min(overlaps), "kept_overlap_mean": sum(overlaps) / len(overlaps)}
 
 

@@ -131,6 +131,35 @@ class Dist:
             raise UserError(value)
         return value
 
+    def resume_on_main(self, load: Callable[[], object], router: torch.nn.Module, opt: torch.optim.Optimizer,
+                       scaler=None):
+        """Resume training: `load()` reads a checkpoint into router/opt/scaler on rank 0 (no shared
+        file system needed) and returns its state, or None when there is none; every other process
+        then takes rank 0's router, optimizer and scaler state. Returns load()'s result everywhere;
+        a refused checkpoint is refused on every process."""
+        if not self.active:
+            return load()
+
+        def on_main():
+            state = load()
+            if state is None:
+                return None
+            opt_state = opt.state_dict()  # tensors to the CPU: pickled tensors would land on rank 0's GPU
+            opt_state["state"] = {i: {k: v.cpu() for k, v in st.items()} for i, st in opt_state["state"].items()}
+            return (state, {k: v.cpu() for k, v in router.state_dict().items()}, opt_state,
+                    None if scaler is None else scaler.state_dict())
+
+        got = self.run_on_main(on_main)
+        if got is None:
+            return None
+        state, router_state, opt_state, scaler_state = got
+        if not self.is_main:
+            router.load_state_dict(router_state)
+            opt.load_state_dict(opt_state)
+            if scaler is not None:
+                scaler.load_state_dict(scaler_state)
+        return state
+
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Overwrite every parameter and buffer with rank 0's (in place)."""
         if not self.active:

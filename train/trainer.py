@@ -236,8 +236,8 @@ def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
         return None
     meta = read_json(meta_path, "checkpoint")
     if meta.get("identity") != json.loads(json.dumps(identity)):
-        raise UserError(f"checkpoint {ckpt_dir} was made with other settings (schedule, model, steps, lr, seed, ...); "
-                        "rerun with the same options or pass --no-resume to start over")
+        raise UserError(f"checkpoint {ckpt_dir} was made with other settings (schedule, model, dtype, steps, lr, "
+                        "seed, ...); rerun with the same options or pass --no-resume to start over")
     tensors = load_safetensors(ckpt_dir / meta["file"], "checkpoint weights")
     router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -296,7 +296,8 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     identity = _identity(settings, schedule, model_name, dtype_name(dtype))
     state = None
     if resume:
-        state = _resume(ckpt_dir, router, opt, identity, scaler, dist)
+        state = dist.resume_on_main(lambda: load_checkpoint(ckpt_dir, router, opt, identity, scaler), router, opt,
+                                    scaler)
     elif ckpt_dir.exists() and dist.is_main:
         for f in ckpt_dir.iterdir():
             f.unlink()
@@ -389,31 +390,3 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         write_json_atomic(out / "train_history.json", {"history": state.history})
     dist.barrier()
     return router
-
-
-def _resume(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Optimizer, identity: dict, scaler,
-            dist: Dist) -> TrainState | None:
-    """Rank 0 reads the checkpoint and every process takes its router, AdamW and scaler state (no
-    shared file system needed). A refused checkpoint is refused on every process."""
-    if not dist.active:
-        return load_checkpoint(ckpt_dir, router, opt, identity, scaler)
-
-    def load():
-        state = load_checkpoint(ckpt_dir, router, opt, identity, scaler)
-        if state is None:
-            return None
-        opt_state = opt.state_dict()
-        opt_state["state"] = {i: {k: v.cpu() for k, v in st.items()} for i, st in opt_state["state"].items()}
-        return (state, {k: v.cpu() for k, v in router.state_dict().items()}, opt_state,
-                None if scaler is None else scaler.state_dict())
-
-    got = dist.run_on_main(load)
-    if got is None:
-        return None
-    state, router_state, opt_state, scaler_state = got
-    if not dist.is_main:
-        router.load_state_dict(router_state)
-        opt.load_state_dict(opt_state)
-        if scaler is not None:
-            scaler.load_state_dict(scaler_state)
-    return state
