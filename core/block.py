@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import fp32_region
+
 
 @dataclass
 class LayerKV:
@@ -84,13 +86,14 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
     qw = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B,nh,w,d]
     mask = allowed.gather(1, rows.unsqueeze(-1).expand(-1, -1, allowed.shape[2]))  # [B,w,T]
     mask = mask & rows_ok.unsqueeze(-1)
-    logits = torch.matmul(qw, k.transpose(2, 3)) * scaling  # [B,nh,w,T]
-    logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
-    total = probs.sum(dim=2).mean(dim=1)  # [B,T]
-    count = mask.sum(dim=1)  # [B,T] window queries that see each key
-    score = total / count.clamp(min=1).to(total.dtype)
-    return score.float(), count > 0
+    with fp32_region(q):  # the score is a router feature: fp32 even when the LLM runs in bf16/fp16
+        logits = torch.matmul(qw.float(), k.float().transpose(2, 3)) * scaling  # [B,nh,w,T]
+        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
+        total = probs.sum(dim=2).mean(dim=1)  # [B,T]
+        count = mask.sum(dim=1)  # [B,T] window queries that see each key
+        score = total / count.clamp(min=1).to(total.dtype)
+    return score, count > 0
 
 
 @dataclass

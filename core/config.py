@@ -140,5 +140,9 @@ def build_routed(model, *, router: str = "static", sparsity: float | None = None
         cfg = RoutingConfig(model=model_name, num_layers=n, router=router, schedule=list(sched.sparsity),
                             kv_policy=kv_policy or "skip", seed=seed, model_type=model.config.model_type,
                             hidden_size=model.config.hidden_size)
+    if module is not None:  # the router runs where the LLM runs, in fp32 whatever the LLM's dtype
+        from .precision import model_device
+
+        module.to(device=model_device(model))
     routed = RoutedModel(model, sched, module, kv_policy=cfg.kv_policy, score_window=cfg.score_window)
     return routed, cfg

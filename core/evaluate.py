@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import stats
 from .flops import flops_ratio
+from .precision import model_device
 from .routed import RoutedModel
 
 
@@ -128,6 +129,7 @@ def evaluate_methods(methods: list[tuple[str, RoutedModel]], windows: torch.Tens
             raise ValueError("no methods to evaluate")
         base = methods[0][1]
         dense_model = RoutedModel(base.model, base.schedule, None, kv_policy=base.kv_policy)
+    windows = windows.to(model_device(dense_model.model))
     dense, scores = WindowScores(), [WindowScores() for _ in methods]
     bar = tqdm(total=n * (len(methods) + 1), desc="quality", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
@@ -173,6 +175,7 @@ class DenseReference:
 def dense_reference(routed: RoutedModel, windows: torch.Tensor, n_cont: int, batch_size: int = 4,
                     progress: bool = True) -> DenseReference:
     dense_model = RoutedModel(routed.model, routed.schedule, None, kv_policy=routed.kv_policy)
+    windows = windows.to(model_device(routed.model))
     parts, nlls = [], []
     for start in tqdm(range(0, len(windows), batch_size), desc="dense", disable=not progress, leave=False):
         ids = windows[start:start + batch_size]
@@ -191,6 +194,7 @@ def evaluate(routed: RoutedModel, windows: torch.Tensor, n_cont: int, dense: Den
     if not 0 < n_cont < seq - 1:
         raise ValueError(f"continuation length {n_cont} must be in [1, {seq - 2}]")
     scores = WindowScores()
+    windows = windows.to(model_device(routed.model))
     for start in tqdm(range(0, n, batch_size), desc=method, disable=not progress, leave=False):
         ids = windows[start:start + batch_size]
         scores.add(continuation_logprobs(routed, ids, n_cont), dense.log_probs[start:start + batch_size], ids, n_cont)

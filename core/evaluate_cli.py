@@ -10,6 +10,7 @@ import torch
 
 from .errors import UserError
 from .models import DEFAULT_MODEL
+from .precision import device_options
 from .windows import WINDOW_SOURCES
 
 def _num(v, spec: str) -> str:
@@ -98,9 +99,10 @@ def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
 @click.option("--task-examples", default=100, show_default=True, help="Examples per task (seeded sample).")
 @click.option("--out", "out_file", type=click.Path(), default=None,
               help="Write the results JSON here (for `tokenskip report`).")
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, text_file, domain, seq_len, cont_len,
-             windows, batch_size, tasks, task_examples, out_file, as_json):
+             windows, batch_size, tasks, task_examples, device, dtype, out_file, as_json):
     """Score a routed model as deployment runs it: routed prefill of each window's prompt, then
     teacher-forced decode of its continuation through the KV cache; only the continuation is scored.
 
@@ -115,6 +117,7 @@ def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, te
       tokenskip eval --routers out/fit/routers --text my_corpus.txt
       tokenskip eval --router shortgpt --sparsity 0.3 --out res/shortgpt.json
       tokenskip eval --routers out/fit/routers --tasks default
+      tokenskip eval --routers out/fit/routers --device cuda --dtype bf16
     """
     from .config import build_routed
     from .evaluate import evaluate_methods
@@ -141,7 +144,7 @@ def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, te
             raise UserError("--task-examples must be >= 1")
         loaded = mc.load_tasks(task_names, task_examples, seed)  # bad task names fail before any model work
     torch.manual_seed(seed)
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype, device=device)
     extra = {}
     if router == "shortgpt":
         from tokenskip.train.baselines import shortgpt_for
@@ -157,7 +160,8 @@ def eval_cmd(model, router, sparsity, schedule, routers_dir, kv_policy, seed, te
     results = evaluate_methods(methods, ids, cont_len, batch_size, progress, seed,
                                dense_model=None if methods else routed)
     source = text_file or f"built-in {domain}"
-    obj = {"model": model, "text": source, "seed": seed, "results": [r.to_json() for r in results]}
+    obj = {"model": model, "text": source, "seed": seed, "dtype": dtype, "device": str(lm.model.device),
+           "results": [r.to_json() for r in results]}
     if extra:
         obj["shortgpt"] = extra
     if task_names:

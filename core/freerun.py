@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import stats
+from .precision import model_device
 from .routed import RoutedModel
 
 NGRAM = 4
@@ -63,9 +64,9 @@ def free_running(methods: list[tuple[str, RoutedModel]], dense_model: RoutedMode
     models = [("dense", dense_model), *methods]
     bar = tqdm(total=n * len(models), desc="free-running", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
-        p = prompts[start:start + batch_size]
+        p = prompts[start:start + batch_size].to(model_device(dense_model.model))
         for name, m in models:
-            gens.setdefault(name, []).append(greedy_tokens(m, p, n_new))
+            gens.setdefault(name, []).append(greedy_tokens(m, p, n_new).cpu())
             bar.update(len(p))
     bar.close()
     toks = {k: torch.cat(v) for k, v in gens.items()}  # [N,n_new]

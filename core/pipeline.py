@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .models import DEFAULT_MODEL
+from .precision import device_options
 
 STAGES = ("fit", "quality", "export", "engine", "generate", "speed")
 DEFAULT_PROMPT = "The history of the Roman Empire"
@@ -79,8 +80,9 @@ def _gpu_can_run_engine() -> bool:
 @click.option("--bench-seq-len", default=1024, show_default=True, help="Prompt length of the speed stage.")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to run.")
 @click.option("--seed", default=0, show_default=True)
+@device_options
 @click.pass_context
-def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_len, stages, seed):
+def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_len, stages, seed, device, dtype):
     """Run the whole job end to end and print the quality and speed tables.
 
     \b
@@ -88,6 +90,9 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_l
       tokenskip pipeline
       tokenskip pipeline --sparsity 0.4 --out out/run-04
       tokenskip pipeline --model ./my-llama --stages fit,quality
+      tokenskip pipeline --model ./my-llama --stages fit,quality --device cuda --dtype bf16
+
+    --device/--dtype apply to the fit and quality stages (the model is loaded once for both).
     """
     from .fileio import write_json_atomic
     from .models import load_model
@@ -105,7 +110,7 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_l
     engine_dir = out / "engine"
     started = time.time()
     click.secho(f"tokenskip pipeline: {model}, overall sparsity {sparsity}, artefacts in {out}", bold=True)
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype, device=device)
 
     if "fit" in chosen:
         from .train.fit import run_fit

@@ -49,3 +49,36 @@ def device_options(f=None, *, default_dtype: str = "fp32"):
     f = click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True,
                      help="Where the LLM runs (auto: cuda when a GPU is visible).")(f)
     return f
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's first floating-point parameter (what --dtype loaded it in)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for router training: torch.autocast in the LLM's half dtype (bf16 or fp16
+    on cuda, bf16 or fp16 on cpu), nothing for fp32. Under it, matmuls run in half while softmax,
+    log-softmax and the losses run in fp32; the router itself opts out (LearnedRouter.forward) so
+    its weights, scores and AdamW state stay fp32."""
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fp32_region(t: torch.Tensor):
+    """A context that turns an enclosing autocast off for code that must run in fp32 (router
+    scores, the attention-score feature). A no-op when no autocast is active, so tracing for
+    export sees plain code."""
+    import contextlib
+
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .precision import fp32_region
+
 ROUTER_KINDS = ("dense", "static", "random", "learned")
 NUM_FEATURES = 4
 HIDDEN = 64
@@ -105,8 +107,10 @@ class LearnedRouter(Router):
         self.register_buffer("feature_std", torch.ones(NUM_FEATURES))
 
     def forward(self, features: Tensor) -> Tensor:  # [B,S,4] -> [B,S] logits
-        z = (features - self.feature_mean) / self.feature_std
-        return self.mlp(z).squeeze(-1)
+        # fp32 whatever the LLM's dtype or an enclosing autocast: the scores decide which tokens run
+        with fp32_region(features):
+            z = (features.float() - self.feature_mean) / self.feature_std
+            return self.mlp(z).squeeze(-1)
 
     def scores(self, ctx: RouteContext) -> Tensor:
         return self.forward(router_features(ctx))

@@ -19,6 +19,7 @@ import torch
 from tokenskip.errors import UserError
 from tokenskip.evaluate_cli import model_options
 from tokenskip.models import DEFAULT_MODEL
+from tokenskip.precision import device_options
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -36,7 +37,8 @@ def parse_list(text: str, kind, flag: str) -> list:
     return values
 
 
-def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device="cpu"):
+def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device="cpu",
+                       dtype="fp32"):
     """CLI choices -> (LoadedModel, RoutedModel, RoutingConfig). With --routers DIR and no --model,
     the base model named in the folder is used. No routing flags at all means dense."""
     from tokenskip.config import build_routed, load_routing
@@ -48,8 +50,7 @@ def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_p
     if router is None:
         router = "learned" if routers_dir else ("static" if sparsity is not None or schedule else "dense")
     torch.manual_seed(seed)
-    lm = load_model(model)
-    lm.model.to(device)
+    lm = load_model(model, dtype=dtype, device=device)
     routed, cfg = build_routed(lm.model, router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
                                kv_policy=kv_policy, seed=seed, model_name=model)
     return lm, routed, cfg
@@ -304,11 +305,11 @@ def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_d
 @click.option("--new-tokens", default=64, show_default=True, help="Decoded (scored) tokens per window.")
 @click.option("--windows", default=8, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, text_file, prompt_len,
-                new_tokens, windows, batch_size, device, as_json):
+                new_tokens, windows, batch_size, device, dtype, as_json):
     """Decode-time quality: routed prefill + cached decode vs dense prefill + dense decode.
 
     Scores the true continuation by teacher forcing through decode_step (perplexity, KL, top-1)
@@ -318,6 +319,7 @@ def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, 
     Examples:
       tokenskip decode-eval --router static --sparsity 0.3
       tokenskip decode-eval --routers out/fit --prompt-len 448 --new-tokens 64 --json
+      tokenskip decode-eval --routers out/fit --device cuda --dtype bf16
     """
     from .decode_eval import decode_quality
 
@@ -325,14 +327,15 @@ def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, 
         raise UserError("--prompt-len must be >= 2 and --new-tokens >= 1")
     if windows < 1 or batch_size < 1:
         raise UserError("--windows and --batch-size must be >= 1")
-    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device)
+    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device,
+                                         dtype)
     if routed.router is None:
         raise UserError("decode-eval compares a routed model with dense: give --sparsity/--schedule or --routers")
     from tokenskip.windows import load_windows
 
     ids = load_windows(lm.tokenizer, "eval", prompt_len + new_tokens, windows, seed, text_file)
     res = decode_quality(routed, ids, prompt_len, new_tokens, batch_size, progress=not as_json)
-    res.update(model=model, router=cfg.router)
+    res.update(model=model, router=cfg.router, dtype=dtype, device=str(lm.model.device))
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:

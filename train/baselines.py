@@ -26,14 +26,14 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> list[f
     total = torch.zeros(n_layers, dtype=torch.float64)
     count = 0
     for start in range(0, len(windows), batch_size):
-        ids = windows[start:start + batch_size]  # [B,L]
+        ids = windows[start:start + batch_size].to(model.device)  # [B,L]
         valid = torch.ones_like(ids, dtype=torch.bool)
         positions = default_positions(valid)
         h = model.model.embed_tokens(ids)  # [B,L,H]
         cos_sin = model.model.rotary_emb(h, positions)
         for li, layer in enumerate(model.model.layers):
             out = run_block(layer, h, cos_sin, positions, valid).out  # [B,L,H]
-            total[li] += (1 - F.cosine_similarity(h.float(), out.float(), dim=-1)).double().sum()
+            total[li] += float((1 - F.cosine_similarity(h.float(), out.float(), dim=-1)).double().sum())
             h = out
         count += ids.numel()
     return (total / count).tolist()

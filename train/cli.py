@@ -10,6 +10,7 @@ import click
 
 from tokenskip.errors import UserError
 from tokenskip.models import DEFAULT_MODEL
+from tokenskip.precision import device_options
 
 _model = click.option("--model", default=DEFAULT_MODEL, show_default=True,
                       help="Built-in name, local Hugging Face folder, or Hub id.")
@@ -48,9 +49,10 @@ def _check_out(out: str) -> Path:
 @_seed
 @_calib_text
 @click.option("--batch-size", default=4, show_default=True)
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the schedule JSON instead of a summary.")
 def search(model, sparsity, out_dir, router, routers_dir, population, generations, windows, seq_len, cont_len,
-           dense_first, dense_last, init_schedule, kv_policy, seed, calib_text, batch_size, as_json):
+           dense_first, dense_last, init_schedule, kv_policy, seed, calib_text, batch_size, device, dtype, as_json):
     """Genetic search of the per-block sparsity schedule, mean sparsity = --sparsity.
 
     Fitness is -KL(dense || routed) on the continuation of calibration windows (never the
@@ -61,6 +63,8 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
       tokenskip search --sparsity 0.3 --out out/search
       tokenskip search --sparsity 0.3 --router learned --routers out/train --out out/search2 \\
           --init out/search/schedule.json
+      tokenskip search --sparsity 0.3 --out out/search --device cuda --dtype bf16
+      torchrun --nproc_per_node 8 -m tokenskip search --sparsity 0.3 --out out/search --device cuda --dtype bf16
     """
     from tokenskip.evaluate_cli import check_lengths
     from tokenskip.fileio import write_json_atomic
@@ -69,6 +73,7 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
     from tokenskip.schedule import Schedule, check_sparsity
 
     from .common import deterministic, windows as split_windows
+    from .distributed import init_distributed
     from .search import SearchSettings, search_schedule
 
     check_sparsity(sparsity)
@@ -81,8 +86,9 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
         raise UserError(f"--windows {windows}: must be >= 1")
     if router == "learned" and not routers_dir:
         raise UserError("--router learned needs --routers DIR (a folder written by `tokenskip train`)")
+    dist = init_distributed(device)
     deterministic(seed)
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype, device=dist.device)
     n = lm.model.config.num_hidden_layers
     seeds = [Schedule.load(init_schedule, n)] if init_schedule else []
     module = StaticRouter()
@@ -95,9 +101,12 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
             raise UserError(f"--routers {routers_dir}: holds a {cfg.router} router, not a learned one")
     calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, windows, seed)
     res = search_schedule(lm.model, module, calib, cont_len, settings, kv_policy, seeds=seeds, router_name=router,
-                          batch_size=batch_size, progress=not as_json,
-                          extra_meta={"model": model, **({"routers": str(routers_dir)} if routers_dir else {})})
+                          batch_size=batch_size, progress=not as_json, dist=dist,
+                          extra_meta={"model": model, "dtype": dtype,
+                                      **({"routers": str(routers_dir)} if routers_dir else {})})
     obj = res.schedule.to_json()
+    if not dist.is_main:
+        return
     write_json_atomic(out / "schedule.json", obj)
     if as_json:
         click.echo(json.dumps(obj, indent=2, sort_keys=True))
@@ -138,18 +147,25 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @_kv
 @_seed
 @_calib_text
+@device_options
 def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_size, windows, checkpoint_every,
           init_routers, guide_weight, score_window, validate_every, ste_temperature, resume, train_text, kv_policy, seed,
-          calib_text):
+          calib_text, device, dtype):
     """Train the shared FTP router with the LLM frozen.
 
     Loss = guide (BCE to the static router's masks, weight decaying to 0) + sparsity + KL to dense
     on the continuation. Checkpoints to OUT/checkpoint every --checkpoint-every steps; rerunning
     the same command resumes and ends with the same bytes as an uninterrupted run.
 
+    Under torchrun / accelerate launch, each step's --batch-size windows are split over the
+    processes and the router's gradients are summed (docs/gpu.md).
+
     \b
     Examples:
       tokenskip train --schedule out/search/schedule.json --out out/train --steps 200
+      tokenskip train --schedule out/search/schedule.json --out out/train --device cuda --dtype bf16
+      torchrun --nproc_per_node 8 -m tokenskip train --schedule out/search/schedule.json --out out/train \\
+          --batch-size 16 --device cuda --dtype bf16
       tokenskip eval --routers out/train
     """
     from tokenskip.evaluate_cli import check_lengths
@@ -157,6 +173,7 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
     from tokenskip.schedule import Schedule
 
     from .common import deterministic, windows as split_windows
+    from .distributed import init_distributed
     from .trainer import TrainSettings, train_router
 
     check_lengths(seq_len, cont_len)
@@ -166,8 +183,9 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
                              guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every,
                              score_window=score_window)
     settings.check()
+    dist = init_distributed(device)
     deterministic(seed)
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype, device=dist.device)
     n = lm.model.config.num_hidden_layers
     sched = Schedule.load(schedule_file, n)
     init = None
@@ -181,11 +199,14 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
     calib = split_windows(lm.tokenizer, "calib", calib_text, seq_len, settings.calib_windows, seed)
     ids = split_windows(lm.tokenizer, "train", train_text, seq_len, windows, seed)
     try:
-        train_router(lm.model, sched, ids, calib, settings, out, model_name=model, resume=resume, init_router=init)
+        train_router(lm.model, sched, ids, calib, settings, out, model_name=model, resume=resume, init_router=init,
+                     dist=dist)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; rerun the same command to resume from {out / 'checkpoint'}", err=True)
+        if dist.is_main:
+            click.echo(f"\ninterrupted; rerun the same command to resume from {out / 'checkpoint'}", err=True)
         sys.exit(130)
-    click.echo(f"wrote {out / 'tokenskip.json'} and {out / 'router.safetensors'}")
+    if dist.is_main:
+        click.echo(f"wrote {out / 'tokenskip.json'} and {out / 'router.safetensors'}")
 
 
 @click.command("fit")
@@ -198,27 +219,38 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
 @_seed
 @_calib_text
 @click.option("--train-text", type=click.Path(), default=None, help="Plain text file to train on.")
-def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text):
+@click.option("--batch-size", type=int, default=None,
+              help="Global training batch instead of the budget's (2); at least the number of processes.")
+@device_options
+def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text, batch_size, device, dtype):
     """search (static router) -> train -> re-search (learned router) -> short final train.
 
     Writes OUT/search-static, OUT/router-1, OUT/search-learned and the final OUT/routers.
+    Under torchrun / accelerate launch every stage is split over the processes (docs/gpu.md).
 
     \b
     Examples:
       tokenskip fit --sparsity 0.3 --out out/fit
+      tokenskip fit --sparsity 0.3 --out out/fit --device cuda --dtype bf16
+      accelerate launch --multi_gpu --num_processes 8 -m tokenskip fit --sparsity 0.3 --out out/fit \\
+          --batch-size 8 --device cuda --dtype bf16
       tokenskip eval --routers out/fit/routers
     """
     from tokenskip.schedule import check_sparsity
 
     from .common import deterministic
+    from .distributed import init_distributed
     from .fit import run_fit
 
     check_sparsity(sparsity)
     _check_out(out_dir)
+    dist = init_distributed(device)
     deterministic(seed)
     final = run_fit(model, sparsity, out_dir, budget=budget, seed=seed, kv_policy=kv_policy, calib_text=calib_text,
-                    train_text=train_text, log=lambda m: click.echo(m, err=True))
-    click.echo(str(final))
+                    train_text=train_text, log=lambda m: click.echo(m, err=True), device=device, dtype=dtype,
+                    dist=dist, batch_size=batch_size)
+    if dist.is_main:
+        click.echo(str(final))
 
 
 @click.command("report")
@@ -244,8 +276,9 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 @click.option("--plot-json", "plot_json", type=click.Path(), multiple=True,
               help="More JSON for --plots: `tokenskip bench --out` / `tokenskip explain --out` files, sweeps.")
 @_seed
+@device_options
 def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains, free_run, batch_size, tasks,
-           task_examples, eval_text, calib_text, plots_out, plot_json, seed):
+           task_examples, eval_text, calib_text, plots_out, plot_json, seed, device, dtype):
     """Markdown table comparing methods at equal FLOPs.
 
     PATHS are result files written by `tokenskip eval --out FILE` (or folders of them), or folders
@@ -278,6 +311,15 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
         check_plots_out(plots_out)  # before any evaluation: a missing extra or bad folder fails fast
     tables, all_rows, reports = [], [], []
     result_paths = []
+    loaded: dict[str, object] = {}  # each model once, in --dtype on --device
+
+    def lm_for(name: str):
+        from tokenskip.models import load_model
+
+        if name not in loaded:
+            loaded[name] = load_model(name, dtype=dtype, device=device)
+        return loaded[name]
+
     for p in paths:
         path = Path(p)
         if (path / "fit.json").is_file():
@@ -287,11 +329,12 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
                 from .tasks import parse_tasks
 
                 task_list = parse_tasks(tasks)
-            obj = quality_table(model or meta["model"], float(meta["sparsity"]), path, seq_len=seq_len,
+            name = model or meta["model"]
+            obj = quality_table(name, float(meta["sparsity"]), path, seq_len=seq_len,
                                 cont_len=cont_len, windows=windows, batch_size=batch_size, seed=seed,
                                 kv_policy=meta.get("kv_policy", "skip"), tasks=task_list, task_examples=task_examples,
                                 eval_text=eval_text, calib_text=calib_text, progress=not as_json,
-                                domains=domain_list, free_run=free_run)
+                                domains=domain_list, free_run=free_run, lm=lm_for(name))
             write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json", obj)
             tables.append(obj["markdown"])
             reports.append((str(path), obj))

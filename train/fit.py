@@ -17,8 +17,10 @@ from pathlib import Path
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import write_json_atomic
+from tokenskip.precision import dtype_name, model_device, model_dtype
 from tokenskip.schedule import Schedule, check_sparsity
 
+from .distributed import SINGLE, Dist
 from .search import SearchSettings, search_schedule
 from .trainer import TrainSettings, train_router
 
@@ -52,20 +54,38 @@ BUDGETS = {
 
 def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str = "small", seed: int = 0,
             kv_policy: str = "skip", calib_text: str | None = None, train_text: str | None = None,
-            progress: bool = True, lm=None, log=print, resume: bool = True) -> Path:
-    """search -> train -> re-search -> train. Returns the final routers folder (DIR/routers)."""
+            progress: bool = True, lm=None, log=print, resume: bool = True, device: str = "cpu", dtype: str = "fp32",
+            dist: Dist | None = None, batch_size: int | None = None) -> Path:
+    """search -> train -> re-search -> train. Returns the final routers folder (DIR/routers).
+
+    The model is loaded once in `dtype` on `device` (or `dist.device`: one GPU per process when
+    launched by torchrun / accelerate); `dist` splits every stage over the processes and only
+    rank 0 writes. Every process returns the same routers. `batch_size` replaces the budget's
+    global training batch (at least one window per process)."""
     from tokenskip.models import load_model
 
     from .common import windows
+
+    dist = dist or SINGLE
+    if not dist.is_main:
+        log, progress = (lambda _msg: None), False
 
     check_sparsity(sparsity)
     if budget not in BUDGETS:
         raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
+    if batch_size is not None:
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size}: must be >= 1")
+        b = replace(b, batch_size=batch_size)
+    if b.batch_size < dist.world:  # fail before the search, not after it
+        raise UserError(f"--batch-size {b.batch_size}: the global batch must hold at least one window per process "
+                        f"({dist.world} processes); pass --batch-size {dist.world} or more")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lm = lm or load_model(model_name)
+    lm = lm or load_model(model_name, dtype=dtype, device=dist.device if dist.active else device)
     model = lm.model
     calib = windows(lm.tokenizer, "calib", calib_text, b.seq_len, b.calib_windows, seed)
     train_ids = windows(lm.tokenizer, "train", train_text, b.seq_len, b.train_windows, seed)
@@ -75,11 +95,13 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
     from tokenskip.routers import StaticRouter
 
     s1 = SearchSettings(target=sparsity, population=b.population, generations=b.generations, seed=seed)
-    r1 = _done_search(out / "search-static" / "schedule.json", s1, model_name, kv_policy) if resume else None
+    r1 = dist.run_on_main(lambda: _done_search(out / "search-static" / "schedule.json", s1, model_name, kv_policy)
+                          if resume else None)
     if r1 is None:
         r1 = search_schedule(model, StaticRouter(), calib, b.cont_len, s1, kv_policy, router_name="static",
-                             progress=progress, extra_meta={"model": model_name})
-        write_json_atomic(out / "search-static" / "schedule.json", r1.schedule.to_json())
+                             progress=progress, extra_meta={"model": model_name}, dist=dist)
+        if dist.is_main:
+            write_json_atomic(out / "search-static" / "schedule.json", r1.schedule.to_json())
     times["search_static"] = time.time() - t0
     log(f"fit: static search done, fitness {r1.fitness:.4f} ({times['search_static']:.0f}s)")
 
@@ -87,18 +109,20 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
     ts = TrainSettings(steps=b.steps, lr=b.lr, batch_size=b.batch_size, seq_len=b.seq_len, cont_len=b.cont_len,
                        windows=b.train_windows, seed=seed, kv_policy=kv_policy, calib_windows=b.calib_windows)
     router1 = train_router(model, r1.schedule, train_ids, calib, ts, out / "router-1", model_name=model_name,
-                           progress=progress, resume=resume)
+                           progress=progress, resume=resume, dist=dist)
     times["train"] = time.time() - t0
     log(f"fit: router trained ({times['train']:.0f}s)")
 
     # 3. re-search with the trained router
     s2 = replace(s1, population=b.re_population, generations=b.re_generations, seed=seed + 1)
-    r2 = _done_search(out / "search-learned" / "schedule.json", s2, model_name, kv_policy) if resume else None
+    r2 = dist.run_on_main(lambda: _done_search(out / "search-learned" / "schedule.json", s2, model_name, kv_policy)
+                          if resume else None)
     if r2 is None:
         r2 = search_schedule(model, router1, calib, b.cont_len, s2, kv_policy, seeds=[r1.schedule],
                              router_name="learned", progress=progress,
-                             extra_meta={"model": model_name, "router_from": str(out / "router-1")})
-        write_json_atomic(out / "search-learned" / "schedule.json", r2.schedule.to_json())
+                             extra_meta={"model": model_name, "router_from": str(out / "router-1")}, dist=dist)
+        if dist.is_main:
+            write_json_atomic(out / "search-learned" / "schedule.json", r2.schedule.to_json())
     times["search_learned"] = time.time() - t0
     log(f"fit: re-search with the learned router done, fitness {r2.fitness:.4f} ({times['search_learned']:.0f}s)")
 
@@ -106,13 +130,16 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
     final_dir = out / "routers"
     tf = replace(ts, steps=b.final_steps, lr=b.lr / 3, guide_weight=0.0, warmup=min(ts.warmup, b.final_steps))
     train_router(model, r2.schedule, train_ids, calib, tf, final_dir, model_name=model_name, init_router=router1,
-                 progress=progress, resume=resume)
+                 progress=progress, resume=resume, dist=dist)
     times["final_train"] = time.time() - t0
-    write_json_atomic(out / "fit.json", {"model": model_name, "sparsity": sparsity, "budget": asdict(b),
-                                         "budget_name": budget, "seed": seed, "kv_policy": kv_policy,
-                                         "fitness": {"static_search": r1.fitness, "learned_search": r2.fitness},
-                                         "seconds": {k: round(v, 1) for k, v in times.items()},
-                                         "routers": str(final_dir)})
+    if dist.is_main:
+        write_json_atomic(out / "fit.json", {"model": model_name, "sparsity": sparsity, "budget": asdict(b),
+                                             "budget_name": budget, "seed": seed, "kv_policy": kv_policy,
+                                             "fitness": {"static_search": r1.fitness, "learned_search": r2.fitness},
+                                             "seconds": {k: round(v, 1) for k, v in times.items()},
+                                             "routers": str(final_dir), "dtype": dtype_name(model_dtype(model)),
+                                             "device": str(model_device(model)), "processes": dist.world})
+    dist.barrier()
     log(f"fit: done in {time.time() - t0:.0f}s; routers in {final_dir}")
     return final_dir
 

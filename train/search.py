@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from tokenskip.errors import UserError
 from tokenskip.schedule import RESOLUTION, Schedule, check_sparsity
 
+from .distributed import SINGLE, Dist
+
 MAX_SPARSITY = 0.95
 
 
@@ -191,21 +193,28 @@ def genetic_search(num_layers: int, fitness: Callable[[Schedule], float], settin
 
 # -- fitness on a routed model ------------------------------------------------------------------------
 
-def kl_fitness(model, router, calib: torch.Tensor, cont_len: int, kv_policy: str, batch_size: int = 4):
+def kl_fitness(model, router, calib: torch.Tensor, cont_len: int, kv_policy: str, batch_size: int = 4,
+               dist: Dist | None = None):
     """fitness(schedule) = -mean KL(dense || routed) on the calibration continuation.
 
-    The dense reference is computed once here and reused by every evaluation of the run.
+    The dense reference is computed once here and reused by every evaluation of the run. With
+    several processes each scores its share of the windows and the per-window KLs are gathered, so
+    every process gets the same fitness (a collective call: all processes evaluate the same
+    schedules in the same order, which the seeded GA guarantees).
     """
     from tokenskip.evaluate import dense_reference, evaluate
     from tokenskip.routed import RoutedModel
     from tokenskip.schedule import Schedule as _S
 
+    dist = dist or SINGLE
     base = RoutedModel(model, _S.dense(model.config.num_hidden_layers), None, kv_policy=kv_policy)
-    dense = dense_reference(base, calib, cont_len, batch_size, progress=False)
+    mine = calib[dist.share(len(calib))]  # [n,L] this process's share
+    dense = dense_reference(base, mine, cont_len, batch_size, progress=False) if len(mine) else None
 
     def fitness(schedule: Schedule) -> float:
         routed = RoutedModel(model, schedule, router, kv_policy=kv_policy)
-        return -evaluate(routed, calib, cont_len, dense, "search", batch_size, progress=False).kl
+        return -dist.window_mean(len(calib), lambda sl: evaluate(routed, calib[sl], cont_len, dense, "search",
+                                                                  batch_size, progress=False).per_window["kl"])
 
     return fitness
 
@@ -239,8 +248,15 @@ def heuristic_seeds(model, calib: torch.Tensor, settings: SearchSettings, batch_
 
 def search_schedule(model, router, calib: torch.Tensor, cont_len: int, settings: SearchSettings, kv_policy: str = "skip",
                     seeds: list[Schedule] | None = None, router_name: str = "static", batch_size: int = 4,
-                    progress: bool = True, extra_meta: dict | None = None) -> SearchResult:
-    """Run the GA on a model; the result's schedule carries the search's settings and history."""
+                    progress: bool = True, extra_meta: dict | None = None, dist: Dist | None = None) -> SearchResult:
+    """Run the GA on a model; the result's schedule carries the search's settings and history.
+    `dist` splits the calibration windows over processes; every process returns the same result."""
+    from tokenskip.precision import model_device
+
+    dist = dist or SINGLE
+    progress = progress and dist.is_main
+    calib = calib.to(model_device(model))
+    router.to(device=model_device(model))  # a learned router runs beside the LLM, in fp32
     n = model.config.num_hidden_layers
     uniform_default = None
     try:  # the project's uniform baseline schedule (outer blocks dense) is a seed too
@@ -250,9 +266,10 @@ def search_schedule(model, router, calib: torch.Tensor, cont_len: int, settings:
     from .baselines import block_influence
 
     seeds = list(seeds or []) + ([uniform_default] if uniform_default is not None else [])
-    influence = block_influence(model, calib, batch_size)
+    mine = calib[dist.share(len(calib))]  # Block Influence per process, token-weighted mean over processes
+    influence = dist.weighted_mean(block_influence(model, mine, batch_size) if len(mine) else [0.0] * n, mine.numel())
     seeds += heuristic_seeds(model, calib, settings, batch_size, influence)
-    fit = kl_fitness(model, router, calib, cont_len, kv_policy, batch_size)
+    fit = kl_fitness(model, router, calib, cont_len, kv_policy, batch_size, dist)
     res = genetic_search(n, fit, settings, seeds=seeds, progress=progress)
     meta = {"kind": "searched", "target": settings.target, "router": router_name, "kv_policy": kv_policy,
             "fitness": res.fitness, "uniform_fitness": res.uniform_fitness,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import cache_dir, sha256_file, write_json_atomic
+from tokenskip.precision import model_device
 
 SDIST = "bigbench-1.0.0.tar.gz"
 REQUIREMENT = "bigbench==1.0.0"
@@ -151,7 +152,8 @@ def choice_logprobs(routed, tokenizer, ex: MCExample) -> list[float]:
     p_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"][-MAX_PROMPT_TOKENS:]
     c_ids = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
              for c in ex.choices]
-    prompt = torch.tensor([p_ids], dtype=torch.long)  # [1,P]
+    device = model_device(routed.model)
+    prompt = torch.tensor([p_ids], dtype=torch.long, device=device)  # [1,P]
     first, cache = routed.prefill(prompt)  # [1,V] predicts each choice's first token
     first_lp = F.log_softmax(first.float(), -1)[0]  # [V]
     scores = [0.0] * len(c_ids)
@@ -159,13 +161,13 @@ def choice_logprobs(routed, tokenizer, ex: MCExample) -> list[float]:
     for i, c in enumerate(c_ids):
         by_len.setdefault(len(c), []).append(i)
     for t, idx in by_len.items():
-        toks = torch.tensor([c_ids[i] for i in idx], dtype=torch.long)  # [b,t]
+        toks = torch.tensor([c_ids[i] for i in idx], dtype=torch.long, device=device)  # [b,t]
         s = first_lp[toks[:, 0]]  # [b]
         if t > 1:
             b = len(idx)
             rows = [None if kv is None else LayerKV(kv.key.expand(b, -1, -1, -1), kv.value.expand(b, -1, -1, -1),
                                                     kv.pos.expand(b, -1), kv.valid.expand(b, -1)) for kv in cache]
-            pos = torch.arange(len(p_ids), len(p_ids) + t - 1).expand(b, -1)  # [b,t-1]
+            pos = torch.arange(len(p_ids), len(p_ids) + t - 1, device=device).expand(b, -1)  # [b,t-1]
             logits, _ = routed.decode_step(toks[:, :-1], pos, rows, all_logits=True)  # [b,t-1,V]
             lp = F.log_softmax(logits.float(), -1)
             s = s + lp.gather(-1, toks[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)

@@ -32,12 +32,14 @@ from tqdm.auto import tqdm
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import load_safetensors, read_json, save_safetensors_atomic, write_json_atomic
+from tokenskip.precision import autocast, dtype_name, model_device, model_dtype
 from tokenskip.routed import (DEFAULT_WINDOW, RoutedModel, block_keep_count, default_positions, forced_tokens, keep_mask,
                               routing_scores)
 from tokenskip.routers import LearnedRouter, RouteContext, StaticRouter, router_features
 from tokenskip.schedule import Schedule
 
 from .common import deterministic
+from .distributed import SINGLE, Dist
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_JSON = "checkpoint.json"
@@ -164,12 +166,17 @@ def static_keep_mask(schedule: Schedule, layer: int, valid: torch.Tensor, positi
 
 
 def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tensor, cont_len: int,
-                  ste_temperature: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(guide, sparsity, distill, achieved hard sparsity) for one batch ids [B,L]."""
+                  ste_temperature: float = 0.0, mean=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(guide, sparsity, distill, achieved hard sparsity) for one batch ids [B,L].
+
+    `mean(total, count)` turns a sum over this batch's items into their mean; with several
+    processes it is Dist.global_mean, so every term is the mean over the global batch."""
+    mean = mean or (lambda total, count: total / count)
     out = routed(ids, n_tail=cont_len, mode="mask", trace=True, ste=ste_temperature or True,
                  num_logits=cont_len + 1)
     logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [B,c,V]
-    distill = (dense_logp.exp() * (dense_logp - logp)).sum(-1).mean()
+    kl_tok = (dense_logp.exp() * (dense_logp - logp)).sum(-1)  # [B,c]
+    distill = mean(kl_tok.sum(), kl_tok.numel())
     valid = torch.ones_like(ids, dtype=torch.bool)
     positions = default_positions(valid)  # [B,S]
     forced = forced_tokens(valid, cont_len)
@@ -182,10 +189,10 @@ def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tens
         prob = torch.sigmoid(tr.logits.float())  # [B,S]
         target = static_keep_mask(routed.schedule, li, valid, positions, forced, cont_len)
         bce = F.binary_cross_entropy_with_logits(tr.logits.float(), target, reduction="none")
-        guides.append((bce * routable).sum() / denom)
-        achieved = ((1 - prob) * routable).sum() / denom
+        guides.append(mean((bce * routable).sum(), denom))
+        achieved = mean(((1 - prob) * routable).sum(), denom)
         sparse.append(F.relu(routed.schedule.sparsity[li] - achieved))
-        hard_skip += float(((~tr.keep_mask).float() * routable).sum() / denom)
+        hard_skip += float(mean(((~tr.keep_mask).float() * routable).sum(), denom))
         blocks += 1
     zero = distill.new_zeros(())
     guide = torch.stack(guides).mean() if guides else zero
@@ -196,15 +203,16 @@ def router_losses(routed: RoutedModel, ids: torch.Tensor, dense_logp: torch.Tens
 
 # -- checkpoints ------------------------------------------------------------------------------------------
 
-def _identity(settings: TrainSettings, schedule: Schedule, model_name: str) -> dict:
-    """What must match for a checkpoint to be resumed (anything else would change the result)."""
+def _identity(settings: TrainSettings, schedule: Schedule, model_name: str, dtype: str = "fp32") -> dict:
+    """What must match for a checkpoint to be resumed (anything else would change the result).
+    The number of processes may change: it changes only float rounding (docs/gpu.md)."""
     d = asdict(settings)
     d.pop("checkpoint_every")
-    return {"settings": d, "schedule": list(schedule.sparsity), "model": model_name}
+    return {"settings": d, "schedule": list(schedule.sparsity), "model": model_name, "dtype": dtype}
 
 
 def save_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Optimizer, state: TrainState,
-                    identity: dict) -> None:
+                    identity: dict, scaler=None) -> None:
     tensors = {f"router.{k}": v for k, v in router.state_dict().items()}
     params = [p for group in opt.param_groups for p in group["params"]]
     for i, p in enumerate(params):
@@ -217,31 +225,34 @@ def save_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
     save_safetensors_atomic(tensors, ckpt_dir / name, metadata={"step": str(state.step)})
     write_json_atomic(ckpt_dir / CHECKPOINT_JSON, {"step": state.step, "file": name, "identity": identity,
                                                    "history": state.history, "best_kl": state.best_kl,
-                                                   "best_step": state.best_step})
+                                                   "best_step": state.best_step,
+                                                   **({"scaler": scaler.state_dict()} if scaler is not None else {})})
     for old in ckpt_dir.glob("state-*.safetensors"):  # only the newest is needed
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Optimizer, identity: dict
-                    ) -> TrainState | None:
+def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Optimizer, identity: dict,
+                    scaler=None) -> TrainState | None:
     meta_path = ckpt_dir / CHECKPOINT_JSON
     if not meta_path.is_file():
         return None
     meta = read_json(meta_path, "checkpoint")
     if meta.get("identity") != json.loads(json.dumps(identity)):
-        raise UserError(f"checkpoint {ckpt_dir} was made with other settings (schedule, model, steps, lr, seed, ...); "
-                        "rerun with the same options or pass --no-resume to start over")
+        raise UserError(f"checkpoint {ckpt_dir} was made with other settings (schedule, model, dtype, steps, lr, "
+                        "seed, ...); rerun with the same options or pass --no-resume to start over")
     tensors = load_safetensors(ckpt_dir / meta["file"], "checkpoint weights")
     router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
     params = [p for group in opt.param_groups for p in group["params"]]
     for i, p in enumerate(params):
         st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-        if st:
-            opt.state[p] = st
+        if st:  # AdamW keeps `step` on the CPU, the moments beside the parameter
+            opt.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in st.items()}
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    if scaler is not None and "scaler" in meta:
+        scaler.load_state_dict(meta["scaler"])
     return TrainState(step=int(meta["step"]), history=list(meta.get("history", [])),
                       best_kl=float(meta.get("best_kl", float("inf"))), best_step=int(meta.get("best_step", -1)),
                       best=best)
@@ -251,10 +262,13 @@ def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
 
 def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: torch.Tensor, settings: TrainSettings,
                  out_dir: str | Path, model_name: str = "", resume: bool = True, init_router: LearnedRouter | None = None,
-                 progress: bool = True, stop_after: int | None = None) -> LearnedRouter:
+                 progress: bool = True, stop_after: int | None = None, dist: Dist | None = None) -> LearnedRouter:
     """Train the shared router on windows train_ids [N,L]; writes out_dir/{tokenskip.json,router.safetensors}.
 
-    `stop_after` stops (as an interruption would) after that many steps of this call, for tests.
+    Runs where the model is, in its dtype (bf16/fp16 under autocast, the router and AdamW state in
+    fp32, a GradScaler for fp16). `dist` (tokenskip.train.distributed) splits each step's global
+    batch over processes; only rank 0 writes. `stop_after` stops (as an interruption would) after
+    that many steps of this call, for tests.
     """
     from tokenskip.config import RoutingConfig, save_routing
     from tokenskip.evaluate import continuation_logprobs
@@ -264,21 +278,31 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         raise UserError(f"schedule has {schedule.num_layers} blocks but the model has {model.config.num_hidden_layers}")
     if not any(schedule.is_routed(i) for i in range(schedule.num_layers)):
         raise UserError("the schedule routes no block (all sparsities are 0): nothing to train")
+    dist = dist or SINGLE
+    if settings.batch_size < dist.world:
+        raise UserError(f"--batch-size {settings.batch_size}: the global batch must hold at least one window "
+                        f"per process ({dist.world} processes)")
+    progress = progress and dist.is_main
+    device, dtype = model_device(model), model_dtype(model)
+    train_ids, calib_ids = train_ids.to(device), calib_ids.to(device)
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     deterministic(settings.seed)
-    router = LearnedRouter()
+    router = LearnedRouter().to(device)  # fp32 whatever the LLM's dtype
     if init_router is not None:
         router.load_state_dict(init_router.state_dict())
     else:
         standardise_features(router, model, schedule, calib_ids, settings.cont_len, settings.kv_policy,
                              score_window=settings.score_window)
+    dist.broadcast_module(router)  # every process starts from rank 0's router, as DDP does
     opt = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    identity = _identity(settings, schedule, model_name)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 gradients underflow
+    identity = _identity(settings, schedule, model_name, dtype_name(dtype))
     state = None
     if resume:
-        state = load_checkpoint(ckpt_dir, router, opt, identity)
-    elif ckpt_dir.exists():
+        state = dist.resume_on_main(lambda: load_checkpoint(ckpt_dir, router, opt, identity, scaler), router, opt,
+                                    scaler)
+    elif ckpt_dir.exists() and dist.is_main:
         for f in ckpt_dir.iterdir():
             f.unlink()
     state = state or TrainState()
@@ -299,11 +323,13 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     if settings.validate_every > 0:
         from tokenskip.evaluate import dense_reference, evaluate
 
-        ref = dense_reference(base, calib_ids, settings.cont_len, progress=False)
+        mine = calib_ids[dist.share(len(calib_ids))]  # this process's share of the calibration windows
+        ref = dense_reference(base, mine, settings.cont_len, progress=False) if len(mine) else None
 
         def validate() -> None:
             """KL to dense on the calibration windows, as deployment computes it; keep the best."""
-            kl = evaluate(routed, calib_ids, settings.cont_len, ref, "val", progress=False).kl
+            kl = dist.window_mean(len(calib_ids), lambda sl: evaluate(routed, calib_ids[sl], settings.cont_len, ref,
+                                                                       "val", progress=False).per_window["kl"])
             if state.history and state.history[-1]["step"] == state.step:
                 state.history[-1]["val_kl"] = round(kl, 6)
             if kl < state.best_kl:
@@ -317,18 +343,24 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     router.train()
     while state.step < settings.steps:
         step = state.step
-        idx = batch_indices(step, n, settings.batch_size, settings.seed)
-        ids = train_ids[idx]  # [B,L]
-        dense_logp = torch.stack([teacher(int(i)) for i in idx])  # [B,c,V]
-        guide, sparse, distill, achieved = router_losses(routed, ids, dense_logp, settings.cont_len,
-                                                         settings.ste_temperature)
-        wg = guide_weight_at(step, settings)
-        loss = wg * guide + settings.sparsity_weight * sparse + settings.distill_weight * distill
+        idx = batch_indices(step, n, settings.batch_size, settings.seed)[dist.share(settings.batch_size)]
+        ids = train_ids[idx.to(device)]  # [b,L] this process's share of the global batch
+        dense_logp = torch.stack([teacher(i) for i in idx.tolist()])  # [b,c,V]
+        with autocast(device, dtype):
+            guide, sparse, distill, achieved = router_losses(routed, ids, dense_logp, settings.cont_len,
+                                                             settings.ste_temperature, mean=dist.global_mean)
+            wg = guide_weight_at(step, settings)
+            loss = wg * guide + settings.sparsity_weight * sparse + settings.distill_weight * distill
         for group in opt.param_groups:
             group["lr"] = lr_at(step, settings)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        dist.sum_gradients(router.parameters())  # the global batch's gradient on every process
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         rec = {"step": step + 1, "loss": float(loss.detach()), "guide": float(guide.detach()),
                "sparsity_loss": float(sparse.detach()), "kl": float(distill.detach()), "achieved": achieved}
         state.history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()})
@@ -339,8 +371,8 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
                         sparsity=f"{achieved:.3f}")
         if validate is not None and (state.step % settings.validate_every == 0 or state.step == settings.steps):
             validate()
-        if state.step % settings.checkpoint_every == 0 or state.step == settings.steps:
-            save_checkpoint(ckpt_dir, router, opt, state, identity)
+        if (state.step % settings.checkpoint_every == 0 or state.step == settings.steps) and dist.is_main:
+            save_checkpoint(ckpt_dir, router, opt, state, identity, scaler)
         if stop_after is not None and done_here >= stop_after and state.step < settings.steps:
             bar.close()
             raise KeyboardInterrupt(f"stopped after {done_here} steps (test hook)")
@@ -348,14 +380,18 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     router.eval()
     if state.best is not None:  # ship the router that validated best (step 0 = the starting router)
         router.load_state_dict(state.best)
+    dist.check_same(router, "the trained router")
     cfg = RoutingConfig(model=model_name, num_layers=schedule.num_layers, router="learned",
                         schedule=list(schedule.sparsity), kv_policy=settings.kv_policy, seed=settings.seed,
                         score_window=settings.score_window,
                         model_type=model.config.model_type, hidden_size=model.config.hidden_size,
-                        extra={"training": {**asdict(settings), "final": state.history[-1] if state.history else {},
+                        extra={"training": {**asdict(settings), "dtype": dtype_name(dtype),
+                                            "final": state.history[-1] if state.history else {},
                                             "best_step": state.best_step,
                                             "best_val_kl": None if state.best is None else state.best_kl},
                                "schedule_meta": {k: v for k, v in schedule.meta.items() if k != "history"}})
-    save_routing(out, cfg, router)
-    write_json_atomic(out / "train_history.json", {"history": state.history})
+    if dist.is_main:
+        save_routing(out, cfg, router)
+        write_json_atomic(out / "train_history.json", {"history": state.history})
+    dist.barrier()
     return router
