@@ -26,6 +26,8 @@ _COMMANDS: dict[str, str] = {
     "generate": "tokenskip.deploy.cli:generate",
     "bench": "tokenskip.deploy.cli:bench",
     "decode-eval": "tokenskip.deploy.cli:decode_eval",
+    "serve": "tokenskip.deploy.serve.cli:serve",
+    "bench-serve": "tokenskip.deploy.serve.cli:bench_serve",
 }
 
 _HELP = {
@@ -42,6 +44,8 @@ _HELP = {
     "generate": "Generate text with a routed model (PyTorch, ONNX Runtime or TensorRT).",
     "bench": "Benchmark routed vs dense prefill and decode.",
     "decode-eval": "Decode-time quality: routed prefill + cached decode vs dense.",
+    "serve": "OpenAI-compatible HTTP server with batching (uvicorn, or Ray Serve with --ray).",
+    "bench-serve": "Serving benchmark: throughput and TTFT, routed vs dense, plus KV-cache capacity.",
 }
 
 
