@@ -11,6 +11,7 @@ before the next step.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -88,7 +89,7 @@ class AsyncEngine:
 
     def health(self) -> dict:
         s = self.scheduler
-        return {"status": "ok" if self.alive else "engine stopped", "waiting": s.waiting, "running": s.running,
+        return {"status": "ok" if self.alive else "engine stopped", "pid": os.getpid(), "waiting": s.waiting, "running": s.running,
                 "max_batch": s.max_batch, "max_waiting": s.max_waiting, "kv_reserved_bytes": s.kv_used,
                 "kv_budget_bytes": s.kv_budget, "batching": self.batching}
 
