@@ -43,6 +43,16 @@ def make_char_tokenizer(path, vocab_size: int | None = None, chat_template: str 
     return tok
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is fastest, and immune to a busy shared machine. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

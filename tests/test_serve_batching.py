@@ -18,15 +18,8 @@ from tokenskip.kvcache import cached_tokens, kv_cache_bytes
 from tokenskip.schedule import Schedule
 
 PAD = 1
+pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTHS = (3, 40, 17, 9, 60, 25)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

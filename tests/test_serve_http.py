@@ -30,14 +30,7 @@ from tokenskip.deploy.serve.runner import ServerThread  # noqa: E402
 from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402
 
 NAME = "tiny"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

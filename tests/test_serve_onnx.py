@@ -5,11 +5,6 @@ answered through the official `openai` client, then stopped."""
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
-import sys
-import threading
-import time
 
 import httpx
 import pytest
@@ -59,40 +54,11 @@ def ort(tiny_onnx):
 @pytest.fixture(scope="module")
 def served(tiny_onnx):
     """`tokenskip serve --onnx DIR --port 0` in a subprocess; yields its base URL."""
-    cmd = [sys.executable, "-c", "from tokenskip.cli import main; main()", "serve", "--onnx", str(tiny_onnx),
-           "--host", "127.0.0.1", "--port", "0", "--threads", "1", "--max-batch", "8", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    found = threading.Event()
+    from tokenskip.deploy.serve.runner import ServerProcess
 
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if re.search(r"at http://127\.0\.0\.1:\d+/v1", line):
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        if not found.wait(START_TIMEOUT_S):
-            raise AssertionError("server did not start:\n" + "".join(lines[-20:]))
-        url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", "".join(lines)).group(1)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines[-20:])
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with ServerProcess(["--onnx", str(tiny_onnx), "--threads", "1", "--max-batch", "8", "--log-level", "warning"],
+                       timeout=START_TIMEOUT_S) as server:
+        yield server.url
 
 
 def greedy(ort, ids, n):

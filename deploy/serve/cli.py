@@ -131,13 +131,17 @@ def serve(ctx, host, port, log_level, use_ray, replicas, max_replicas, cpus_per_
 @click.option("--concurrency", default="1,8,32", show_default=True)
 @click.option("--requests", "num_requests", default=None, type=int, help="Requests per level (default: 2 x level, >= 8).")
 @click.option("--prompt-len", default=128, show_default=True)
-@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--max-tokens", default=32, show_default=True, help="Tokens generated per request (EOS ignored).")
+@click.option("--mixed-lengths", is_flag=True,
+              help="Per-request max_tokens uniform in [m/4, 7m/4] (mean --max-tokens): rows finish apart.")
 @click.option("--max-batch", default=32, show_default=True)
 @click.option("--batching", type=click.Choice(["continuous", "dynamic", "both"]), default="continuous",
               show_default=True)
 @click.option("--kv-cache-gb", type=float, default=1.0, show_default=True,
               help="Budget for the admitted-sequences comparison (analytic, both sides).")
 @click.option("--threads", type=int, default=None, help="Server threads (PyTorch / ONNX Runtime).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Servers' PyTorch device / ONNX Runtime execution provider.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="Also write the JSON here.")

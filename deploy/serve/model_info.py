@@ -50,7 +50,7 @@ class ModelInfo:
         return run, prompt_len * layers - run
 
 
-def _sidecar_info(name: str, meta: dict, max_length: int | None) -> ModelInfo:
+def from_sidecar(name: str, meta: dict, max_length: int | None) -> ModelInfo:
     c = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     config = None
     if all(isinstance(c.get(k), int) for k in ("num_layers", "num_attention_heads", "head_dim")):
@@ -77,13 +77,13 @@ def model_info(backend, name: str) -> ModelInfo:
                          kv_policy=routed.kv_policy, dtype=str(dtype).replace("torch.", ""))
     meta = getattr(backend, "meta", None) or {}
     if "graphs" in meta:  # an export sidecar (ONNX Runtime)
-        return _sidecar_info(name, meta, max_length)
+        return from_sidecar(name, meta, max_length)
     export_dir = meta.get("export_dir")  # engine.json (TensorRT): the export it was built from
     if isinstance(export_dir, str) and Path(export_dir).is_dir():
         from tokenskip.deploy.backends import read_export
 
         try:
-            return _sidecar_info(name, read_export(export_dir), max_length or meta.get("max_seq_len"))
+            return from_sidecar(name, read_export(export_dir), max_length or meta.get("max_seq_len"))
         except Exception:  # noqa: BLE001 - geometry is optional: serve without a KV budget
             pass
     return ModelInfo(name=name, max_length=max_length or meta.get("max_seq_len"))

@@ -57,3 +57,68 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess:
+    """`tokenskip serve ARGS --port 0` in a subprocess; the URL is read from its start-up line.
+    `stop()` terminates it (SIGTERM, then SIGKILL after a grace period)."""
+
+    def __init__(self, args: list[str], timeout: float = 600.0, env: dict | None = None) -> None:
+        import re
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-c", "from tokenskip.cli import main; main()", "serve", *args,
+               "--host", "127.0.0.1", "--port", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        found = threading.Event()
+        pattern = re.compile(r"at (http://127\.0\.0\.1:\d+)/v1")
+        self.url = ""
+
+        def read() -> None:
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                match = pattern.search(line)
+                if match and not self.url:
+                    self.url = match.group(1)
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("`tokenskip serve` did not start:\n" + "".join(self.lines[-20:]))
+        self._wait_healthy(deadline)
+
+    def _wait_healthy(self, deadline: float) -> None:
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("`tokenskip serve` never became healthy:\n" + "".join(self.lines[-20:]))
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 20.0) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
