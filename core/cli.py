@@ -28,6 +28,7 @@ _COMMANDS: dict[str, str] = {
     "decode-eval": "tokenskip.deploy.cli:decode_eval",
     "serve": "tokenskip.deploy.serve.cli:serve",
     "bench-serve": "tokenskip.deploy.serve.cli:bench_serve",
+    "triton-repo": "tokenskip.deploy.serve.cli:triton_repo",
 }
 
 _HELP = {
@@ -46,6 +47,7 @@ _HELP = {
     "decode-eval": "Decode-time quality: routed prefill + cached decode vs dense.",
     "serve": "OpenAI-compatible HTTP server with batching (uvicorn, or Ray Serve with --ray).",
     "bench-serve": "Serving benchmark: throughput and TTFT, routed vs dense, plus KV-cache capacity.",
+    "triton-repo": "Write a Triton Inference Server model repository for an export.",
 }
 
 

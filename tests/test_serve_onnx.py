@@ -126,3 +126,44 @@ def test_ort_cache_bytes_equal_the_analytic_count(ort):
     dense_info = model_info(backend, "export")
     dense_info.schedule = None
     assert info.kv_bytes(len(ids), 1) < dense_info.kv_bytes(len(ids), 1)
+
+
+def test_triton_repository_holds_loadable_graphs_matching_its_configs(tiny_onnx, ort, tmp_path):
+    """Triton cannot run here (docs/serving.md): what can be checked is that each model folder's
+    files load in ONNX Runtime (the runtime of Triton's onnxruntime backend) from where Triton
+    would load them, that config.pbtxt declares exactly their inputs and outputs, and that the
+    prefill there computes what the export computes."""
+    import re
+
+    import numpy as np
+
+    from tokenskip.deploy.backends import ort_session
+    from tokenskip.deploy.serve.cli import triton_repo
+
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(triton_repo, [str(tiny_onnx), "--out", str(tmp_path / "repo"), "--name", "tiny"])
+    assert res.exit_code == 0, res.output
+    types = {"tensor(int64)": "TYPE_INT64", "tensor(float)": "TYPE_FP32", "tensor(bool)": "TYPE_BOOL"}
+    for part in ("prefill", "decode"):
+        folder = tmp_path / "repo" / f"tiny_{part}"
+        cfg = (folder / "config.pbtxt").read_text()
+        assert f'name: "tiny_{part}"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
+        filename = re.search(r'default_model_filename: "([^"]+)"', cfg).group(1)
+        session = ort_session(folder / "1" / filename, threads=1)
+        declared = re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', cfg)
+        actual = [(v.name, types[v.type], ", ".join(str(d) if isinstance(d, int) else "-1" for d in v.shape))
+                  for v in (*session.get_inputs(), *session.get_outputs())]
+        assert declared == actual
+        if part == "prefill":
+            backend, tok = ort
+            ids, mask = left_pad([tok("triton")["input_ids"]], tok.pad_token_id)
+            logits = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+            np.testing.assert_allclose(logits.reshape(1, -1), backend.prefill(ids, mask)[0].numpy(), atol=1e-5)
+    again = CliRunner().invoke(triton_repo, [str(tiny_onnx), "--out", str(tmp_path / "repo")])
+    assert again.exit_code == 1 and "not empty" in again.output
+    rtx = tmp_path / "rtx-engine"
+    rtx.mkdir()
+    (rtx / "engine.json").write_text('{"backend": "tensorrt-rtx"}')
+    bad = CliRunner().invoke(triton_repo, [str(tiny_onnx), "--out", str(tmp_path / "r2"), "--engine", str(rtx)])
+    assert bad.exit_code == 1 and "full TensorRT" in bad.output and not (tmp_path / "r2").exists()

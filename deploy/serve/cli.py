@@ -165,3 +165,37 @@ def bench_serve(**params):
 
         write_json_atomic(out_file, result)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+@click.command("triton-repo")
+@click.argument("export_dir", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Model repository folder to write.")
+@click.option("--engine", "engine_dir", type=click.Path(), default=None,
+              help="TensorRT engines built from this export (full TensorRT): the TensorRT backend instead of ORT.")
+@click.option("--name", default=None, help="Model name prefix (default: the export folder's name).")
+@click.option("--instance", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Triton instance_group kind.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--json", "as_json", is_flag=True)
+def triton_repo(export_dir, out_dir, engine_dir, name, instance, force, as_json):
+    """Write a Triton Inference Server model repository for an export: <name>_prefill and
+    <name>_decode on the onnxruntime backend (or the tensorrt backend with --engine and the
+    plugin library). See docs/serving.md for what was and was not run.
+
+    \b
+    Examples:
+      tokenskip triton-repo out/export --out out/triton
+      tokenskip triton-repo out/export --engine out/engine --out out/triton-trt
+      tritonserver --model-repository out/triton
+    """
+    from .triton import write_triton_repo
+
+    res = write_triton_repo(export_dir, out_dir, engine_dir=engine_dir, name=name,
+                            kind="KIND_GPU" if instance == "gpu" else "KIND_CPU", force=force)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"wrote {res['repository']}: {', '.join(res['models'].values())} ({res['backend']} backend)")
+    if res["plugin_library"]:
+        click.echo(f"start it with: tritonserver --model-repository {res['repository']} "
+                   f"--backend-config=tensorrt,plugins={Path(res['repository']).resolve() / res['plugin_library']}")
