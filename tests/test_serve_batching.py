@@ -236,3 +236,29 @@ def test_kv_budget_admits_more_routed_sequences(tiny_llama, prompts):
     with pytest.raises(ValueError, match="more than the server's whole budget"):
         Scheduler(dense, pad_id=PAD, kv_budget=d_bytes - 1).submit(
             Sequence(rid="x", prompt=p, sampling=Sampling(new), emit=lambda e: None, kv_bytes=d_bytes))
+
+
+# ------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("args,message", [
+    (["--onnx", "/nonexistent/export"], "no such folder"),
+    (["--max-batch", "0"], "--max-batch and --max-queue must be >= 1"),
+    (["--kv-cache-gb", "-1"], "--kv-cache-gb -1.0: must be > 0"),
+    (["--replicas", "2", "--max-replicas", "1"], "--max-replicas >= --replicas"),
+    (["--onnx", "/x", "--sparsity", "0.3"], "an export or engine carries its own routing"),
+])
+def test_serve_cli_errors_are_one_line(args, message):
+    from click.testing import CliRunner
+
+    from tokenskip.deploy.serve.cli import serve
+
+    res = CliRunner().invoke(serve, [*args, "--port", "0"])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+
+
+def test_missing_extra_is_named(monkeypatch):
+    from tokenskip.deploy.serve import launch
+    from tokenskip.errors import UserError
+
+    monkeypatch.setitem(launch.EXTRA_MODULES, "serve", ("fastapi", "no_such_module_xyz"))
+    with pytest.raises(UserError, match=r"needs the `serve` extra .*pip install 'tokenskip\[serve\]'"):
+        launch.require_extra("serve", "tokenskip serve")

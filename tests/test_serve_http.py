@@ -136,6 +136,7 @@ def test_chat_and_stream_use_the_chat_template(server):
 def test_stop_strings_seed_and_models(server):
     srv, engine = server
     c = client(srv)
+    stops0, aborts0 = _finished(srv, "stop"), _finished(srv, "abort")
     full = c.completions.create(model=NAME, prompt="Once upon", max_tokens=24, temperature=0, extra_body={
         "ignore_eos": True}).choices[0].text
     stop = full[6:8]
@@ -146,6 +147,8 @@ def test_stop_strings_seed_and_models(server):
     streamed = c.completions.create(model=NAME, prompt="Once upon", max_tokens=24, temperature=0, stop=stop,
                                     stream=True, extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].text for ch in streamed) == cut
+    # a stop string ends the sequence as "stop", not as a cancelled one
+    assert wait_for(lambda: _finished(srv, "stop") >= stops0 + 2) and _finished(srv, "abort") == aborts0
     # seeded sampling is reproducible, as `generate --seed` (generator seeded seed + 0)
     a = [c.completions.create(model=NAME, prompt="abc", max_tokens=12, temperature=1.0, top_p=0.9, seed=3).choices[0].text
          for _ in range(2)]

@@ -119,6 +119,7 @@ class RequestHandle:
         finally:
             self.abort()
 
-    def abort(self) -> None:
+    def abort(self, reason: str = "abort") -> None:
+        """Free the row: "abort" when the client left, "stop" when a stop string ended the text."""
         if self.seq.finish is None:
-            self.scheduler.abort(self.seq.rid)
+            self.scheduler.abort(self.seq.rid, reason)

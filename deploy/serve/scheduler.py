@@ -118,7 +118,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._aborted: set[str] = set()
+        self._aborted: dict[str, str] = {}  # rid -> reason ("abort", or "stop" for a stop string)
         # engine-thread state: the running batch, row b <-> rows[b]
         self.rows: list[Sequence] = []
         self.cache = None
@@ -137,9 +137,9 @@ class Scheduler:
             self._waiting.append(seq)
         self._wake.set()
 
-    def abort(self, rid: str) -> None:
+    def abort(self, rid: str, reason: str = "abort") -> None:
         with self._lock:
-            self._aborted.add(rid)
+            self._aborted.setdefault(rid, reason)  # the first reason wins
         self._wake.set()
 
     @property
@@ -201,14 +201,14 @@ class Scheduler:
         with self._lock:
             if not self._aborted:
                 return
-            gone, self._aborted = self._aborted, set()
+            gone, self._aborted = self._aborted, {}
             dropped = [s for s in self._waiting if s.rid in gone]
             self._waiting = collections.deque(s for s in self._waiting if s.rid not in gone)
         for seq in dropped:
-            self._finish(seq, "abort")
+            self._finish(seq, gone[seq.rid])
         for seq in self.rows:
             if seq.rid in gone and seq.finish is None:
-                self._finish(seq, "abort")
+                self._finish(seq, gone[seq.rid])
         self._compact()
 
     def _prefill(self, admit: list[Sequence]) -> None:

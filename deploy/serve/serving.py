@@ -113,6 +113,8 @@ class OpenAIServing:
                 finish = "stop" if text.stopped else event.finish
                 if delta or finish:
                     yield self.chunk(rid, delta, finish)
+                if text.stopped:
+                    handle.abort("stop")
                 if finish:
                     break
             if request.wants_usage_in_stream():
@@ -146,6 +148,8 @@ class OpenAIServing:
                 if event.error:
                     raise ServeError(500, event.error, "server_error")
                 parts.append(text.push(event.token, final=event.finish is not None))
+                if text.stopped:
+                    handle.abort("stop")
                 if text.stopped or event.finish is not None:
                     return "".join(parts), text.tokens, "stop" if text.stopped else event.finish
             raise ServeError(500, "the engine ended the sequence without a finish event", "server_error")
