@@ -262,3 +262,23 @@ def test_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(launch.EXTRA_MODULES, "serve", ("fastapi", "no_such_module_xyz"))
     with pytest.raises(UserError, match=r"needs the `serve` extra .*pip install 'tokenskip\[serve\]'"):
         launch.require_extra("serve", "tokenskip serve")
+
+
+@pytest.mark.slow
+def test_text_stream_never_splits_a_character():
+    """Byte-level BPE spells an emoji over several tokens: no delta may carry half of it (U+FFFD)."""
+    from transformers import AutoTokenizer
+
+    from tokenskip.deploy.serve.textstream import TextStream
+    from tokenskip.models import resolve_model_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_source("smollm2-135m"))
+    text = "héllo 🌍 wörld, 日本語 ok 🤖!"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, [])
+    deltas = [stream.push(t, final=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    assert len(ids) > len([d for d in deltas if d])  # some tokens really were held back
+    stopper = TextStream(tok, ["wör"])
+    out = "".join(stopper.push(t) for t in ids)
+    assert out == "héllo 🌍 " and stopper.stopped
