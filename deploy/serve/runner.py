@@ -59,6 +59,18 @@ class ServerThread:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies (even by SIGKILL), so
+    a killed benchmark or test never leaves servers behind."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerProcess:
     """`tokenskip serve ARGS --port 0` in a subprocess; the URL is read from its start-up line.
     `stop()` terminates it (SIGTERM, then SIGKILL after a grace period)."""
@@ -70,7 +82,8 @@ class ServerProcess:
 
         cmd = [sys.executable, "-c", "from tokenskip.cli import main; main()", "serve", *args,
                "--host", "127.0.0.1", "--port", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.lines: list[str] = []
         found = threading.Event()
         pattern = re.compile(r"at (http://127\.0\.0\.1:\d+)/v1")
