@@ -27,6 +27,9 @@ _COMMANDS: dict[str, str] = {
     "bench": "tokenskip.deploy.cli:bench",
     "decode-eval": "tokenskip.deploy.cli:decode_eval",
     "explain": "tokenskip.deploy.explain:explain",
+    "serve": "tokenskip.deploy.serve.cli:serve",
+    "bench-serve": "tokenskip.deploy.serve.cli:bench_serve",
+    "triton-repo": "tokenskip.deploy.serve.cli:triton_repo",
 }
 
 _HELP = {
@@ -44,6 +47,9 @@ _HELP = {
     "bench": "Benchmark routed vs dense prefill and decode.",
     "decode-eval": "Decode-time quality: routed prefill + cached decode vs dense.",
     "explain": "Which tokens each block runs for one prompt (terminal shading, --json keep masks).",
+    "serve": "OpenAI-compatible HTTP server with batching (uvicorn, or Ray Serve with --ray).",
+    "bench-serve": "Serving benchmark: throughput and TTFT, routed vs dense, plus KV-cache capacity.",
+    "triton-repo": "Write a Triton Inference Server model repository for an export.",
 }
 
 

@@ -18,6 +18,41 @@ def make_tiny_llama(path, seed: int = 0, layers: int = 4):
     return model
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def make_char_tokenizer(path, vocab_size: int | None = None, chat_template: str | None = None):
+    """A character-level tokenizer saved next to a model: <unk>=0, <eos>=1, printable ASCII at ids
+    2..96. With vocab_size, ids 97..vocab_size-1 become one distinct non-ASCII character each, so
+    EVERY id the model can emit decodes to exactly one character (text length = token count).
+    chat_template: a Jinja chat template (CHAT_TEMPLATE is a small one)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[chr(0x100 + i)] = i  # Latin Extended and beyond: single characters, never ASCII
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    t.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(path)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is fastest, and immune to a busy shared machine. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -15,21 +15,7 @@ from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad, sam
 from tokenskip.flops import flops_ratio
 from tokenskip.routers import LearnedRouter
 
-from conftest import make_tiny_llama
-
-
-def make_char_tokenizer(path):
-    """A character-level tokenizer (printable ASCII + <unk>/<eos>, ids < 100) saved next to the model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    t.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-    tok.save_pretrained(path)
-    return tok
+from conftest import make_char_tokenizer, make_tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="module")

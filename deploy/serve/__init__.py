@@ -1,0 +1,1 @@
+"""tokenskip serve: an OpenAI-compatible server over the deploy backends (docs/serving.md)."""

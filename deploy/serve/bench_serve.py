@@ -1,0 +1,196 @@
+"""`tokenskip bench-serve`: the serving benchmark, through the real HTTP server.
+
+For each side (dense, routed) a `tokenskip serve` subprocess is started on 127.0.0.1 (PyTorch:
+`--model M --router dense` vs `--router static --sparsity S`; ONNX Runtime: a dense and a routed
+export, made here with the export API unless given). Both servers stay up and the concurrency
+levels alternate between them (dense first, then routed, then routed first...), so the ratio is
+taken side by side. At each level, `c` client coroutines send streaming completion requests back
+to back until `requests` are done: random token-id prompts of exactly `prompt_len` tokens,
+`ignore_eos` so every request generates `max_tokens` tokens, greedy.
+
+Reported per level: output tokens/s over the level's wall time, TTFT p50/p99 (request sent ->
+first token received), and the per-token latency p50 (time between tokens after the first). Plus
+the analytic KV-cache bytes of one sequence (prompt + max_tokens; tokenskip.kvcache, tested equal
+to the real caches) and how many sequences each side admits under one `--kv-cache-gb` budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from tokenskip.errors import UserError
+
+from ..cli import parse_list
+from .runner import ServerProcess
+
+WARMUP_REQUESTS = 4
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise UserError(f"bench-serve: the server answered {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+            elif obj.get("choices"):
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    gaps = np.diff(stamps).tolist() if len(stamps) > 1 else []
+    return {"ttft": (stamps[0] - t0) if stamps else float("nan"), "latency": end - t0, "tokens": tokens,
+            "gaps": gaps}
+
+
+async def _level(url: str, prompts: list[list[int]], max_tokens: list[int], concurrency: int) -> dict:
+    import httpx
+
+    queue = list(range(len(prompts)))
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker():
+            while queue:
+                i = queue.pop()
+                results.append(await _one(client, url, prompts[i], max_tokens[i]))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * _percentile(ttft, 50), "ttft_p99_ms": 1e3 * _percentile(ttft, 99),
+            "tpot_p50_ms": 1e3 * _percentile(gaps, 50), "tpot_p99_ms": 1e3 * _percentile(gaps, 99)}
+
+
+def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: int, say):
+    """-> {side: (serve flags, ModelInfo)} for dense and routed."""
+    from tokenskip.config import build_routed
+
+    from ..backends import TorchBackend, read_export
+    from ..bench_run import export_dir_for
+    from .model_info import from_sidecar, model_info
+
+    built = {name: build_routed(lm.model, router=kind, sparsity=sp, model_name=lm.name)
+             for name, kind, sp in (("dense", "dense", None), ("routed", "static", sparsity))}
+    if backend == "torch":
+        return {name: (["--model", lm.name, "--router", "dense" if name == "dense" else "static"]
+                       + ([] if name == "dense" else ["--sparsity", str(sparsity)]),
+                       model_info(TorchBackend(routed), name)) for name, (routed, _) in built.items()}
+    out = {}
+    for name, given in (("dense", onnx_dense_dir), ("routed", onnx_dir)):
+        folder = Path(given) if given else None
+        if folder is None:
+            say(f"exporting the {name} model to ONNX (once; minutes for a real model) ...")
+            routed, cfg = built[name]
+            folder = export_dir_for(lm, routed, cfg, tmp / name, max_len)
+        out[name] = (["--onnx", str(folder)], from_sidecar(name, read_export(folder), None))
+    return out
+
+
+def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_dir, onnx_dense_dir, concurrency: str,
+                    num_requests: int | None, prompt_len: int, max_tokens: int, mixed_lengths: bool, max_batch: int,
+                    batching: str, device: str, kv_cache_gb: float, threads: int | None, seed: int,
+                    progress: bool = True) -> dict:
+    from tokenskip.models import DEFAULT_MODEL, load_model
+    from tokenskip.schedule import check_sparsity
+
+    from ..bench_run import _machine
+
+    levels = parse_list(concurrency, int, "--concurrency")
+    if any(c < 1 for c in levels) or prompt_len < 1 or max_tokens < 1 or max_batch < 1:
+        raise UserError("--concurrency, --prompt-len, --max-tokens and --max-batch must be >= 1")
+    if num_requests is not None and num_requests < 1:
+        raise UserError("--requests must be >= 1")
+    check_sparsity(sparsity)
+    say = (lambda msg: click.echo(msg, err=True)) if progress else (lambda msg: None)
+    lm = load_model(model or DEFAULT_MODEL)
+    vocab = lm.model.config.vocab_size
+    rng = np.random.default_rng(seed)
+    modes = ["continuous", "dynamic"] if batching == "both" else [batching]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tokenskip-bench-serve-") as tmp:
+        sides = _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, Path(tmp), max(512, prompt_len + max_tokens),
+                       say)
+        del lm  # the servers load their own copies
+        common = ["--device", device, "--max-batch", str(max_batch), "--max-queue", str(4 * max(levels) + 16),
+                  "--log-level", "warning", *(["--threads", str(threads)] if threads else [])]
+        for mode in modes:
+            say(f"starting the dense and routed servers ({backend}, {mode} batching) ...")
+            servers = {}
+            try:
+                for name, (flags, _) in sides.items():
+                    servers[name] = ServerProcess([*flags, *common, "--batching", mode])
+                for name, server in servers.items():  # warm-up: first shapes, lazy allocations
+                    warm = [rng.integers(10, vocab - 10, prompt_len).tolist() for _ in range(WARMUP_REQUESTS)]
+                    asyncio.run(_level(server.url, warm, [max_tokens] * WARMUP_REQUESTS, WARMUP_REQUESTS))
+                for i, level in enumerate(levels):
+                    n = num_requests or max(8, 2 * level)
+                    prompts = [rng.integers(10, vocab - 10, prompt_len).tolist() for _ in range(n)]
+                    # mixed: uniform in [m/4, 7m/4] (mean m), so rows finish at different steps
+                    lengths = (rng.integers(max(1, max_tokens // 4), max_tokens * 7 // 4 + 1, n).tolist()
+                               if mixed_lengths else [max_tokens] * n)
+                    for name in (("dense", "routed") if i % 2 == 0 else ("routed", "dense")):
+                        say(f"  {name}: concurrency {level}, {n} requests ...")
+                        row = asyncio.run(_level(servers[name].url, prompts, lengths, level))
+                        rows.append({"backend": backend, "batching": mode, "side": name, "concurrency": level, **row})
+            finally:
+                for server in servers.values():
+                    server.stop()
+    budget = int(kv_cache_gb * 2**30)
+    kv = {"prompt_len": prompt_len, "max_tokens": max_tokens, "budget_bytes": budget}
+    for name, (_, info) in sides.items():
+        per_seq = info.kv_bytes(prompt_len, max_tokens)
+        kv[name] = {"bytes_per_sequence": per_seq, "admitted": budget // per_seq if per_seq else None,
+                    "routed_blocks": len(info.routed_layers), "kv_policy": info.kv_policy, "dtype": info.dtype}
+    kv["routed_over_dense_bytes"] = kv["routed"]["bytes_per_sequence"] / kv["dense"]["bytes_per_sequence"]
+    return {"model": model or DEFAULT_MODEL, "backend": backend, "sparsity": sparsity, "machine": _machine(threads),
+            "prompt_len": prompt_len, "max_tokens": max_tokens, "mixed_lengths": mixed_lengths, "max_batch": max_batch,
+            "rows": rows, "kv": kv}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"model {result['model']}, {result['backend']}, routed = static router at sparsity {result['sparsity']}, "
+             f"prompt {result['prompt_len']} tokens, {result['max_tokens']} generated"
+             f"{' on average (mixed lengths)' if result.get('mixed_lengths') else ''}, max batch {result['max_batch']}",
+             "", "| batching | concurrency | side | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | ms/token p50 | "
+             "routed/dense tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["batching"], r["concurrency"], r["side"]): r for r in result["rows"]}
+    for (mode, level, side), r in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        ratio = ""
+        if side == "routed" and (mode, level, "dense") in by_key:
+            ratio = f"{r['tokens_per_s'] / by_key[(mode, level, 'dense')]['tokens_per_s']:.2f}x"
+        lines.append(f"| {mode} | {level} | {side} | {r['requests']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | {ratio} |")
+    kv = result["kv"]
+    lines += ["", f"KV cache per sequence ({kv['prompt_len']} + {kv['max_tokens']} tokens), budget "
+              f"{kv['budget_bytes'] / 2**30:g} GiB:", "", "| side | routed blocks | KV bytes / sequence | admitted |",
+              "|---|---|---|---|"]
+    for side in ("dense", "routed"):
+        s = kv[side]
+        lines.append(f"| {side} | {s['routed_blocks']} | {s['bytes_per_sequence'] / 2**20:.2f} MiB | {s['admitted']} |")
+    lines.append(f"\nrouted / dense KV bytes: {kv['routed_over_dense_bytes']:.3f}")
+    return "\n".join(lines)

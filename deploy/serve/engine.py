@@ -1,0 +1,125 @@
+"""The engine: one backend, one scheduler on one thread, and an asyncio face for the HTTP layer.
+
+Backends run blocking numerical code (PyTorch, ONNX Runtime, TensorRT all release the GIL
+inside their kernels), so the scheduler gets a thread of its own and the event loop stays free to
+accept requests and stream tokens. Each request's events cross back to the loop through
+`call_soon_threadsafe` onto its own asyncio.Queue. Leaving the async iterator early (the client
+disconnected, a stop string matched) aborts the sequence: the scheduler drops its cache rows
+before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from ..generation import Sampling
+from .metrics import PromStats
+from .model_info import ModelInfo
+from .scheduler import Event, Scheduler, Sequence
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Batching and admission knobs (the `tokenskip serve` flags of the same names)."""
+
+    max_batch: int = 32  # rows in the running batch
+    max_waiting: int = 256  # bounded queue: one more request gets a 429
+    kv_cache_gb: float | None = None  # KV budget (analytic bytes, tokenskip.kvcache); None = unlimited
+    continuous: bool = True  # join new requests between decode steps (else dynamic batching)
+    batch_wait_ms: float = 5.0  # gather requests arriving together into one prefill
+    max_tokens_default: int = 256  # cap when a chat request gives no max_tokens
+
+    @property
+    def kv_budget(self) -> int | None:
+        return None if self.kv_cache_gb is None else int(self.kv_cache_gb * 2**30)
+
+
+class AsyncEngine:
+    def __init__(self, backend, tokenizer, info: ModelInfo, settings: EngineSettings = EngineSettings()) -> None:
+        self.backend, self.tokenizer, self.info, self.settings = backend, tokenizer, info, settings
+        self.stats = PromStats(info, settings.kv_budget)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad or 0)
+        self.scheduler = Scheduler(backend, pad_id=self.pad_id, max_batch=settings.max_batch,
+                                   max_waiting=settings.max_waiting, kv_budget=settings.kv_budget,
+                                   continuous=settings.continuous, batch_wait_s=settings.batch_wait_ms / 1000,
+                                   stats=self.stats)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "AsyncEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.scheduler.serve_forever, args=(self._stop,),
+                                            name="tokenskip-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.scheduler._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests -----------------------------------------------------------------------------
+    def submit(self, rid: str, prompt: list[int], sampling: Sampling, eos: frozenset[int],
+               kv_bytes: int = 0) -> "RequestHandle":
+        """Queue one sequence (call on the event loop). Raises QueueFull / ValueError at once."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+        seq = Sequence(rid=rid, prompt=list(prompt), sampling=sampling, emit=emit, eos=eos, kv_bytes=kv_bytes)
+        self.scheduler.submit(seq)
+        return RequestHandle(self.scheduler, seq, queue)
+
+    def health(self) -> dict:
+        s = self.scheduler
+        return {"status": "ok" if self.alive else "engine stopped", "pid": os.getpid(), "waiting": s.waiting, "running": s.running,
+                "max_batch": s.max_batch, "max_waiting": s.max_waiting, "kv_reserved_bytes": s.kv_used,
+                "kv_budget_bytes": s.kv_budget, "batching": self.batching}
+
+    @property
+    def batching(self) -> str:
+        s = self.scheduler
+        if not s.continuous:
+            return "dynamic"
+        if s.ops_known and s.ops is None:
+            return "dynamic (this backend's cache has no row operations)"
+        return "continuous"
+
+
+class RequestHandle:
+    """One submitted sequence: iterate its events; leaving early (disconnect, stop string) aborts it."""
+
+    def __init__(self, scheduler: Scheduler, seq: Sequence, queue: "asyncio.Queue[Event]") -> None:
+        self.scheduler, self.seq, self.queue = scheduler, seq, queue
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if event.finish is not None:
+                    return
+        finally:
+            self.abort()
+
+    def abort(self, reason: str = "abort") -> None:
+        """Free the row: "abort" when the client left, "stop" when a stop string ended the text."""
+        if self.seq.finish is None:
+            self.scheduler.abort(self.seq.rid, reason)

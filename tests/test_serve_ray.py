@@ -1,0 +1,99 @@
+"""The same app on Ray Serve: a local Ray cluster (2 CPUs, no dashboard), 2 replicas each with
+its own model copy, HTTP on 127.0.0.1, answered through the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+ray = pytest.importorskip("ray", reason="the serve-ray extra (ray[serve]) is not installed")
+serve = pytest.importorskip("ray.serve")
+
+from click.testing import CliRunner  # noqa: E402
+
+from tokenskip.config import build_routed  # noqa: E402
+from tokenskip.deploy.backends import TorchBackend  # noqa: E402
+from tokenskip.deploy.generation import Sampling, generate_tokens  # noqa: E402
+
+from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory):
+    """(url, spec file, model folder): `tokenskip serve --ray --replicas 2` as run() starts it."""
+    from tokenskip.deploy.serve import ray_app
+    from tokenskip.deploy.serve.cli import serve as serve_cmd
+    from tokenskip.deploy.serve.launch import ServeSpec
+
+    folder = tmp_path_factory.mktemp("tiny-ray")
+    make_tiny_llama(folder, seed=1)
+    make_char_tokenizer(folder, vocab_size=256, chat_template=CHAT_TEMPLATE)
+    spec_file = folder / "spec.json"
+    res = CliRunner().invoke(serve_cmd, ["--model", str(folder), "--router", "static", "--sparsity", "0.5",
+                                         "--threads", "1", "--max-batch", "8", "--write-spec", str(spec_file)])
+    assert res.exit_code == 0, res.output
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        spec = ServeSpec(**json.loads(spec_file.read_text()))
+        ray_app.run(spec, host="127.0.0.1", port=port, replicas=2, max_replicas=None, cpus_per_replica=0.5,
+                    gpus_per_replica=0.0, address=None, blocking=False)
+        yield f"http://127.0.0.1:{port}", spec_file, folder
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_answer_the_openai_client(ray_server):
+    url, _, folder = ray_server
+    from tokenskip.models import load_model
+
+    lm = load_model(str(folder))
+    routed, _ = build_routed(lm.model, router="static", sparsity=0.5)
+    tok = lm.tokenizer
+    with torch.no_grad():
+        want = generate_tokens(TorchBackend(routed), [tok("Scale out")["input_ids"]], Sampling(12), pad_id=1,
+                               eos_ids=[tok.eos_token_id]).tokens[0]
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    r = c.completions.create(model=folder.name, prompt="Scale out", max_tokens=12, temperature=0)
+    assert r.choices[0].text == tok.decode(want, skip_special_tokens=True)
+    streamed = c.completions.create(model=folder.name, prompt="Scale out", max_tokens=12, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+    chat = c.chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                     temperature=0, stream=True)
+    assert [ch.choices[0].delta.role for ch in chat][0] == "assistant"
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=folder.name, prompt="x", max_tokens=0)
+    # both replicas serve: each has its own engine (process id) behind Ray's proxy
+    pids = set()
+    for _ in range(60):
+        pids.add(httpx.get(url + "/health", timeout=10).json()["pid"])
+        if len(pids) == 2:
+            break
+        time.sleep(0.05)
+    assert len(pids) == 2
+    app = serve.status().applications["tokenskip"]
+    assert app.status == "RUNNING" and app.deployments["tokenskip"].replica_states.get("RUNNING") == 2
+
+
+def test_serve_run_builder_and_autoscaling_options(ray_server):
+    from tokenskip.deploy.serve import ray_app
+
+    _, spec_file, _ = ray_server
+    app = ray_app.app_builder({"spec": str(spec_file), "replicas": "1", "max_replicas": "4"})
+    opts = ray_app.deployment_options(1, 4, 1.0, 0.0, {"max_batch": 8, "max_waiting": 64})
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["max_ongoing_requests"] == 72
+    assert "num_replicas" not in opts and app is not None
