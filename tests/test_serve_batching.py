@@ -88,7 +88,6 @@ def test_routed_batched_equals_alone_with_the_batch_padding(tiny_llama, prompts)
             assert seqs[prompts.index(p)].tokens == want
 
 
-@pytest.mark.xfail(strict=True, reason="k per row lands with the op-contract change (issue 12)")
 def test_routed_batched_equals_unbatched_greedy(tiny_llama, prompts):
     be = backend(tiny_llama, "static")
     seqs, _, _ = run_staggered(be, prompts, Sampling(12), continuous=True)
