@@ -107,13 +107,18 @@ class BlockResult:
 def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q_valid: Tensor, *,
               kv_x: Tensor | None = None, kv_cos_sin: tuple[Tensor, Tensor] | None = None,
               kv_pos: Tensor | None = None, kv_valid: Tensor | None = None, k_active: Tensor | None = None,
-              q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0) -> BlockResult:
+              q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0,
+              k_soft: Tensor | None = None) -> BlockResult:
     """One decoder block for the query rows x [B,q,H].
 
     Keys/values come from `kv_x` [B,T,H] (the block input of other tokens: kv_policy=dense) or,
     by default, from x itself; `past` (a cache) is prepended. `k_active` [B,T] removes keys by mask
     (training emulation of kv_policy=skip); `q_active` [B,q] says which rows are real kept tokens
-    (for the score window). RoPE uses each token's original position.
+    (for the score window). RoPE uses each token's original position. `k_soft` [B,T] (training,
+    with k_active): soft key weights in (0,1] whose gradient reaches the router through a
+    straight-through path over the key mask: the output is the hard-masked attention's, the
+    gradient that of attention with log(k_soft) added to every key's logit, so a skipped key's
+    value as a key is seen (a hard mask gives it no gradient at all).
     """
     attn = layer.self_attn
     bsz, nq, _ = x.shape
@@ -141,6 +146,12 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
     keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]
     allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
     o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=attn.scaling)
+    if k_soft is not None:  # straight-through over the key mask (training only)
+        reach = attention_allowed(q_pos, kv.pos, kv.valid)  # [B,q,T] without the key mask
+        bias = torch.log(k_soft.clamp(min=1e-6)).to(q.dtype).unsqueeze(1).expand(-1, nq, -1)  # [B,q,T]
+        bias = bias.masked_fill(~reach, float("-inf")).unsqueeze(1)  # [B,1,q,T]
+        o_soft = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scaling)
+        o = o + (o_soft - o_soft.detach())
     o = attn.o_proj(o.transpose(1, 2).reshape(bsz, nq, -1))  # [B,q,H]
     h = residual + o
     out = h + layer.mlp(layer.post_attention_layernorm(h))  # [B,q,H]

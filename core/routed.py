@@ -143,6 +143,7 @@ class RoutedModel(nn.Module):
         self.score_window = score_window
         # ShortGPT-style baseline: whole blocks removed for every token (not routing; no router call)
         self.removed_layers = frozenset(removed_layers)
+        self.ste_keys = False  # training: straight-through gradient over the key mask too (run_block k_soft)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -255,11 +256,18 @@ class RoutedModel(nn.Module):
         keep = hard.bool()
         window = self.score_window if self._needs_scores() else 0
         k_active = keep if self.kv_policy == "skip" else None
-        res = run_block(layer, h, cos_sin, positions, valid, k_active=k_active, q_active=keep & routable,
-                        score_window=window)
-        gate = hard
-        if ste:  # forward value = hard mask, gradient = d soft / d logit
+        soft = None
+        if ste:  # forward value = hard mask, gradient = d soft / d logit (none for forced tokens)
             soft = ste_surrogate(raw, sel, routable, counts, None if ste is True else float(ste))
+            free = routable & (sel != float("inf"))  # [B,S] tokens the router decides
+            soft = torch.where(free, soft, soft.detach())
+        k_soft = None
+        if soft is not None and self.ste_keys and k_active is not None:  # keys too (kv_policy=skip)
+            k_soft = torch.where(free, soft, torch.ones_like(soft))  # forced/tail keys: weight 1
+        res = run_block(layer, h, cos_sin, positions, valid, k_active=k_active, q_active=keep & routable,
+                        score_window=window, k_soft=k_soft)
+        gate = hard
+        if soft is not None:
             gate = hard + soft - soft.detach()
         h = h + gate.unsqueeze(-1).to(h.dtype) * (res.out - h)  # [B,S,H]
         if window:

@@ -517,3 +517,29 @@ def test_smollm2_shortgpt_removes_low_influence_blocks(smollm2):
     calib = windows(smollm2.tokenizer, "calib", None, 128, 2)
     _, info = shortgpt_model(smollm2.model, calib, 0.3, 128, 16)
     assert 0 not in info["removed"] and abs(info["flops"] - info["target_flops"]) < 0.03
+
+
+def test_static_init_routes_exactly_like_static(tiny_llama):
+    """A learned router initialised as static keeps exactly the static router's tokens (so training
+    with validation from step 0 can only ship something that calibrates at least as well)."""
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import LearnedRouter, StaticRouter
+    from tokenskip.schedule import Schedule
+
+    model, _ = tiny_llama
+    router = LearnedRouter()
+    router.feature_mean.copy_(torch.tensor([0.5, 0.05, 0.5, 0.3]))
+    router.feature_std.copy_(torch.tensor([0.29, 0.04, 0.29, 0.1]))
+    router.init_as_static()
+    sched = Schedule((0.0, 0.5, 0.3, 0.0))
+    ids = torch.randint(0, 256, (3, 37), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        a = RoutedModel(model, sched, router)(ids, mask, trace=True)
+        b = RoutedModel(model, sched, StaticRouter())(ids, mask, trace=True)
+    assert any(t.index is not None for t in a.traces)
+    for ta, tb in zip(a.traces, b.traces):
+        if ta.index is not None:
+            assert torch.equal(ta.index, tb.index)
+    torch.testing.assert_close(a.logits, b.logits)

@@ -64,6 +64,8 @@ class TrainSettings:
     calib_windows: int = 8  # windows of the calibration split for feature standardisation
     ste_temperature: float = 0.0  # 0: STE through sigmoid(logit); > 0: centred on the top-k threshold
     score_window: int = DEFAULT_WINDOW  # query rows of the attention-score feature (a router input)
+    ste_keys: bool = False  # kv_policy=skip: straight-through gradient over the key mask as well
+    init: str = "static"  # a fresh router starts as the static router ("static") or at random ("random")
     validate_every: int = 0  # > 0: KL on the calibration windows (deployment function) every N steps;
     #                          the router with the lowest one is the result
 
@@ -78,6 +80,8 @@ class TrainSettings:
             raise UserError(f"--ste-temperature {self.ste_temperature}: must be >= 0 (0 = plain sigmoid)")
         if self.validate_every < 0:
             raise UserError(f"--validate-every {self.validate_every}: must be >= 0")
+        if self.init not in ("static", "random"):
+            raise UserError(f"--init-router {self.init}: choose static or random")
         if self.score_window < 1:
             raise UserError(f"--score-window {self.score_window}: must be >= 1")
         if self.checkpoint_every < 1:
@@ -294,6 +298,8 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
     else:
         standardise_features(router, model, schedule, calib_ids, settings.cont_len, settings.kv_policy,
                              score_window=settings.score_window)
+        if settings.init == "static":
+            router.init_as_static(seed=settings.seed)
     dist.broadcast_module(router)  # every process starts from rank 0's router, as DDP does
     opt = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 gradients underflow
@@ -307,6 +313,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
             f.unlink()
     state = state or TrainState()
     routed = RoutedModel(model, schedule, router, kv_policy=settings.kv_policy, score_window=settings.score_window)
+    routed.ste_keys = settings.ste_keys
     base = RoutedModel(model, Schedule.dense(schedule.num_layers), None, kv_policy=settings.kv_policy)
     n = train_ids.shape[0]
     cache: dict[int, torch.Tensor] = {}
