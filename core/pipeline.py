@@ -75,14 +75,20 @@ def _gpu_can_run_engine() -> bool:
 @click.option("--sparsity", default=0.3, show_default=True, help="Overall sparsity the router is fitted for.")
 @click.option("--budget", type=click.Choice(["tiny", "small", "default"]), default="small", show_default=True,
               help="Search/training budget of the fit stage (small: a few minutes on 2 CPU cores).")
-@click.option("--windows", default=8, show_default=True, help="Held-out windows for the quality table.")
+@click.option("--windows", default=64, show_default=True,
+              help="Held-out windows for the quality table, sampled across every article (64 x 64 = 4096 scored tokens).")
+@click.option("--domains", default="eval", show_default=True,
+              help="Held-out text of the quality table: eval (Wikipedia) and/or news (a second domain).")
+@click.option("--free-run", default=16, show_default=True,
+              help="Prompts generated greedily for the free-running check (agreement with dense, repetition).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt for the generation stage.")
 @click.option("--bench-seq-len", default=1024, show_default=True, help="Prompt length of the speed stage.")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to run.")
 @click.option("--seed", default=0, show_default=True)
 @device_options
 @click.pass_context
-def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_len, stages, seed, device, dtype):
+def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, prompt, bench_seq_len, stages, seed,
+             device, dtype):
     """Run the whole job end to end and print the quality and speed tables.
 
     \b
@@ -98,7 +104,14 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_l
     from .models import load_model
     from .schedule import check_sparsity
 
+    from .train.report import DOMAINS
+
     check_sparsity(sparsity)
+    domain_list = tuple(d.strip() for d in domains.split(",") if d.strip())
+    if not domain_list or set(domain_list) - set(DOMAINS):
+        raise UserError(f"--domains {domains}: choose from {', '.join(DOMAINS)}")
+    if windows < 1 or free_run < 0:
+        raise UserError("--windows must be >= 1 and --free-run >= 0")
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown or not chosen:
@@ -127,7 +140,8 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, prompt, bench_seq_l
         t0 = _stage(2, "quality at equal FLOPs (continuation after a routed prompt, held-out text)")
         if not (routers_dir / "tokenskip.json").is_file():
             raise UserError(f"no fitted routers in {routers_dir}: run the fit stage first")
-        table = quality_table(model, sparsity, fit_dir, windows=windows, seed=seed, lm=lm)
+        table = quality_table(model, sparsity, fit_dir, windows=windows, seed=seed, lm=lm, domains=domain_list,
+                              free_run=free_run)
         click.echo(table["markdown"])
         write_json_atomic(out / "quality.json", table)
         _figures(ctx, out, "quality", model=model, routers_dir=str(routers_dir))
