@@ -337,7 +337,9 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
             """KL to dense on the calibration windows, as deployment computes it; keep the best."""
             kl = dist.window_mean(len(calib_ids), lambda sl: evaluate(routed, calib_ids[sl], settings.cont_len, ref,
                                                                        "val", progress=False).per_window["kl"])
-            if state.history and state.history[-1]["step"] == state.step:
+            if state.step == 0:  # the starting router (static-initialised: the static router's KL)
+                state.history.append({"step": 0, "val_kl": round(kl, 6)})
+            elif state.history and state.history[-1]["step"] == state.step:
                 state.history[-1]["val_kl"] = round(kl, 6)
             if kl < state.best_kl:
                 state.best_kl, state.best_step = kl, state.step
