@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from . import attention
+from .attention import expand_kv
 
 
 @dataclass
@@ -28,12 +30,18 @@ class LayerKV:
     valid: Tensor  # [B,T] bool (False: padding)
 
     def append(self, other: "LayerKV") -> "LayerKV":
+        """A new LayerKV with `other`'s columns after these (a copy; KVBuffer writes in place)."""
         return LayerKV(torch.cat([self.key, other.key], 2), torch.cat([self.value, other.value], 2),
                        torch.cat([self.pos, other.pos], 1), torch.cat([self.valid, other.valid], 1))
 
     @property
     def length(self) -> int:
         return self.key.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this cache entry holds (a preallocated tokenskip.kv_cache.KVBuffer: its capacity)."""
+        return sum(t.nbytes for t in (self.key, self.value, self.pos, self.valid))
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -44,14 +52,6 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B,n,q,d], cos/sin [B,q,d] for the tokens' original positions."""
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-def expand_kv(x: Tensor, groups: int) -> Tensor:
-    """[B,nkv,T,d] -> [B,nkv*groups,T,d] (GQA), with ops every exporter understands."""
-    if groups == 1:
-        return x
-    b, n, t, d = x.shape
-    return x[:, :, None].expand(b, n, groups, t, d).reshape(b, n * groups, t, d)
 
 
 def attention_allowed(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, k_active: Tensor | None = None) -> Tensor:
@@ -104,13 +104,19 @@ class BlockResult:
 def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q_valid: Tensor, *,
               kv_x: Tensor | None = None, kv_cos_sin: tuple[Tensor, Tensor] | None = None,
               kv_pos: Tensor | None = None, kv_valid: Tensor | None = None, k_active: Tensor | None = None,
-              q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0) -> BlockResult:
+              q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0,
+              causal: bool = False) -> BlockResult:
     """One decoder block for the query rows x [B,q,H].
 
     Keys/values come from `kv_x` [B,T,H] (the block input of other tokens: kv_policy=dense) or,
     by default, from x itself; `past` (a cache) is prepended. `k_active` [B,T] removes keys by mask
     (training emulation of kv_policy=skip); `q_active` [B,q] says which rows are real kept tokens
     (for the score window). RoPE uses each token's original position.
+
+    causal=True is the caller's promise that the rows are their own keys, in ascending position
+    order, with no padding (q_valid all True) and no past: then attention may run as
+    SDPA(is_causal=True) (tokenskip.attention picks the kernel; the explicit-mask reference is
+    used whenever the promise cannot apply or while exporting).
     """
     attn = layer.self_attn
     bsz, nq, _ = x.shape
@@ -134,16 +140,20 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
         kv = past.append(kv)
         if k_active is not None:
             k_active = torch.cat([torch.ones_like(past.valid), k_active], 1)
-    groups = q.shape[1] // k.shape[1]
-    keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]
-    allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=attn.scaling)
+    kernel = attention.choose(causal=causal and kv_x is None and past is None, q_rows=nq, device=q.device,
+                              masked_keys=k_active is not None)
+    allowed = None
+    if kernel == attention.REFERENCE or score_window > 0:
+        allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
+    o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
+                         k_pos=kv.pos, k_valid=kv.valid)  # [B,nh,q,d]
     o = attn.o_proj(o.transpose(1, 2).reshape(bsz, nq, -1))  # [B,q,H]
     h = residual + o
     out = h + layer.mlp(layer.post_attention_layernorm(h))  # [B,q,H]
     result = BlockResult(out=out, kv=kv)
     if score_window > 0:
         row_ok = q_valid if q_active is None else (q_valid & q_active)
+        keys = expand_kv(kv.key, q.shape[1] // kv.key.shape[1])  # [B,nh,T,d]
         result.attn_score, result.attn_seen = window_attention_scores(q, keys, allowed, row_ok, score_window,
                                                                       attn.scaling)
     return result
