@@ -171,8 +171,20 @@ def position_block_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, block: in
 
     num, idx = ordered(partial)
     fnum, fidx = ordered(full)
+    extra = {}
+    if _takes_compute_q_blocks() and not torch.is_grad_enabled():
+        extra["compute_q_blocks"] = False  # the q-major tables serve only the backward pass
     return BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(nq, nk))
+                                    seq_lengths=(nq, nk), **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_compute_q_blocks() -> bool:
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
 @functools.lru_cache(maxsize=None)
