@@ -105,7 +105,7 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
               kv_x: Tensor | None = None, kv_cos_sin: tuple[Tensor, Tensor] | None = None,
               kv_pos: Tensor | None = None, kv_valid: Tensor | None = None, k_active: Tensor | None = None,
               q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0,
-              causal: bool = False) -> BlockResult:
+              causal: bool = False, x_norm: Tensor | None = None) -> BlockResult:
     """One decoder block for the query rows x [B,q,H].
 
     Keys/values come from `kv_x` [B,T,H] (the block input of other tokens: kv_policy=dense) or,
@@ -116,13 +116,14 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
     causal=True is the caller's promise that the rows are their own keys, in ascending position
     order, with no padding (q_valid all True) and no past: then attention may run as
     SDPA(is_causal=True) (tokenskip.attention picks the kernel; the explicit-mask reference is
-    used whenever the promise cannot apply or while exporting).
+    used whenever the promise cannot apply or while exporting). x_norm: the input norm of x when
+    the caller already has it (tokenskip.fused computes it together with the gather).
     """
     attn = layer.self_attn
     bsz, nq, _ = x.shape
     head_dim = attn.head_dim
     residual = x
-    xn = layer.input_layernorm(x)  # [B,q,H]
+    xn = layer.input_layernorm(x) if x_norm is None else x_norm  # [B,q,H]
     q = attn.q_proj(xn).view(bsz, nq, -1, head_dim).transpose(1, 2)  # [B,nh,q,d]
     if kv_x is None:
         kv_src, kv_cos_sin, kv_pos, kv_valid = xn, cos_sin, q_pos, q_valid

@@ -229,9 +229,10 @@ class RoutedModel(nn.Module):
 
     def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table, unpadded=False):
         lean = unpadded and not torch.is_grad_enabled()  # inference on unpadded rows (fused.py)
+        kept_norm = None
         if lean:  # the ops' rule without padding (every row keeps k): fewer kernels than the padding-aware op
             index = ops.select_topk(sel, k)  # [B,k]
-            kept = ops.gather_rows(h, index)  # [B,k,H]
+            kept, kept_norm = fused.gather_norm(h, index, layer.input_layernorm)  # [B,k,H], normed or None
         elif n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
             num, den = self.schedule.keep_fraction(li)
             kept, index = ops.topk_gather(h, sel, valid, num, den, MIN_KEEP)  # [B,k,H], [B,k]
@@ -244,10 +245,11 @@ class RoutedModel(nn.Module):
         kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
         window = self.score_window if self._needs_scores() else 0
         if self.kv_policy == "skip":
-            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, score_window=window, causal=unpadded)
+            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, score_window=window, causal=unpadded,
+                            x_norm=kept_norm)
         else:  # skipped tokens stay keys, from their un-updated hidden state
             res = run_block(layer, kept, kcos_sin, kpos, kvalid, kv_x=h, kv_cos_sin=cos_sin, kv_pos=positions,
-                            kv_valid=valid, q_active=krows, score_window=window)
+                            kv_valid=valid, q_active=krows, score_window=window, x_norm=kept_norm)
         if lean:
             h = fused.scatter_delta_(h, res.out, kept, index)  # [B,S,H] in place
         else:

@@ -137,6 +137,18 @@ def make_call(model, routed, ids, mask, mode: str, emulate: bool):
     prefill, called eagerly or as the replay of one capture."""
     from tokenskip.cuda_graphs import Graph, GraphedPrefill
 
+    if isinstance(routed, tuple):  # ("fused", routed): the same model with tokenskip.fused on
+        from tokenskip.fused import use_fused
+
+        inner_routed = routed[1]
+        with use_fused(True):
+            inner = make_call(model, inner_routed, ids, mask, mode, emulate)  # graph mode: captured fused
+
+        def with_fusion():
+            with use_fused(True):
+                return inner()
+
+        return with_fusion
     if routed is None:
         def hf():
             return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
@@ -179,6 +191,9 @@ def make_sides(model, args, device) -> dict:
     for kv in args.kv_policies:
         for s in args.sparsities:
             sides[f"routed:{kv}:{s:g}"] = build_routed(model, router="static", sparsity=s, kv_policy=kv)[0]
+    if args.fused:
+        s = max(args.sparsities)
+        sides[f"fused:skip:{s:g}"] = ("fused", sides[f"routed:skip:{s:g}"])
     if args.overhead:
         s = max(args.sparsities)
         n = model.config.num_hidden_layers
@@ -212,6 +227,11 @@ def prefill_group(model, sides, mode, seq, batch, args, timer, device, emulate) 
                      "ideal": ideal, "efficiency": base / r / ideal, "ideal_rect": ideal_rect,
                      "efficiency_rect": base / r / ideal_rect, "tok_s_dense": batch * seq / base,
                      "tok_s_routed": batch * seq / r})
+    for name in (n for n in med if n.startswith("fused:")):
+        plain = med.get("routed:" + name.split(":", 1)[1])
+        if plain is not None:
+            group["fused"] = {"side": name, "routed_ms": 1e3 * plain, "fused_ms": 1e3 * med[name],
+                              "gain": plain / med[name]}
     overhead = None
     learned = [n for n in med if n.startswith("learned:")]
     if learned and base is not None:
@@ -238,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 8; tiny: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2; tiny: 1)")
     p.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the learned-router side")
+    p.add_argument("--fused", action="store_true", help="also time kv_policy=skip with tokenskip.fused on (A/B)")
     p.add_argument("--decode-steps", type=int, default=None, help="decode benchmark steps (default 32; 0: skip)")
     p.add_argument("--budget-s", type=float, default=0, help="stop starting new groups after this many seconds")
     args = p.parse_args(argv)
@@ -306,6 +327,7 @@ def run(args) -> dict:
         say(f"[{mode}] S={seq} B={batch}: HF dense {group['hf_dense_ms']:.2f} ms, ours {group['ours_dense_ms']:.2f} ms"
             + "".join(f"; {r['kv_policy']} {r['sparsity']:g}: {r['speedup']:.2f}x (ideal {r['ideal']:.2f}x)"
                       for r in got) + (f"; overhead {100 * over['overhead']:.2f}%" if over else "")
+            + (f"; fused {group['fused']['gain']:.3f}x" if "fused" in group else "")
             + (f"; errors {group['errors']}" if group["errors"] else ""))
         if cuda:
             torch.cuda.empty_cache()
@@ -327,6 +349,11 @@ def table(result: dict) -> str:
         out += ["", "| mode | S | B | static routed ms | learned routed ms | overhead / HF dense |", "|---|---|---|---|---|---|"]
         out += [f"| {o['mode']} | {o['seq']} | {o['batch']} | {o['static_ms']:.2f} | {o['learned_ms']:.2f} | "
                 f"{100 * o['overhead']:.2f}% |" for o in result["overhead"]]
+    fused = [g for g in result["groups"] if "fused" in g]
+    if fused:
+        out += ["", "| mode | S | B | side | routed ms | fused ms | gain |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {g['mode']} | {g['seq']} | {g['batch']} | {g['fused']['side']} | {g['fused']['routed_ms']:.2f} | "
+                f"{g['fused']['fused_ms']:.2f} | {g['fused']['gain']:.3f}x |" for g in fused]
     if result["decode"]:
         out += ["", "| side | B | prompt | concat ms/tok | prealloc eager ms/tok | prealloc graph ms/tok |",
                 "|---|---|---|---|---|---|"]

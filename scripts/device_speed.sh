@@ -7,7 +7,7 @@
 #      sparsity 0.3 and 0.4, kv_policy skip and dense, eager and CUDA graphs, against HF's own
 #      forward (sdpa, is_causal) in the same capture mode; numeric checks of the fast paths in bf16;
 #      router + feature overhead; decode over the preallocated cache (eager / graphed) vs the old
-#      concatenating one; verdicts against issue 14's targets. New groups stop starting after
+#      concatenating one; the fused gather+norm / delta+scatter (A/B); verdicts against issue 14's targets. New groups stop starting after
 #      BUDGET_S (default 270 s); the run is killed at 390 s.
 # Logs and raw JSON go under $OUT (default ./device-out). No install: a symlink tree gives Python the
 # package layout of pyproject.toml. Run it with the device tool, e.g.
@@ -33,10 +33,10 @@ T0=$SECONDS
 step() { echo "== $1 ($((SECONDS - T0)) s)"; }
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  BENCH_ARGS=(--tiny --device cpu --repeats 2 --warmup 1)
+  BENCH_ARGS=(--tiny --device cpu --repeats 2 --warmup 1 --fused)
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 else
-  BENCH_ARGS=(--budget-s "$BUDGET_S")
+  BENCH_ARGS=(--budget-s "$BUDGET_S" --fused)
 fi
 
 step environment

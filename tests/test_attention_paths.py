@@ -298,3 +298,74 @@ def test_cuda_fast_paths_equal_reference(tiny_llama, monkeypatch, kv_policy):
         assert attention.FLEX in used if (padded or kv_policy == "dense") else attention.CAUSAL in used
         torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-4)
         torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- fused helpers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_helpers_equal_the_ops_they_replace(tiny_llama, dtype):
+    """rms_gather = gather + HF's LlamaRMSNorm; scatter_delta = ops.scatter_tokens, in place."""
+    from tokenskip import fused, ops
+
+    model, _ = tiny_llama
+    norm = type(model.model.layers[0].input_layernorm)(64, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 30, 64, generator=g).to(dtype)
+    index = torch.sort(torch.randperm(30, generator=g)[:17]).values.expand(2, -1).contiguous()
+    kept, normed = fused.rms_gather(h, index, norm.weight, norm.variance_epsilon)
+    assert torch.equal(kept, ops.gather_rows(h, index)) and torch.equal(normed, norm(kept))
+    out = torch.randn(2, 17, 64, generator=g).to(dtype)
+    ref = ops.scatter_tokens(h, out - kept, index)
+    ptr = h.data_ptr()
+    got = fused.scatter_delta_(h, out, kept, index)
+    assert got.data_ptr() == ptr and torch.equal(got, ref)
+
+
+def test_fused_path_wiring(tiny_llama, monkeypatch):
+    """With fusion on (compiled on CUDA; here the same functions uncompiled), the routed model
+    hands the fused norm to run_block and gives the reference's logits, both kv policies."""
+    from tokenskip import fused
+
+    model, _ = tiny_llama
+    calls = []
+
+    def plain(name):
+        fn = {"scatter": fused.scatter_delta, "gather": fused.rms_gather}[name]
+        return lambda *a: calls.append(name) or fn(*a)
+
+    monkeypatch.setattr(fused, "_compiled", plain)
+    monkeypatch.setattr(fused, "enabled", lambda t: bool(fused._override))  # as if on CUDA
+    for kv_policy in ("skip", "dense"):
+        routed = routed_for(model, kv_policy, StaticRouter())
+        ids, mask = batch(model.config.vocab_size, False)
+        with torch.no_grad():
+            with fused.use_fused(False):
+                ref = routed(ids, mask).logits
+            with fused.use_fused(True):
+                got = routed(ids, mask).logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+    assert calls.count("gather") == calls.count("scatter") == 2 * 2  # two routed blocks, two policies
+    real = fused.rms_gather  # the block really uses the norm it is handed: a wrong one changes the logits
+    monkeypatch.setattr(fused, "rms_gather", lambda *a: (lambda kept, normed: (kept, 2 * normed))(*real(*a)))
+    with torch.no_grad(), fused.use_fused(True):
+        wrong = routed(ids, mask).logits
+    assert (wrong - ref).abs().max() > 1e-3
+
+
+@needs_cuda
+def test_cuda_fused_equals_unfused(tiny_llama):
+    """The torch.compile'd gather+norm and delta+scatter (TOKENSKIP_FUSED) against the plain code."""
+    from tokenskip import fused
+
+    model, _ = tiny_llama
+    gpu = type(model)(model.config).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    for kv_policy in ("skip", "dense"):
+        routed = routed_for(gpu, kv_policy, StaticRouter())
+        ids, mask = (t.cuda() for t in batch(model.config.vocab_size, False, seq=300))
+        with torch.no_grad():
+            with fused.use_fused(False):
+                ref = routed(ids, mask).logits
+            with fused.use_fused(True):
+                got = routed(ids, mask).logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
