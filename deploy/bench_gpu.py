@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 @torch.no_grad()
 def run(args) -> dict:
-    from .bench_gpu_checks import decode_bench, numeric_checks, verdicts
+    from .bench_gpu_checks import decode_bench, numeric_checks, op_counts, verdicts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
@@ -311,6 +311,9 @@ def run(args) -> dict:
     checks = numeric_checks(model, args, device)
     say(f"numeric checks: {json.dumps(checks)}")
     sides = make_sides(model, args, device)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_lens[0]), device=device)
+    ops_per_prefill = op_counts(model, sides, ids, torch.ones_like(ids))
+    say(f"aten ops per eager prefill (B=1, S={args.seq_lens[0]}): {json.dumps(ops_per_prefill)}")
     decode = decode_bench(model, sides, args, device, timer, emulate) if args.decode_steps else []
     say(f"decode: {json.dumps(decode)}")
     rows, overheads, groups, skipped = [], [], [], []
@@ -332,7 +335,7 @@ def run(args) -> dict:
         if cuda:
             torch.cuda.empty_cache()
     info["total_s"] = time.perf_counter() - t0
-    result = {"info": info, "checks": checks, "rows": rows, "overhead": overheads, "groups": groups,
+    result = {"info": info, "checks": checks, "ops_per_prefill": ops_per_prefill, "rows": rows, "overhead": overheads, "groups": groups,
               "decode": decode, "skipped": skipped}
     result["targets"] = verdicts(result, TARGETS)
     return result

@@ -70,6 +70,49 @@ def numeric_checks(model, args, device: str) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------- op counts
+_FREE = {"aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose.int", "aten::expand", "aten::unsqueeze",
+         "aten::slice.Tensor", "aten::select.int", "aten::detach", "aten::alias", "aten::squeeze.dim", "aten::permute",
+         "aten::reshape", "aten::as_strided"}  # metadata only: no kernel launch
+
+
+@torch.no_grad()
+def op_counts(model, sides: dict, ids, mask) -> dict:
+    """Dispatched aten ops per eager prefill (views excluded; the tokenskip custom ops counted by
+    their bodies), per side: the kernel launches the host issues, the host-overhead measure that
+    does not depend on the machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tokenskip import ops
+
+    # a custom op hides its kernels from the mode: count its Python body instead
+    bodies = {f"tokenskip::{op._name}": getattr(op, "_init_fn", None) for op in (ops.topk_gather, ops.scatter_tokens)}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            body = bodies.get(func.name())
+            if body is not None:
+                with self:  # the mode is off inside its own handler: count the body's ops too
+                    return body(*args, **(kwargs or {}))
+            if func.name() not in _FREE:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    for name, routed in sides.items():
+        if isinstance(routed, tuple):
+            continue
+        with Count() as c:
+            if routed is None:
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            else:
+                routed.prefill(ids, mask, padded=False)
+        out[name] = c.n
+    return out
+
+
 # ----------------------------------------------------------------------------------------- decode
 def _steps(routed, logits, cache, seq: int, steps: int):
     """`steps` greedy decode steps with no host read (argmax stays on the device)."""
