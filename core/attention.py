@@ -144,7 +144,7 @@ def position_block_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, block: in
 
     bsz, nq = q_pos.shape
     nk = k_pos.shape[1]
-    big = torch.iinfo(torch.int64).max
+    big = 1 << 40  # above any position; exact through F.pad's float fill value
     qp = _pad_to(q_pos, block, 0).view(bsz, -1, block)  # [B,nQ,blk]
     q_max = qp.amax(-1)  # [B,nQ] (padding rows at 0 never raise it)
     q_min = _pad_to(q_pos, block, big).view(bsz, -1, block).amin(-1)  # [B,nQ]

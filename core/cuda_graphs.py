@@ -126,10 +126,17 @@ class GraphedDecodeCache(list):
 
     def __init__(self, routed, buffers: list[KVBuffer | None], *, warmup: int = 2, emulate: bool = False) -> None:
         held = stores(buffers)
+        snaps = [st.snapshot() for st in held]
         for st in held:
             st.make_static()
         super().__init__([None if b is None else KVBuffer(b.store, b.store.length) for b in buffers])
-        self.graphed_step = _DecodeStep(routed, self, held, warmup, emulate)
+        try:
+            self.graphed_step = _DecodeStep(routed, self, held, warmup, emulate)
+        except Exception:  # leave the buffers as they were (dynamic, warm-up writes undone)
+            for st, snap in zip(held, snaps):
+                st.slot = None
+                st.restore(snap)
+            raise
 
     @property
     def nbytes(self) -> int:
@@ -171,8 +178,20 @@ class _DecodeStep:
         return logits.clone(), self.cache
 
 
+_failures: list[str] = []
+
+
+def capture_failed(exc: Exception) -> None:
+    """A decode capture failed: decode eagerly, say so once, and stop trying in this process."""
+    import warnings
+
+    if not _failures:
+        warnings.warn(f"CUDA-graph decode disabled, decoding eagerly: {type(exc).__name__}: {exc}", stacklevel=3)
+    _failures.append(f"{type(exc).__name__}: {exc}")
+
+
 def decode_graphs_wanted(buffers: list, new_tokens: int) -> bool:
     """Capture a decode step for this cache? On CUDA, when enabled, and when enough tokens follow."""
     held = stores(buffers)
-    return (bool(held) and held[0].key.is_cuda and graphs_enabled() and new_tokens >= GRAPH_MIN_TOKENS
+    return (bool(held) and held[0].key.is_cuda and graphs_enabled() and not _failures and new_tokens >= GRAPH_MIN_TOKENS
             and len(held) == sum(b is not None for b in buffers))

@@ -141,5 +141,8 @@ def decode_cache(routed, cache: list[LayerKV | None], new_tokens: int, graphs: b
         from . import cuda_graphs
 
         if cuda_graphs.decode_graphs_wanted(buffers, new_tokens):
-            return cuda_graphs.GraphedDecodeCache(routed, buffers)
+            try:
+                return cuda_graphs.GraphedDecodeCache(routed, buffers)
+            except Exception as exc:  # noqa: BLE001 - eager decode is always correct
+                cuda_graphs.capture_failed(exc)
     return buffers

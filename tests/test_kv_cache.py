@@ -248,3 +248,32 @@ def test_cuda_graphs_equal_eager(tiny_llama, kv_policy):
     gen = generate_tokens(rec, PROMPTS, Sampling(max_new_tokens=24), pad_id=0)
     assert isinstance(rec.caches[-1], GraphedDecodeCache)
     assert gen.tokens == ref_gen.tokens
+
+
+def test_failed_capture_leaves_an_eager_cache(tiny_llama, monkeypatch):
+    """If capturing the decode step fails, generation decodes eagerly on intact buffers."""
+    from tokenskip import cuda_graphs, kv_cache
+
+    model, _ = tiny_llama
+    routed = make_routed(model, "routed")
+    _, cache, lengths = prefill_cache(routed)
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing_graph(fn, **kw):
+        fn()  # a warm-up step runs (it writes into the cache), then the capture fails
+        raise Boom("capture refused")
+
+    monkeypatch.setattr(cuda_graphs, "Graph", failing_graph)
+    monkeypatch.setattr(cuda_graphs, "decode_graphs_wanted", lambda b, n: True)
+    monkeypatch.setattr(cuda_graphs, "_failures", [])
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        buf = kv_cache.decode_cache(routed, cache, 4)
+    assert type(buf) is list and all(kv.store.slot is None for kv in buf)
+    assert all(kv.store.length == plain.length and not kv.store.valid[:, plain.length:].any()
+               for kv, plain in zip(buf, cache))
+    with torch.no_grad():
+        got, _ = routed.decode_step(torch.full((3, 1), 5), lengths, buf)
+        ref, _ = routed.decode_step(torch.full((3, 1), 5), lengths, cache)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
