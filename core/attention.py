@@ -14,8 +14,8 @@ makes SDPA read a q x T mask. Two fast paths avoid it:
   FlexAttention with a block mask built from the positions (`position_block_mask`): the
   per-element rule is a mask_mod evaluated inside the kernel, blocks that no query of a tile may
   see are skipped, and the q x T mask is never built. Used on CUDA for prefill-sized calls
-  (q >= one block of 128 rows); a decode step's [B,1,T] mask is tiny, so decode keeps the
-  reference (it is also what the static-shape CUDA-graph decode needs).
+  (q >= one block of 128 rows) in inference (no grad); a decode step's [B,1,T] mask is tiny, so
+  decode keeps the reference (it is also what the static-shape CUDA-graph decode needs).
 
 Modes (`use_kernels` / `set_kernels`): "auto" (the rules above), "reference" (always the explicit
 mask), "flex" (FlexAttention for every call, also on the CPU where it runs unfused: for tests).
@@ -83,8 +83,8 @@ def choose(*, causal: bool, q_rows: int, device: torch.device, masked_keys: bool
         return FLEX
     if causal:
         return CAUSAL
-    if device.type == "cuda" and q_rows >= FLEX_BLOCK and flex_available():
-        return FLEX
+    if device.type == "cuda" and q_rows >= FLEX_BLOCK and not torch.is_grad_enabled() and flex_available():
+        return FLEX  # inference only: training keeps the reference it was validated with
     return REFERENCE
 
 

@@ -143,9 +143,12 @@ def test_kernel_choice_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention.choose(causal=True, q_rows=512, device=cpu, masked_keys=False) == attention.CAUSAL
     assert attention.choose(causal=False, q_rows=512, device=cpu, masked_keys=False) == attention.REFERENCE
-    assert attention.choose(causal=False, q_rows=512, device=cuda, masked_keys=False) == attention.FLEX
     assert attention.choose(causal=False, q_rows=1, device=cuda, masked_keys=False) == attention.REFERENCE  # decode
     assert attention.choose(causal=True, q_rows=512, device=cuda, masked_keys=True) == attention.REFERENCE  # training
+    with torch.enable_grad():  # flex is for inference
+        assert attention.choose(causal=False, q_rows=512, device=cuda, masked_keys=False) == attention.REFERENCE
+    with torch.no_grad():
+        assert attention.choose(causal=False, q_rows=512, device=cuda, masked_keys=False) == attention.FLEX
     with attention.use_kernels("reference"):
         assert attention.choose(causal=True, q_rows=512, device=cuda, masked_keys=False) == attention.REFERENCE
         assert not attention.rows_unpadded(None)
