@@ -270,17 +270,19 @@ def main(argv: list[str] | None = None) -> dict:
     args.repeats = args.repeats or (2 if args.tiny else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     args.decode_steps = args.decode_steps if args.decode_steps is not None else (3 if args.tiny else 32)
-    result = run(args)
-    print(table(result))
-    if args.json_out:
-        from tokenskip.fileio import write_json_atomic
+    from tokenskip.fileio import write_json_atomic
 
-        write_json_atomic(args.json_out, result)
+    save = (lambda partial: write_json_atomic(args.json_out, partial)) if args.json_out else (lambda partial: None)
+    result = run(args, save)
+    print(table(result))
+    save(result)
     return result
 
 
 @torch.no_grad()
-def run(args) -> dict:
+def run(args, save=lambda partial: None) -> dict:
+    """The whole benchmark; `save` gets the partial result after every step (a killed run keeps
+    what it measured)."""
     from .bench_gpu_checks import decode_bench, numeric_checks, op_counts, verdicts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -317,6 +319,9 @@ def run(args) -> dict:
     decode = decode_bench(model, sides, args, device, timer, emulate) if args.decode_steps else []
     say(f"decode: {json.dumps(decode)}")
     rows, overheads, groups, skipped = [], [], [], []
+    result = {"info": info, "checks": checks, "ops_per_prefill": ops_per_prefill, "rows": rows, "overhead": overheads,
+              "groups": groups, "decode": decode, "skipped": skipped, "partial": True}
+    save(result)
     order = [(m, s, b) for b in args.batches for s in args.seq_lens for m in args.modes]
     for mode, seq, batch in order:
         if args.budget_s and time.perf_counter() - t0 > args.budget_s:
@@ -332,11 +337,11 @@ def run(args) -> dict:
                       for r in got) + (f"; overhead {100 * over['overhead']:.2f}%" if over else "")
             + (f"; fused {group['fused']['gain']:.3f}x" if "fused" in group else "")
             + (f"; errors {group['errors']}" if group["errors"] else ""))
+        save(result)
         if cuda:
             torch.cuda.empty_cache()
     info["total_s"] = time.perf_counter() - t0
-    result = {"info": info, "checks": checks, "ops_per_prefill": ops_per_prefill, "rows": rows, "overhead": overheads, "groups": groups,
-              "decode": decode, "skipped": skipped}
+    result["partial"] = False
     result["targets"] = verdicts(result, TARGETS)
     return result
 
@@ -349,7 +354,8 @@ def table(result: dict) -> str:
                    f"{r['hf_dense_ms']:.2f} | {r['ours_dense_ms']:.2f} | {r['routed_ms']:.2f} | {r['speedup']:.2f}x | "
                    f"{r['ideal']:.2f}x | {r['efficiency']:.2f} | {r['ideal_rect']:.2f}x |")
     if result["overhead"]:
-        out += ["", "| mode | S | B | static routed ms | learned routed ms | overhead / HF dense |", "|---|---|---|---|---|---|"]
+        out += ["", "| mode | S | B | static routed ms | learned routed ms | overhead / HF dense |",
+                "|---|---|---|---|---|---|"]
         out += [f"| {o['mode']} | {o['seq']} | {o['batch']} | {o['static_ms']:.2f} | {o['learned_ms']:.2f} | "
                 f"{100 * o['overhead']:.2f}% |" for o in result["overhead"]]
     fused = [g for g in result["groups"] if "fused" in g]
