@@ -192,7 +192,8 @@ def run_all(routed, ids, mask):
             logits, cache = routed.decode_step(tok, lengths + i, cache)
             steps.append(logits)
             tok = logits.argmax(-1, keepdim=True)
-        multi, _ = routed.decode_step(ids[:, :3], lengths + 2 + torch.arange(3), cache, all_logits=True)
+        multi, _ = routed.decode_step(ids[:, :3], lengths + 2 + torch.arange(3, device=ids.device), cache,
+                                      all_logits=True)
     index = [t.index for t in out.traces if t.index is not None]
     return torch.stack(steps, 1), multi, cache, index
 
@@ -291,11 +292,12 @@ def test_cuda_fast_paths_equal_reference(tiny_llama, monkeypatch, kv_policy):
     gpu = type(model)(model.config).cuda().eval()
     gpu.load_state_dict(model.state_dict())
     routed = routed_for(gpu, kv_policy, StaticRouter())
+    spy = KernelSpy(monkeypatch)
     for padded in (False, True):
         ids, mask = (t.cuda() for t in batch(model.config.vocab_size, padded, seq=300))
         with attention.use_kernels("reference"):
             ref = run_all(routed, ids, mask)
-        spy = KernelSpy(monkeypatch)
+        spy.take()
         got = run_all(routed, ids, mask)
         used = spy.take()
         assert attention.FLEX in used if (padded or kv_policy == "dense") else attention.CAUSAL in used
