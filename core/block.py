@@ -40,7 +40,7 @@ class LayerKV:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this cache entry holds (a preallocated tokenskip.kv_cache.KVBuffer: its capacity)."""
+        """Bytes this cache entry holds (a preallocated tokenskip.kv_buffer.KVBuffer: its capacity)."""
         return sum(t.nbytes for t in (self.key, self.value, self.pos, self.valid))
 
 

@@ -4,7 +4,7 @@ At S = 1k a 7B prefill is ~30 ms of GPU work, and a routed block adds dozens of 
 (router, selection, gathers, scatter): eager PyTorch is then bound by the host launching them.
 Routed shapes are static for a given (B, S) (k_l = keep(S) for every row, padding fills the
 slots), so the whole prefill can be captured once and replayed (`GraphedPrefill`). A decode step
-is static too once the cache is preallocated in static mode (tokenskip.kv_cache: full-capacity
+is static too once the cache is preallocated in static mode (tokenskip.kv_buffer: full-capacity
 views, a device-side slot counter that the step advances), so `GraphedDecodeCache` captures one
 step bound to its cache and RoutedModel.decode_step replays it.
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .block import LayerKV
-from .kv_cache import KVBuffer, stores
+from .kv_buffer import KVBuffer, stores
 
 ENV = "TOKENSKIP_CUDA_GRAPHS"  # "0": never capture (generation then decodes eagerly)
 GRAPH_MIN_TOKENS = 16  # a decode capture costs about three steps: worth it from this many tokens

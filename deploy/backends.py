@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import read_json
-from tokenskip.kv_cache import DEFAULT_NEW_TOKENS, decode_cache
+from tokenskip.kv_buffer import decode_cache
 
 EXPORT_JSON = "export.json"
 
@@ -40,7 +40,7 @@ class TorchBackend:
         self.device = next(routed.model.parameters()).device
         self.max_length = getattr(routed.model.config, "max_position_embeddings", None)
         self.stats: dict = {}
-        self.new_tokens = DEFAULT_NEW_TOKENS  # KV room preallocated per prefill (reserve(); tokenskip.kv_cache)
+        self.new_tokens: int | None = None  # KV room per prefill, set by reserve() (tokenskip.kv_buffer)
         if threshold_skip:
             from tokenskip.routers import LearnedRouter
 

@@ -130,7 +130,7 @@ def decode_bench(model, sides: dict, args, device: str, timer, emulate: bool) ->
     sparse kv_policy=skip routed model: the old concatenating cache, the preallocated cache (eager),
     and the preallocated cache with the CUDA-graphed step (capture time reported apart)."""
     from tokenskip.cuda_graphs import GraphedDecodeCache
-    from tokenskip.kv_cache import preallocate
+    from tokenskip.kv_buffer import preallocate
 
     steps = args.decode_steps
     seq = min(1024, args.seq_lens[0])

@@ -1,4 +1,4 @@
-"""The preallocated KV cache (tokenskip.kv_cache) and the CUDA-graph plumbing (tokenskip.cuda_graphs).
+"""The preallocated KV cache (tokenskip.kv_buffer) and the CUDA-graph plumbing (tokenskip.cuda_graphs).
 
 Greedy generation through the in-place buffers equals the concatenating cache token for token
 (dense and routed, both kv policies, a left-padded batch); a decode step writes into the
@@ -16,7 +16,7 @@ from tokenskip.block import LayerKV
 from tokenskip.cuda_graphs import Graph, GraphedDecodeCache, GraphedPrefill
 from tokenskip.deploy.backends import TorchBackend
 from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad
-from tokenskip.kv_cache import KVBuffer, preallocate, stores
+from tokenskip.kv_buffer import KVBuffer, preallocate, stores
 from tokenskip.routed import RoutedModel
 from tokenskip.routers import StaticRouter
 from tokenskip.schedule import Schedule
@@ -252,7 +252,7 @@ def test_cuda_graphs_equal_eager(tiny_llama, kv_policy):
 
 def test_failed_capture_leaves_an_eager_cache(tiny_llama, monkeypatch):
     """If capturing the decode step fails, generation decodes eagerly on intact buffers."""
-    from tokenskip import cuda_graphs, kv_cache
+    from tokenskip import cuda_graphs, kv_buffer
 
     model, _ = tiny_llama
     routed = make_routed(model, "routed")
@@ -269,7 +269,7 @@ def test_failed_capture_leaves_an_eager_cache(tiny_llama, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "decode_graphs_wanted", lambda b, n: True)
     monkeypatch.setattr(cuda_graphs, "_failures", [])
     with pytest.warns(UserWarning, match="decoding eagerly"):
-        buf = kv_cache.decode_cache(routed, cache, 4)
+        buf = kv_buffer.decode_cache(routed, cache, 4)
     assert type(buf) is list and all(kv.store.slot is None for kv in buf)
     assert all(kv.store.length == plain.length and not kv.store.valid[:, plain.length:].any()
                for kv, plain in zip(buf, cache))

@@ -1,5 +1,7 @@
 """A preallocated per-layer KV cache that decode writes in place (the PyTorch backend's cache).
 
+(Not tokenskip.kvcache, which computes cache sizes analytically for the server's admission.)
+
 `LayerKV.append` concatenates, so every decode step copies the whole cache of every layer. A
 `KVBuffer` is a LayerKV whose fields are views of one preallocated storage per layer (capacity =
 prefill length + the tokens still to generate, `pos`/`valid` per row kept): `append` writes the new
@@ -132,12 +134,14 @@ def stores(cache) -> list[KVStore]:
     return [kv.store for kv in cache if isinstance(kv, KVBuffer)]
 
 
-def decode_cache(routed, cache: list[LayerKV | None], new_tokens: int, graphs: bool = True):
-    """The cache generation decodes through: `preallocate`d buffers and, on CUDA when `graphs`
-    and enough tokens follow to pay for a capture, a CUDA-graphed decode step bound to them
-    (tokenskip.cuda_graphs; RoutedModel.decode_step replays it)."""
-    buffers = preallocate(cache, new_tokens)
-    if graphs:
+def decode_cache(routed, cache: list[LayerKV | None], new_tokens: int | None, graphs: bool = True):
+    """The cache generation decodes through: `preallocate`d buffers with room for `new_tokens`
+    and, on CUDA when `graphs` and enough tokens follow to pay for a capture, a CUDA-graphed decode
+    step bound to them (tokenskip.cuda_graphs; RoutedModel.decode_step replays it). new_tokens
+    None (the caller did not say, e.g. a server that regroups rows between steps): the default
+    room and no capture."""
+    buffers = preallocate(cache, DEFAULT_NEW_TOKENS if new_tokens is None else new_tokens)
+    if graphs and new_tokens is not None:
         from . import cuda_graphs
 
         if cuda_graphs.decode_graphs_wanted(buffers, new_tokens):
