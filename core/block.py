@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import attention
+from .attention import expand_kv
 from .precision import fp32_region
 
 
@@ -30,12 +32,18 @@ class LayerKV:
     valid: Tensor  # [B,T] bool (False: padding)
 
     def append(self, other: "LayerKV") -> "LayerKV":
+        """A new LayerKV with `other`'s columns after these (a copy; KVBuffer writes in place)."""
         return LayerKV(torch.cat([self.key, other.key], 2), torch.cat([self.value, other.value], 2),
                        torch.cat([self.pos, other.pos], 1), torch.cat([self.valid, other.valid], 1))
 
     @property
     def length(self) -> int:
         return self.key.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this cache entry holds (a preallocated tokenskip.kv_buffer.KVBuffer: its capacity)."""
+        return sum(t.nbytes for t in (self.key, self.value, self.pos, self.valid))
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -46,14 +54,6 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B,n,q,d], cos/sin [B,q,d] for the tokens' original positions."""
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
-def expand_kv(x: Tensor, groups: int) -> Tensor:
-    """[B,nkv,T,d] -> [B,nkv*groups,T,d] (GQA), with ops every exporter understands."""
-    if groups == 1:
-        return x
-    b, n, t, d = x.shape
-    return x[:, :, None].expand(b, n, groups, t, d).reshape(b, n * groups, t, d)
 
 
 def attention_allowed(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, k_active: Tensor | None = None) -> Tensor:
@@ -108,7 +108,7 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
               kv_x: Tensor | None = None, kv_cos_sin: tuple[Tensor, Tensor] | None = None,
               kv_pos: Tensor | None = None, kv_valid: Tensor | None = None, k_active: Tensor | None = None,
               q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0,
-              k_soft: Tensor | None = None) -> BlockResult:
+              k_soft: Tensor | None = None, causal: bool = False, x_norm: Tensor | None = None) -> BlockResult:
     """One decoder block for the query rows x [B,q,H].
 
     Keys/values come from `kv_x` [B,T,H] (the block input of other tokens: kv_policy=dense) or,
@@ -119,12 +119,18 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
     straight-through path over the key mask: the output is the hard-masked attention's, the
     gradient that of attention with log(k_soft) added to every key's logit, so a skipped key's
     value as a key is seen (a hard mask gives it no gradient at all).
+
+    causal=True is the caller's promise that the rows are their own keys, in ascending position
+    order, with no padding (q_valid all True) and no past: then attention may run as
+    SDPA(is_causal=True) (tokenskip.attention picks the kernel; the explicit-mask reference is
+    used whenever the promise cannot apply or while exporting). x_norm: the input norm of x when
+    the caller already has it (tokenskip.fused computes it together with the gather).
     """
     attn = layer.self_attn
     bsz, nq, _ = x.shape
     head_dim = attn.head_dim
     residual = x
-    xn = layer.input_layernorm(x)  # [B,q,H]
+    xn = layer.input_layernorm(x) if x_norm is None else x_norm  # [B,q,H]
     q = attn.q_proj(xn).view(bsz, nq, -1, head_dim).transpose(1, 2)  # [B,nh,q,d]
     if kv_x is None:
         kv_src, kv_cos_sin, kv_pos, kv_valid = xn, cos_sin, q_pos, q_valid
@@ -142,11 +148,16 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
         kv = past.append(kv)
         if k_active is not None:
             k_active = torch.cat([torch.ones_like(past.valid), k_active], 1)
-    groups = q.shape[1] // k.shape[1]
-    keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]
-    allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=attn.scaling)
-    if k_soft is not None:  # straight-through over the key mask (training only)
+    kernel = attention.choose(causal=causal and kv_x is None and past is None, q_rows=nq, device=q.device,
+                              masked_keys=k_active is not None)
+    allowed = None
+    if kernel == attention.REFERENCE or score_window > 0:
+        allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
+    o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
+                         k_pos=kv.pos, k_valid=kv.valid)  # [B,nh,q,d]
+    if k_soft is not None:  # straight-through over the key mask (training; the reference kernel ran)
+        groups = q.shape[1] // k.shape[1]
+        keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]
         reach = attention_allowed(q_pos, kv.pos, kv.valid)  # [B,q,T] without the key mask
         bias = torch.log(k_soft.clamp(min=1e-6)).to(q.dtype).unsqueeze(1).expand(-1, nq, -1)  # [B,q,T]
         bias = bias.masked_fill(~reach, float("-inf")).unsqueeze(1)  # [B,1,q,T]
@@ -158,6 +169,7 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
     result = BlockResult(out=out, kv=kv)
     if score_window > 0:
         row_ok = q_valid if q_active is None else (q_valid & q_active)
+        keys = expand_kv(kv.key, q.shape[1] // kv.key.shape[1])  # [B,nh,T,d]
         result.attn_score, result.attn_seen = window_attention_scores(q, keys, allowed, row_ok, score_window,
                                                                       attn.scaling)
     return result

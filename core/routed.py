@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import attention, fused, ops
 from .block import LayerKV, run_block
 from .routers import RouteContext, Router
 from .schedule import MIN_KEEP, Schedule
@@ -163,7 +163,7 @@ class RoutedModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
                 mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
                 num_logits: int | None = None, return_cache: bool = False, trace: bool = False,
-                ste: bool | float = False) -> RoutedOutput:
+                ste: bool | float = False, padded: bool | None = None) -> RoutedOutput:
         """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
         scored continuation, training's fast one-pass form); keep counts are computed over the
         other tokens.
@@ -172,12 +172,16 @@ class RoutedModel(nn.Module):
         Router features see only the routed part (positions and ranks normalised over it), and the
         attention-score window takes its query rows from it. So this one pass computes exactly
         what deployment computes: prefill of the first S - n_tail tokens, then decode of the tail
-        through the KV cache (tested to 1e-7 in float64 for every router and kv_policy)."""
+        through the KV cache (tested to 1e-7 in float64 for every router and kv_policy).
+
+        padded: whether any row has padding, if the caller knows (None: read once from the mask).
+        An unpadded batch lets attention take the causal kernels (tokenskip.attention)."""
         if mode not in ("gather", "mask"):
             raise ValueError(f"mode must be 'gather' or 'mask', got {mode!r}")
         bsz, seq = input_ids.shape
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = default_positions(valid) if position_ids is None else position_ids
+        unpadded = position_ids is None and attention.rows_unpadded(attention_mask, padded)
         h = self.model.model.embed_tokens(input_ids)  # [B,S,H]
         cos_sin = self._rope(h, positions)
         forced = forced_tokens(valid, n_tail)
@@ -194,7 +198,7 @@ class RoutedModel(nn.Module):
                 continue
             if not self.layer_is_routed(li):
                 res = run_block(layer, h, cos_sin, positions, valid, q_active=routable,
-                                score_window=self.score_window if want_scores else 0)
+                                score_window=self.score_window if want_scores else 0, causal=unpadded)
                 h = res.out
                 if want_scores:
                     table = torch.where(res.attn_seen, res.attn_score, table)
@@ -209,7 +213,7 @@ class RoutedModel(nn.Module):
             k = block_keep_count(self.schedule, li, seq, n_tail)
             if mode == "gather":
                 h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable,
-                                                      table)
+                                                      table, unpadded)
             else:
                 h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table,
                                                     ste, n_tail=n_tail)
@@ -224,8 +228,13 @@ class RoutedModel(nn.Module):
         logits = self.model.lm_head(self.model.model.norm(h))
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
 
-    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table):
-        if n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
+    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table, unpadded=False):
+        lean = unpadded and not torch.is_grad_enabled()  # inference on unpadded rows (fused.py)
+        kept_norm = None
+        if lean:  # the ops' rule without padding (every row keeps k): fewer kernels than the padding-aware op
+            index = ops.select_topk(sel, k)  # [B,k]
+            kept, kept_norm = fused.gather_norm(h, index, layer.input_layernorm)  # [B,k,H], normed or None
+        elif n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
             num, den = self.schedule.keep_fraction(li)
             kept, index = ops.topk_gather(h, sel, valid, num, den, MIN_KEEP)  # [B,k,H], [B,k]
         else:
@@ -237,11 +246,15 @@ class RoutedModel(nn.Module):
         kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
         window = self.score_window if self._needs_scores() else 0
         if self.kv_policy == "skip":
-            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, score_window=window)
+            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, score_window=window, causal=unpadded,
+                            x_norm=kept_norm)
         else:  # skipped tokens stay keys, from their un-updated hidden state
             res = run_block(layer, kept, kcos_sin, kpos, kvalid, kv_x=h, kv_cos_sin=cos_sin, kv_pos=positions,
-                            kv_valid=valid, q_active=krows, score_window=window)
-        h = ops.scatter_tokens(h, res.out - kept, index)  # [B,S,H]: skipped rows unchanged
+                            kv_valid=valid, q_active=krows, score_window=window, x_norm=kept_norm)
+        if lean:
+            h = fused.scatter_delta_(h, res.out, kept, index)  # [B,S,H] in place
+        else:
+            h = ops.scatter_tokens(h, res.out - kept, index)  # [B,S,H]: skipped rows unchanged
         if window:
             if self.kv_policy == "skip":  # keys are the kept tokens: scatter their scores back
                 old = table.gather(1, index)
@@ -286,13 +299,14 @@ class RoutedModel(nn.Module):
             self.router, self.removed_layers = saved
 
     # -- cached decoding -------------------------------------------------------------------------
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, list[LayerKV]]:
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, padded: bool | None = None
+                ) -> tuple[Tensor, list[LayerKV]]:
         """Routed prefill: logits of the last position [B,V] and the per-layer KV cache.
 
         With kv_policy=skip a routed layer's cache holds only its kept tokens (lengths differ per
         layer, equal across the batch). Left-pad batches so the last position is real.
         """
-        out = self.forward(input_ids, attention_mask, last_only=True, return_cache=True)
+        out = self.forward(input_ids, attention_mask, last_only=True, return_cache=True, padded=padded)
         return out.logits[:, -1], out.cache
 
     def decode_step(self, token: Tensor, position: Tensor, cache: list[LayerKV], all_logits: bool = False
@@ -302,6 +316,9 @@ class RoutedModel(nn.Module):
         (method.md section 5). n > 1 is teacher-forced decoding in one call (evaluation): equal to
         n single steps (tested). Returns logits [B,V] of the last token (or [B,n,V] with
         all_logits) and the extended cache; the input cache is not modified."""
+        graphed = getattr(cache, "graphed_step", None)  # a CUDA-graphed step bound to this cache (cuda_graphs)
+        if graphed is not None and graphed.accepts(token, position, all_logits):
+            return graphed(token, position)
         h = self.model.model.embed_tokens(token)  # [B,1,H]
         cos_sin = self._rope(h, position)
         valid = torch.ones_like(token, dtype=torch.bool)

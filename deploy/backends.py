@@ -19,6 +19,7 @@ from torch import Tensor
 
 from tokenskip.errors import UserError
 from tokenskip.fileio import read_json
+from tokenskip.kv_buffer import decode_cache
 
 EXPORT_JSON = "export.json"
 
@@ -39,6 +40,7 @@ class TorchBackend:
         self.device = next(routed.model.parameters()).device
         self.max_length = getattr(routed.model.config, "max_position_embeddings", None)
         self.stats: dict = {}
+        self.new_tokens: int | None = None  # KV room per prefill, set by reserve() (tokenskip.kv_buffer)
         if threshold_skip:
             from tokenskip.routers import LearnedRouter
 
@@ -50,12 +52,16 @@ class TorchBackend:
         if self.max_length and prompt + new > self.max_length:
             raise _limit_error("model", prompt, new, self.max_length)
 
+    def reserve(self, new_tokens: int) -> None:
+        """Tokens the next prefills' KV caches preallocate room for (the generation loop says)."""
+        self.new_tokens = new_tokens
+
     @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor):
         if self.threshold_skip and ids.shape[0] != 1:
             raise UserError(f"--threshold-skip decodes one prompt at a time, got a batch of {ids.shape[0]}")
-        logits, cache = self.routed.prefill(ids.to(self.device), mask.to(self.device))
-        return logits.float(), cache
+        logits, cache = self.routed.prefill(ids.to(self.device), mask.to(self.device), padded=not bool(mask.all()))
+        return logits.float(), decode_cache(self.routed, cache, self.new_tokens, graphs=not self.threshold_skip)
 
     @torch.no_grad()
     def decode(self, token: Tensor, position: Tensor, cache):

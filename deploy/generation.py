@@ -106,6 +106,8 @@ def generate_tokens(backend, prompts: Sequence[Sequence[int]], sampling: Samplin
             raise UserError(f"prompt {i + 1} is empty (0 tokens): give at least one token of text")
     backend.check_length(max(len(p) for p in prompts), sampling.max_new_tokens)
     ids, mask = left_pad(prompts, pad_id)  # [B,S]
+    if callable(getattr(backend, "reserve", None)):  # preallocated KV caches: room for every new token
+        backend.reserve(sampling.max_new_tokens)
     rows = ids.shape[0]
     gens = row_generators(sampling.seed, range(rows) if seed_offsets is None else seed_offsets)
     eos = set(int(e) for e in eos_ids)

@@ -1,0 +1,225 @@
+"""Which attention kernel a block runs, and the kernels themselves (called only by run_block).
+
+The reference is SDPA with the explicit boolean mask [B,1,q,T] of `block.attention_allowed`
+(causal by original position, padding, skipped keys). It is what torch.export traces and what
+every fast path is tested against, but on a GPU an explicit mask rules out the flash kernels and
+makes SDPA read a q x T mask. Two fast paths avoid it:
+
+- **causal**: when the caller knows the query rows and the keys are the same tokens in ascending
+  position order, with no padding, no past and no masked keys (dense blocks and kv_policy=skip
+  routed blocks of an unpadded prefill), "key position <= query position" is exactly "key index
+  <= query index", so SDPA(is_causal=True) with no mask computes the same thing and may take the
+  flash / memory-efficient kernels. The caller passes the fact as a flag (no host sync here).
+- **flex**: otherwise (kv_policy=dense: kept queries over every key; padded batches), PyTorch's
+  FlexAttention with a block mask built from the positions (`position_block_mask`): the
+  per-element rule is a mask_mod evaluated inside the kernel, blocks that no query of a tile may
+  see are skipped, and the q x T mask is never built. Used on CUDA for prefill-sized calls
+  (q >= one block of 128 rows) in inference (no grad); a decode step's [B,1,T] mask is tiny, so
+  decode keeps the reference (it is also what the static-shape CUDA-graph decode needs).
+
+Modes (`use_kernels` / `set_kernels`): "auto" (the rules above), "reference" (always the explicit
+mask), "flex" (FlexAttention for every call, also on the CPU where it runs unfused: for tests).
+Export is detected (torch.export, TorchScript tracing, ONNX export) and always gets the reference,
+so the exported graphs do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("auto", "reference", "flex")
+REFERENCE, CAUSAL, FLEX = "reference", "causal", "flex"
+FLEX_BLOCK = 128  # FlexAttention's default sparse block size (rows and keys)
+
+_mode = os.environ.get("TOKENSKIP_ATTENTION", "auto")
+if _mode not in MODES:  # pragma: no cover - a typo in the environment
+    raise ValueError(f"TOKENSKIP_ATTENTION={_mode!r}: choose from {', '.join(MODES)}")
+
+
+def set_kernels(mode: str) -> None:
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"attention kernels must be one of {MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_kernels() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str):
+    """Run the body with another kernel mode (e.g. "reference" around an export)."""
+    saved = _mode
+    set_kernels(mode)
+    try:
+        yield
+    finally:
+        set_kernels(saved)
+
+
+def exporting() -> bool:
+    """True while torch.export / TorchScript / the ONNX exporter traces the model."""
+    return bool(torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def fast_enabled() -> bool:
+    """Whether fast paths may be used at all (callers use it to skip work only they need)."""
+    return _mode != "reference" and not exporting()
+
+
+def choose(*, causal: bool, q_rows: int, device: torch.device, masked_keys: bool) -> str:
+    """The kernel for one call. causal: the caller's promise (see the module docstring);
+    masked_keys: training's key-removal mask (k_active) is in play (reference only)."""
+    if masked_keys or not fast_enabled():
+        return REFERENCE
+    if _mode == "flex":
+        return FLEX
+    if causal:
+        return CAUSAL
+    if device.type == "cuda" and q_rows >= FLEX_BLOCK and not torch.is_grad_enabled() and flex_available():
+        return FLEX  # inference only: training keeps the reference it was validated with
+    return REFERENCE
+
+
+@functools.lru_cache(maxsize=None)
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False
+    return True
+
+
+def expand_kv(x: Tensor, groups: int) -> Tensor:
+    """[B,nkv,T,d] -> [B,nkv*groups,T,d] (GQA), with ops every exporter understands."""
+    if groups == 1:
+        return x
+    b, n, t, d = x.shape
+    return x[:, :, None].expand(b, n, groups, t, d).reshape(b, n * groups, t, d)
+
+
+def attend(kernel: str, q: Tensor, key: Tensor, value: Tensor, *, scaling: float, allowed: Tensor | None = None,
+           q_pos: Tensor | None = None, k_pos: Tensor | None = None, k_valid: Tensor | None = None) -> Tensor:
+    """q [B,nh,q,d], key/value [B,nkv,T,d] (not expanded) -> [B,nh,q,d].
+
+    reference: needs `allowed` [B,q,T]; flex: needs q_pos [B,q], k_pos/k_valid [B,T]."""
+    groups = q.shape[1] // key.shape[1]
+    if kernel == REFERENCE:
+        keys, values = expand_kv(key, groups), expand_kv(value, groups)  # [B,nh,T,d]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=scaling)
+    if kernel == CAUSAL:
+        keys, values = expand_kv(key, groups), expand_kv(value, groups)
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling)
+    if kernel == FLEX:
+        return flex_attend(q, key, value, q_pos, k_pos, k_valid, scaling)
+    raise ValueError(f"unknown attention kernel {kernel!r}")
+
+
+# ------------------------------------------------------------------------------------ FlexAttention
+def _pad_to(x: Tensor, multiple: int, value) -> Tensor:
+    """Pad the last dim of [B,n] to a multiple of `multiple` (mask_mod reads in whole blocks)."""
+    extra = (-x.shape[-1]) % multiple
+    return F.pad(x, (0, extra), value=value) if extra else x
+
+
+def position_block_mask(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, block: int = FLEX_BLOCK):
+    """BlockMask for "key valid and key position <= query position", built from positions only.
+
+    q_pos [B,q], k_pos/k_valid [B,T]. Per tile of `block` query rows x `block` keys (O(B q T /
+    block^2) work, no q x T tensor): a tile is skipped when no valid key in it has a position <=
+    the tile's largest query position; it is "full" (no per-element check) when all its keys are
+    valid and its largest key position <= its smallest query position; otherwise the mask_mod
+    decides per element. Conservative for any order; with ascending positions (gathered tokens
+    always are) about half the tiles of a causal rectangle are skipped. Capturable in a CUDA
+    graph (no host reads).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bsz, nq = q_pos.shape
+    nk = k_pos.shape[1]
+    big = 1 << 40  # above any position; exact through F.pad's float fill value
+    qp = _pad_to(q_pos, block, 0).view(bsz, -1, block)  # [B,nQ,blk]
+    q_max = qp.amax(-1)  # [B,nQ] (padding rows at 0 never raise it)
+    q_min = _pad_to(q_pos, block, big).view(bsz, -1, block).amin(-1)  # [B,nQ]
+    kv = _pad_to(k_valid, block, False).view(bsz, -1, block)  # [B,nK,blk]
+    kp = _pad_to(k_pos, block, 0).view(bsz, -1, block)
+    k_min = torch.where(kv, kp, torch.full_like(kp, big)).amin(-1)  # [B,nK] smallest valid key position
+    k_max = kp.amax(-1)  # [B,nK]
+    k_full = kv.all(-1)  # [B,nK]
+    any_pair = k_min[:, None, :] <= q_max[:, :, None]  # [B,nQ,nK]
+    full = k_full[:, None, :] & (k_max[:, None, :] <= q_min[:, :, None])  # [B,nQ,nK]
+    partial = any_pair & ~full
+
+    def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:  # [B,nQ,nK] bool -> counts [B,1,nQ], indices
+        counts = dense.sum(-1, dtype=torch.int32)  # [B,nQ]
+        idx = torch.sort(dense.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return counts[:, None], idx[:, None]  # [B,1,nQ], [B,1,nQ,nK]
+
+    qp_pad = _pad_to(q_pos, block, 0)  # [B,q'] the mask_mod reads whole blocks
+    kp_pad = _pad_to(k_pos, block, 0)
+    kv_pad = _pad_to(k_valid, block, False)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_pad[b, kv_idx] & (kp_pad[b, kv_idx] <= qp_pad[b, q_idx])
+
+    num, idx = ordered(partial)
+    fnum, fidx = ordered(full)
+    extra = {}
+    if _takes_compute_q_blocks() and not torch.is_grad_enabled():
+        extra["compute_q_blocks"] = False  # the q-major tables serve only the backward pass
+    return BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(nq, nk), **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_compute_q_blocks() -> bool:
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    """FlexAttention compiled once (fused Triton kernel on CUDA). Shapes that change (new S or k)
+    recompile once, then automatic dynamic shapes take over."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_attend(q: Tensor, key: Tensor, value: Tensor, q_pos: Tensor, k_pos: Tensor, k_valid: Tensor,
+                scaling: float) -> Tensor:
+    """FlexAttention with the position block mask; GQA without expanding K/V. A query row with no
+    allowed key gets zeros (the reference gives it a finite average; such rows are padding and
+    their output is never used)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = position_block_mask(q_pos, k_pos, k_valid)
+    fn = _compiled_flex() if q.is_cuda else flex_attention  # CPU: unfused (tests and dry runs)
+    groups = q.shape[1] // key.shape[1]
+    return fn(q, key, value, block_mask=mask, scale=scaling, enable_gqa=groups > 1)
+
+
+def rows_unpadded(attention_mask: Tensor | None, padded: bool | None = None) -> bool:
+    """Whether every row of a prefill is fully valid, known as cheaply as possible: the caller's
+    flag (`padded`), or no mask at all, or one host read of the mask per forward (never per block).
+    Where the mask cannot be read (fast paths off, export, CUDA-graph capture, torch.compile) the
+    answer is False: the general path, which is always correct."""
+    if not fast_enabled():
+        return False
+    if padded is not None:
+        return not padded
+    if attention_mask is None:
+        return True
+    if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(attention_mask.all())
