@@ -96,11 +96,14 @@ def block_keep_counts(schedule: Schedule, layer: int, valid: Tensor, n_tail: int
 def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, counts: Tensor, temperature: float | None) -> Tensor:
     """The soft gate whose gradient the straight-through estimator passes to the router ([B,S]).
 
-    temperature None: sigmoid(logit), FTP as written. A number T: sigmoid((logit - t) / (T * sd)),
-    centred on the row's top-k decision threshold t (halfway between the last kept and the first
-    skipped logit; row b keeps counts[b] tokens) and scaled by the spread sd of the row's logits. Then the tokens whose decision
-    could flip get the most gradient, and logits pushed to saturation by the guide loss do not
-    silence the distillation signal (sigmoid'(large) ~ 0). Everything but `raw` is detached.
+    temperature None: sigmoid(logit), FTP as written. A number T: a soft top-k,
+    sigmoid((logit - t) / (T * sd)), centred on the row's decision threshold t (halfway between the
+    last kept and the first skipped logit; row b keeps counts[b] tokens) and scaled by the spread
+    sd of the row's routable logits. The threshold moves with the logits as a soft top-k's would
+    (dt/dlogit_i = w_i = sigmoid'_i / sum sigmoid'), so the soft gates' sum is constant to first
+    order: raising one token's score lowers the others', as the hard top-k's fixed budget does.
+    The tokens whose decision could flip get the most gradient, and logits pushed to saturation do
+    not silence the signal. The value is only used for its gradient.
     """
     if temperature is None:
         return torch.sigmoid(raw.float())
@@ -110,11 +113,17 @@ def ste_surrogate(raw: Tensor, sel: Tensor, routable: Tensor, counts: Tensor, te
     s = sel.shape[1]
     last = (counts.to(order.device) - 1).clamp(0, s - 1).unsqueeze(1)  # [B,1]
     t = 0.5 * (ranked.gather(1, last) + ranked.gather(1, (last + 1).clamp(max=s - 1))).squeeze(1)  # [B]
-    m = routable.float()
+    m = (routable & (sel != float("inf"))).float()  # [B,S] the tokens the router decides
     n = m.sum(-1).clamp(min=2)
     mean = (logits.detach() * m).sum(-1) / n
     sd = (((logits.detach() - mean[:, None]) ** 2 * m).sum(-1) / (n - 1)).sqrt().clamp(min=1e-6)  # [B]
-    return torch.sigmoid((logits - t[:, None]) / (temperature * sd[:, None]))
+    scale = (temperature * sd)[:, None]  # [B,1]
+    with torch.no_grad():
+        p = torch.sigmoid((logits - t[:, None]) / scale)
+        w = p * (1 - p) * m
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)  # [B,S] dt / dlogit
+    t_eff = t[:, None] + (w * (logits - logits.detach())).sum(-1, keepdim=True)  # value t, gradient w
+    return torch.sigmoid((logits - t_eff) / scale)
 
 
 def keep_mask(sel: Tensor, k: int, valid: Tensor | None = None, counts: Tensor | None = None) -> tuple[Tensor, Tensor]:

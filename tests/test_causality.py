@@ -156,3 +156,26 @@ def test_key_straight_through_keeps_the_forward_and_reaches_skipped_keys(tiny_ll
     torch.testing.assert_close(st, hard, rtol=0, atol=0)
     st[0, -1].sum().backward()
     assert soft.grad[0, 3:6].abs().sum() > 0
+
+
+def test_soft_topk_surrogate_keeps_the_budget():
+    """The centred surrogate's gradients sum to zero over the routed tokens (a soft top-k: raising
+    one score lowers the others' gates), and vanish on forced tokens and padding."""
+    from tokenskip.routed import routing_scores, ste_surrogate
+
+    torch.manual_seed(0)
+    raw = torch.randn(2, 12, requires_grad=True)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False
+    forced = torch.zeros(2, 12, dtype=torch.bool)
+    forced[:, -1] = True
+    forced[0, 0] = forced[1, 3] = True
+    sel = routing_scores(raw.detach(), valid, forced)
+    counts = torch.tensor([7, 5])
+    soft = ste_surrogate(raw, sel, valid, counts, 1.0)
+    free = valid & ~forced
+    for b in range(2):
+        g = torch.autograd.grad(soft[b][free[b]].sum(), raw, retain_graph=True)[0]
+        assert g[b].abs().sum() < 1e-6  # the row's total soft gate does not move
+    g = torch.autograd.grad(soft[0, 5], raw, retain_graph=True)[0]
+    assert g[0, 5] > 0 and (g[0, free[0]] < 0).sum() >= 1  # up for itself, down for the others
