@@ -116,21 +116,27 @@ class LearnedRouter(Router):
         return self.forward(router_features(ctx))
 
     @torch.no_grad()
-    def init_as_static(self, scale: float = 2.0, seed: int = 0) -> "LearnedRouter":
+    def init_as_static(self, scale: float = 2.0, seed: int = 0, sinks: float = 0.0) -> "LearnedRouter":
         """Start as the static router: logit = scale * standardised position, through two hidden
-        units (ReLU(z) - ReLU(-z) = z), so the top-k is exactly sink + recency. The other hidden
-        units get small random input weights and zero output weights: they contribute nothing
-        until training finds a use for them. Training from here (with validation that includes
-        step 0) can only ship a router that calibrates at least as well as static."""
+        units (ReLU(z) - ReLU(-z) = z), so the top-k is exactly sink + recency. `sinks` f > 0 adds a
+        third unit that ranks the first f of the positions (normalised position < f) above
+        everything else, earliest first: extra attention sinks in the manner of StreamingLLM,
+        expressed in the router's own position feature (a fraction, like the feature). The other
+        hidden units get small random input weights and zero output weights: they contribute
+        nothing until training finds a use for them."""
         gen = torch.Generator().manual_seed(seed)
         first, last = self.mlp[0], self.mlp[2]
         first.weight.copy_(torch.randn(first.weight.shape, generator=gen) * 0.1)
         first.bias.zero_()
         last.weight.zero_()
         last.bias.zero_()
-        first.weight[:2].zero_()
+        first.weight[:3].zero_()
         first.weight[0, 0], first.weight[1, 0] = 1.0, -1.0
         last.weight[0, 0], last.weight[0, 1] = scale, -scale
+        if sinks > 0:  # bonus 1 - p/f for p < f, as ReLU(w z + b) over the standardised position z
+            mu, sd = float(self.feature_mean[0]), float(self.feature_std[0])
+            first.weight[2, 0], first.bias[2] = -sd / sinks, (sinks - mu) / sinks
+            last.weight[0, 2] = 1000.0 * scale
         return self
 
 

@@ -543,3 +543,31 @@ def test_static_init_routes_exactly_like_static(tiny_llama):
         if ta.index is not None:
             assert torch.equal(ta.index, tb.index)
     torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_sink_candidates_start_from_the_best_on_calibration(tiny_dir, text_file, schedule_file, tmp_path):
+    """Extra-sink starts are scored on the calibration windows; the lowest KL starts training and
+    is recorded with every candidate's KL; the sink start keeps the first positions."""
+    from tokenskip.models import load_model
+    from tokenskip.routers import LearnedRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.common import windows
+    from tokenskip.train.trainer import TrainSettings, train_router
+
+    lm = load_model(str(tiny_dir))
+    ids = windows(lm.tokenizer, "train", str(text_file), 32, 6)
+    sched = Schedule.load(schedule_file, 4)
+    st = TrainSettings(steps=2, seq_len=32, cont_len=8, batch_size=2, windows=6, validate_every=1,
+                       sink_candidates=(0.0, 0.1, 0.3))
+    train_router(lm.model, sched, ids, ids[:3], st, tmp_path / "r", progress=False)
+    start = json.loads((tmp_path / "r/tokenskip.json").read_text())["extra"]["training"]["start"]
+    kls = {float(f): v for f, v in start["val_kl"].items()}
+    assert set(kls) == {0.0, 0.1, 0.3} and start["chosen"] == min(kls, key=kls.get)
+    r = LearnedRouter()
+    r.feature_mean[0], r.feature_std[0] = 0.5, 0.29
+    r.init_as_static(sinks=0.1)
+    pos = torch.linspace(0, 1, 21)  # normalised positions 0, 0.05, ..., 1
+    feats = torch.stack([pos, torch.zeros(21), torch.zeros(21), torch.full((21,), 0.3)], -1)[None]
+    s = r(feats)[0]
+    assert torch.argsort(s, descending=True)[:2].tolist() == [0, 1]  # the sinks (p < 0.1) first, earliest first
+    assert torch.all(s[3:].diff() > 0)  # then recency

@@ -21,6 +21,16 @@ _calib_text = click.option("--calib-text", type=click.Path(), default=None,
                            help="Plain text file for calibration instead of the built-in calib split.")
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated numbers") from None
+    if not values:
+        raise UserError(f"{flag}: give at least one value")
+    return values
+
+
 def _check_out(out: str) -> Path:
     p = Path(out)
     if p.exists() and not p.is_dir():
@@ -137,6 +147,11 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @click.option("--validate-every", default=0, show_default=True,
               help="Every N steps, KL to dense on the calibration windows as deployment computes it; the router "
                    "that validates best is written (0: the last one).")
+@click.option("--sink-candidates", default="0", show_default=True,
+              help="Comma list of extra attention-sink fractions tried for the static start (with --validate-every: "
+                   "the one with the lowest calibration KL starts training), e.g. 0,0.005,0.01,0.02.")
+@click.option("--ste-keys/--no-ste-keys", default=False, show_default=True,
+              help="kv_policy=skip: a straight-through gradient over the key mask as well.")
 @click.option("--ste-temperature", default=0.0, show_default=True,
               help="0: straight-through gradient of sigmoid(logit); T > 0: of a sigmoid centred on the top-k "
                    "threshold with temperature T (docs/training.md).")
@@ -149,8 +164,8 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @_calib_text
 @device_options
 def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_size, windows, checkpoint_every,
-          init_routers, guide_weight, score_window, validate_every, ste_temperature, resume, train_text, kv_policy, seed,
-          calib_text, device, dtype):
+          init_routers, guide_weight, score_window, validate_every, sink_candidates, ste_keys, ste_temperature, resume,
+          train_text, kv_policy, seed, calib_text, device, dtype):
     """Train the shared FTP router with the LLM frozen.
 
     Loss = guide (BCE to the static router's masks, weight decaying to 0) + sparsity + KL to dense
@@ -181,7 +196,8 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, cont_len=cont_len,
                              windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,
                              guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every,
-                             score_window=score_window)
+                             score_window=score_window, ste_keys=ste_keys,
+                             sink_candidates=tuple(_floats(sink_candidates, "--sink-candidates")))
     settings.check()
     dist = init_distributed(device)
     deterministic(seed)

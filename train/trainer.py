@@ -66,6 +66,9 @@ class TrainSettings:
     score_window: int = DEFAULT_WINDOW  # query rows of the attention-score feature (a router input)
     ste_keys: bool = False  # kv_policy=skip: straight-through gradient over the key mask as well
     init: str = "static"  # a fresh router starts as the static router ("static") or at random ("random")
+    # extra attention sinks (first fraction f of the positions) tried for the static start; the
+    # candidate with the lowest calibration KL starts training (needs validate_every > 0)
+    sink_candidates: tuple[float, ...] = (0.0,)
     validate_every: int = 0  # > 0: KL on the calibration windows (deployment function) every N steps;
     #                          the router with the lowest one is the result
 
@@ -80,6 +83,8 @@ class TrainSettings:
             raise UserError(f"--ste-temperature {self.ste_temperature}: must be >= 0 (0 = plain sigmoid)")
         if self.validate_every < 0:
             raise UserError(f"--validate-every {self.validate_every}: must be >= 0")
+        if not self.sink_candidates or any(not 0.0 <= f < 0.5 for f in self.sink_candidates):
+            raise UserError(f"--sink-candidates {self.sink_candidates}: fractions in [0, 0.5)")
         if self.init not in ("static", "random"):
             raise UserError(f"--init-router {self.init}: choose static or random")
         if self.score_window < 1:
@@ -95,6 +100,7 @@ class TrainState:
     best_kl: float = float("inf")  # lowest validation KL so far, and the router that had it
     best_step: int = -1
     best: dict | None = None
+    sinks: dict | None = None  # the extra-sink candidates tried for the start, and the one chosen
 
 
 # -- schedules of the step ----------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def save_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
     save_safetensors_atomic(tensors, ckpt_dir / name, metadata={"step": str(state.step)})
     write_json_atomic(ckpt_dir / CHECKPOINT_JSON, {"step": state.step, "file": name, "identity": identity,
                                                    "history": state.history, "best_kl": state.best_kl,
-                                                   "best_step": state.best_step,
+                                                   "best_step": state.best_step, "start": state.sinks,
                                                    **({"scaler": scaler.state_dict()} if scaler is not None else {})})
     for old in ckpt_dir.glob("state-*.safetensors"):  # only the newest is needed
         if old.name != name:
@@ -259,7 +265,7 @@ def load_checkpoint(ckpt_dir: Path, router: LearnedRouter, opt: torch.optim.Opti
         scaler.load_state_dict(meta["scaler"])
     return TrainState(step=int(meta["step"]), history=list(meta.get("history", [])),
                       best_kl=float(meta.get("best_kl", float("inf"))), best_step=int(meta.get("best_step", -1)),
-                      best=best)
+                      best=best, sinks=meta.get("start"))
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
@@ -333,10 +339,13 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
         mine = calib_ids[dist.share(len(calib_ids))]  # this process's share of the calibration windows
         ref = dense_reference(base, mine, settings.cont_len, progress=False) if len(mine) else None
 
+        def val_kl() -> float:
+            return dist.window_mean(len(calib_ids), lambda sl: evaluate(routed, calib_ids[sl], settings.cont_len, ref,
+                                                                         "val", progress=False).per_window["kl"])
+
         def validate() -> None:
             """KL to dense on the calibration windows, as deployment computes it; keep the best."""
-            kl = dist.window_mean(len(calib_ids), lambda sl: evaluate(routed, calib_ids[sl], settings.cont_len, ref,
-                                                                       "val", progress=False).per_window["kl"])
+            kl = val_kl()
             if state.step == 0:  # the starting router (static-initialised: the static router's KL)
                 state.history.append({"step": 0, "val_kl": round(kl, 6)})
             elif state.history and state.history[-1]["step"] == state.step:
@@ -346,6 +355,14 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
                 state.best = {k: v.detach().clone() for k, v in router.state_dict().items()}
 
         if state.step == 0:
+            if init_router is None and settings.init == "static" and len(settings.sink_candidates) > 1:
+                tried = {}
+                for f in settings.sink_candidates:  # the start: static, or static with extra sinks
+                    router.init_as_static(seed=settings.seed, sinks=f)
+                    tried[f] = val_kl()
+                best = min(settings.sink_candidates, key=lambda f: (tried[f], f))
+                router.init_as_static(seed=settings.seed, sinks=best)
+                state.sinks = {"chosen": best, "val_kl": {str(f): round(v, 6) for f, v in tried.items()}}
             validate()
     bar = tqdm(total=settings.steps, initial=state.step, desc="train router", disable=not progress, leave=False)
     done_here = 0
@@ -396,7 +413,7 @@ def train_router(model, schedule: Schedule, train_ids: torch.Tensor, calib_ids: 
                         model_type=model.config.model_type, hidden_size=model.config.hidden_size,
                         extra={"training": {**asdict(settings), "dtype": dtype_name(dtype),
                                             "final": state.history[-1] if state.history else {},
-                                            "best_step": state.best_step,
+                                            "best_step": state.best_step, "start": state.sinks,
                                             "best_val_kl": None if state.best is None else state.best_kl},
                                "schedule_meta": {k: v for k, v in schedule.meta.items() if k != "history"}})
     if dist.is_main:
