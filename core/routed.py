@@ -84,6 +84,13 @@ def keep_mask(sel: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return index, torch.zeros_like(sel).scatter(1, index, 1.0)
 
 
+def _own_scores(res, past: LayerKV | None):
+    """With a past cache, keep the window attention scores of this call's keys only ([B,T] -> [B,new])."""
+    if past is not None and res.attn_score is not None:
+        res.attn_score, res.attn_seen = res.attn_score[:, past.length:], res.attn_seen[:, past.length:]
+    return res
+
+
 class RoutedModel(nn.Module):
     """Wraps a frozen Llama-family *ForCausalLM. `router=None` or an all-zero schedule is dense."""
 
@@ -121,11 +128,18 @@ class RoutedModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
                 mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
                 num_logits: int | None = None, return_cache: bool = False, trace: bool = False,
-                ste: bool = False) -> RoutedOutput:
+                ste: bool = False, past: list[LayerKV | None] | None = None) -> RoutedOutput:
         """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
-        scored continuation in evaluation); keep counts are computed over the other tokens."""
+        scored continuation in evaluation); keep counts are computed over the other tokens.
+
+        past: per-layer caches of earlier tokens (gather mode, explicit position_ids): the S tokens
+        are routed among themselves and attend to the cache too; the returned cache is past + new.
+        The exported graph serves prefill (empty past) and decode (S = 1: k = S, nothing skipped)
+        with this one path."""
         if mode not in ("gather", "mask"):
             raise ValueError(f"mode must be 'gather' or 'mask', got {mode!r}")
+        if past is not None and (mode != "gather" or position_ids is None):
+            raise ValueError("past needs mode='gather' and explicit position_ids")
         bsz, seq = input_ids.shape
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = default_positions(valid) if position_ids is None else position_ids
@@ -142,8 +156,10 @@ class RoutedModel(nn.Module):
                 if trace:
                     traces.append(LayerTrace(k=0))
                 continue
+            lp = None if past is None else past[li]
             if not self.layer_is_routed(li):
-                res = run_block(layer, h, cos_sin, positions, valid, score_window=self.score_window if want_scores else 0)
+                res = _own_scores(run_block(layer, h, cos_sin, positions, valid, past=lp,
+                                            score_window=self.score_window if want_scores else 0), lp)
                 h = res.out
                 if want_scores:
                     table = torch.where(res.attn_seen, res.attn_score, table)
@@ -157,7 +173,8 @@ class RoutedModel(nn.Module):
             sel = routing_scores(raw.detach(), valid, forced)  # [B,S]
             k = block_keep_count(self.schedule, li, seq, n_tail)
             if mode == "gather":
-                h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table)
+                h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table,
+                                                      lp)
             else:
                 h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, table, ste)
             cache.append(kv)
@@ -171,7 +188,7 @@ class RoutedModel(nn.Module):
         logits = self.model.lm_head(self.model.model.norm(h))
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
 
-    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table):
+    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table, past=None):
         if n_tail == 0:  # exactly the exported op: k from the keep fraction and S
             num, den = self.schedule.keep_fraction(li)
             kept, index = ops.topk_gather(h, sel, num, den, MIN_KEEP)  # [B,k,H], [B,k]
@@ -183,10 +200,11 @@ class RoutedModel(nn.Module):
         kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
         window = self.score_window if self._needs_scores() else 0
         if self.kv_policy == "skip":
-            res = run_block(layer, kept, kcos_sin, kpos, kvalid, score_window=window)
+            res = run_block(layer, kept, kcos_sin, kpos, kvalid, past=past, score_window=window)
         else:  # skipped tokens stay keys, from their un-updated hidden state
             res = run_block(layer, kept, kcos_sin, kpos, kvalid, kv_x=h, kv_cos_sin=cos_sin, kv_pos=positions,
-                            kv_valid=valid, score_window=window)
+                            kv_valid=valid, past=past, score_window=window)
+        res = _own_scores(res, past)
         h = ops.scatter_tokens(h, res.out - kept, index)  # [B,S,H]: skipped rows unchanged
         if window:
             if self.kv_policy == "skip":  # keys are the kept tokens: scatter their scores back

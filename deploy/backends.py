@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from tokenskip.errors import UserError
-from tokenskip.fileio import read_json
-
-EXPORT_JSON = "export.json"
+from tokenskip.export.sidecar import export_max_length, read_export
 
 
 def _limit_error(what: str, prompt: int, new: int, limit: int) -> UserError:
@@ -78,32 +76,18 @@ _ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(boo
                "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def read_export(export_dir: str | Path) -> dict:
-    """The export sidecar (export.json), with a clear error when DIR is not an export."""
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise UserError(f"--onnx {export_dir}: no such folder (write one with `tokenskip export --out DIR`)")
-    meta = read_json(export_dir / EXPORT_JSON, "export sidecar")
-    graphs = meta.get("graphs") if isinstance(meta, dict) else None
-    if not isinstance(graphs, dict) or "prefill" not in graphs or "decode" not in graphs:
-        raise UserError(f"{export_dir / EXPORT_JSON}: no 'graphs' with 'prefill' and 'decode' entries "
-                        "(re-export with `tokenskip export`)")
-    return meta
-
-
-def export_max_length(meta: dict) -> int | None:
-    """The longest sequence an export promises to handle (prompt + generated tokens)."""
-    for key in ("max_length", "max_seq_len", "max_seq_length", "max_position_embeddings"):
-        for where in (meta, meta.get("model") if isinstance(meta.get("model"), dict) else {}):
-            value = where.get(key) if isinstance(where, dict) else None
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
+def import_ort():
+    """onnxruntime, or a one-line error naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX Runtime is not installed: pip install 'tokenskip[onnx]' (CPU) or "
+                        "'tokenskip[onnx-gpu]' (CUDA)") from None
+    return onnxruntime
 
 
 def ort_providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
+    ort = import_ort()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -112,8 +96,8 @@ def ort_providers(device: str) -> list[str]:
 
 
 def ort_session(path: Path, device: str = "cpu", threads: int | None = None):
-    import onnxruntime as ort
-
+    """The one ONNX Runtime session factory (validation and the ORT backend)."""
+    ort = import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -138,14 +122,10 @@ class OrtBackend:
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None) -> None:
         self.dir = Path(export_dir)
-        self.meta = read_export(self.dir)
+        self.meta = read_export(self.dir, "--onnx")
         graphs = self.meta["graphs"]
-        self.sessions = {}
-        for part in ("prefill", "decode"):
-            path = self.dir / graphs[part]["file"]
-            if not path.is_file():
-                raise UserError(f"{self.dir / EXPORT_JSON} names {graphs[part]['file']} but {path} does not exist")
-            self.sessions[part] = ort_session(path, device, threads)
+        self.sessions = {part: ort_session(self.dir / graphs[part]["file"], device, threads)
+                         for part in ("prefill", "decode")}
         self.input_types = {part: {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in s.get_inputs()}
                             for part, s in self.sessions.items()}
         self.output_names = {part: [o.name for o in s.get_outputs()] for part, s in self.sessions.items()}

@@ -83,22 +83,12 @@ def cuda_graphed(fn):
     return graph.replay, graph
 
 
-def alternate(fns: dict, timer: Timer, repeats: int, warmup: int) -> dict[str, list[float]]:
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            times[n].append(timer(fns[n]))
-    return times
-
-
 @torch.no_grad()
 def run(args) -> dict:
     from tokenskip.config import build_routed
     from tokenskip.flops import flops_ratio
+
+    from .bench import alternate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -131,7 +121,7 @@ def run(args) -> dict:
             dense_fn, g = cuda_graphed(dense_fn)
             hf_fn, g2 = cuda_graphed(hf_fn)
             keep += [g, g2]
-        ref = alternate({"dense": dense_fn, "hf": hf_fn}, timer, args.repeats, args.warmup)
+        ref = alternate({"dense": dense_fn, "hf": hf_fn}, args.repeats, args.warmup, timer=timer)
         d_ms, hf_ms = 1e3 * statistics.median(ref["dense"]), 1e3 * statistics.median(ref["hf"])
         rows.append({"mode": mode, "seq": seq, "batch": 1, "sparsity": 0.0, "kv_policy": "-", "dense_ms": d_ms,
                      "routed_ms": d_ms, "hf_dense_ms": hf_ms, "speedup": 1.0, "ideal": 1.0, "efficiency": 1.0})
@@ -142,7 +132,7 @@ def run(args) -> dict:
                 routed_fn = lambda: routed.prefill(ids, mask)  # noqa: E731
                 if mode == "graph":
                     routed_fn, g3 = cuda_graphed(routed_fn)
-                t = alternate({"dense": dense_fn, "routed": routed_fn}, timer, args.repeats, args.warmup)
+                t = alternate({"dense": dense_fn, "routed": routed_fn}, args.repeats, args.warmup, timer=timer)
                 if mode == "graph":
                     del g3
                 d, r = statistics.median(t["dense"]), statistics.median(t["routed"])

@@ -63,13 +63,25 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
         raise UserError("--seq-lens must be >= 2 and --batch >= 1")
     if threads:
         torch.set_num_threads(threads)
+    if backend == "trt" and not (engine_dir and engine_dense_dir):
+        raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
     if backend == "ort" and onnx_dir and not routers_dir:
         # the export carries its model name and routing (tokenskip.json under routers/)
-        from .backends import read_export
+        from tokenskip.export.sidecar import read_export
 
-        side = read_export(onnx_dir)
+        side = read_export(onnx_dir, "--onnx")
         model = side.get("model") or model
         routers_dir = str(Path(onnx_dir) / str(side.get("routers") or "routing"))
+    if backend == "trt" and not routers_dir:
+        # so does an engine folder (`tokenskip build` copies the export's routing folder in)
+        from .trt_runtime import read_engine_dir
+
+        meta, _ = read_engine_dir(engine_dir)
+        if not meta.get("routers"):
+            raise UserError(f"--engine {engine_dir}: carries no routing folder (built by an older tokenskip): "
+                            "rebuild it with `tokenskip build` or pass --routers DIR")
+        model = meta.get("model") or model
+        routers_dir = str(Path(engine_dir) / meta["routers"])
     say = click.echo if progress else (lambda *a, **k: None)
     torch.manual_seed(seed)
     lm = load_model(model)
@@ -104,11 +116,9 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
                     rdir = export_dir_for(lm, routed, cfg, tmp / f"routed-{s}", max_len)
                 routed_side = OrtBackend(rdir, threads=threads)
             else:
-                from .backends import load_trt_backend
+                from . import backends
 
-                if not (engine_dir and engine_dense_dir):
-                    raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
-                dense_side, routed_side = load_trt_backend(engine_dense_dir), load_trt_backend(engine_dir)
+                dense_side, routed_side = backends.load_trt_backend(engine_dense_dir), backends.load_trt_backend(engine_dir)
             label = s if s is not None else routed.schedule.overall()
             for seq in seq_lens:
                 for batch in batches:

@@ -106,12 +106,16 @@ def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, t
         return backend, load_tokenizer(tok_dir, "--onnx"), {"backend": "ort", "onnx": str(onnx_dir),
                                                            "routing": backend.meta.get("routing")}
     if engine_dir:
-        backend = load_trt_backend(engine_dir)
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / "tokenizer"
+        from .trt_runtime import read_engine_dir
+
+        meta, _ = read_engine_dir(engine_dir)  # a bad folder fails before the GPU checks
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / str(meta.get("tokenizer") or "tokenizer")
         if not tok_dir.is_dir():
-            raise UserError(f"--engine {engine_dir}: no tokenizer folder inside; pass --tokenizer DIR "
-                            "(the export's tokenizer folder)")
-        return backend, load_tokenizer(tok_dir, "--engine"), {"backend": "trt", "engine": str(engine_dir)}
+            raise UserError(f"--engine {engine_dir}: no tokenizer folder inside (engines built by an older tokenskip); "
+                            "rebuild with `tokenskip build` or pass --tokenizer DIR")
+        tok = load_tokenizer(tok_dir, "--engine")
+        backend = load_trt_backend(engine_dir)
+        return backend, tok, {"backend": "trt", "engine": str(engine_dir), "model": meta.get("model")}
     if threads:
         torch.set_num_threads(threads)
     lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device)

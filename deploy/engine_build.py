@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenskip.errors import UserError
+from tokenskip.export.sidecar import read_export
 from tokenskip.fileio import atomic_path, cache_dir, write_bytes_atomic, write_json_atomic
 
 from . import tensorrt_backend
 
-SIDECAR = "export.json"
-EXPORT_FORMAT = "tokenskip-export"
-EXPORT_VERSION = 1
-ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py
+ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py; written last: the folder's commit marker
+ENGINE_FORMAT, ENGINE_VERSION = "tokenskip-engines", 1
+# TensorRT-RTX builds ahead of time for these GPUs by default (its docs: "8.0, 8.6, 8.9, 12.0");
+# we set them explicitly so engine.json can record exactly what the engine runs on.
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
 TOKENSKIP_DOMAIN = "tokenskip"
 TOKENSKIP_OPS = ("TopKGather", "ScatterTokens")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -54,6 +56,7 @@ class BuildSettings:
     embed_plugins: bool = False
     plugin_library: str | None = None   # default: build_library() (compiled once, cached)
     timing_cache: str | None = None
+    compute_capabilities: list[str] | None = None  # TensorRT-RTX targets (default RTX_DEFAULT_TARGETS)
     force: bool = False
     log: Callable[[str], None] | None = None  # progress lines (default: stderr)
 
@@ -86,34 +89,71 @@ class BuildSettings:
 
 
 # ------------------------------------------------------------------------------------ the export
-def read_export(export_dir: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
-    """(sidecar, {graph name: onnx path}) of an export folder, or a UserError naming what is wrong."""
-    d = Path(export_dir)
-    if not d.is_dir():
-        raise UserError(f"{d}: no such export folder (write one with `tokenskip export --out {d}`)")
-    side_path = d / SIDECAR
-    if not side_path.is_file():
-        raise UserError(f"{side_path} not found: {d} is not a `tokenskip export` folder")
-    try:
-        side = json.loads(side_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{side_path} is not valid JSON: {exc}") from None
-    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{side_path}: not a tokenskip export (format != {EXPORT_FORMAT!r})")
-    if side.get("version") != EXPORT_VERSION:
-        raise UserError(f"{side_path}: export version {side.get('version')!r}, this tokenskip reads {EXPORT_VERSION}")
-    graphs = side.get("graphs")
-    if not isinstance(graphs, dict) or not isinstance(graphs.get("prefill"), dict):
-        raise UserError(f"{side_path}: no graphs.prefill entry")
-    files = {}
-    for name, entry in graphs.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise UserError(f"{side_path}: graphs.{name}.file is missing")
-        f = d / entry["file"]
-        if not f.is_file():
-            raise UserError(f"{f} is missing (named in {SIDECAR} graphs.{name}.file)")
-        files[name] = f
-    return side, files
+def read_export_graphs(export_dir: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
+    """(sidecar, {graph name: onnx path}) of an export folder, through the one sidecar reader."""
+    side = read_export(export_dir, "EXPORT_DIR", required=("prefill",))
+    return side, {name: Path(export_dir) / entry["file"] for name, entry in side["graphs"].items()}
+
+
+def parse_compute_capabilities(text: str | None) -> list[str] | None:
+    """'8.6,89,sm_120' -> ['8.6', '8.9', '12.0'] (the spelling engine.json records)."""
+    if text is None:
+        return None
+    out = []
+    for raw in str(text).split(","):
+        v = raw.strip().lower().removeprefix("sm_").removeprefix("sm")
+        if not v:
+            continue
+        if "." not in v and v.isdigit() and len(v) >= 2:
+            v = f"{v[:-1]}.{v[-1]}"
+        major, _, minor = v.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise UserError(f"--compute-capability {text}: expected values like 8.6, 89 or sm_120")
+        out.append(f"{int(major)}.{int(minor)}")
+    if not out:
+        raise UserError(f"--compute-capability {text}: give at least one value")
+    return sorted(set(out), key=lambda v: tuple(map(int, v.split("."))))
+
+
+def build_targets(backend, requested: list[str] | None) -> list[str] | None:
+    """Compute capabilities the engine will run on: TensorRT-RTX's explicit targets, or the GPU a
+    full TensorRT build runs on (full TensorRT engines are specific to the building GPU)."""
+    trt = backend.trt
+    if backend.is_rtx:
+        targets = requested or list(RTX_DEFAULT_TARGETS)
+        names = [f"SM{v.replace('.', '')}" for v in targets]
+        bad = [v for v, n in zip(targets, names) if not hasattr(trt.ComputeCapability, n)]
+        if bad:
+            known = sorted(k[2:] for k in dir(trt.ComputeCapability) if k.startswith("SM"))
+            raise UserError(f"--compute-capability {','.join(bad)}: TensorRT-RTX {backend.version} builds for "
+                            f"{', '.join(f'{k[:-1]}.{k[-1]}' for k in known)}")
+        return targets
+    if requested:
+        raise UserError("--compute-capability applies to TensorRT-RTX; full TensorRT builds for the GPU it runs on")
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return [f"{major}.{minor}"]
+    return None
+
+
+def _set_targets(backend, config, targets: list[str] | None) -> None:
+    if backend.is_rtx and targets:
+        trt = backend.trt
+        config.num_compute_capabilities = len(targets)
+        for i, v in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{v.replace('.', '')}"), i)
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Copy a folder into place whole: a temporary copy renamed over dst."""
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
 
 
 def _onnx_summary(path: Path) -> tuple[str, dict[str, int], dict[str, list]]:
@@ -232,7 +272,7 @@ def _network_summary(backend, network) -> dict:
 
 
 def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s: BuildSettings, lib: Path | None,
-               log: Callable[[str], None]) -> tuple[bytes, dict]:
+               log: Callable[[str], None], targets: list[str] | None = None) -> tuple[bytes, dict]:
     trt = backend.trt
     logger = _Logger(trt)
     builder = trt.Builder(logger)
@@ -251,6 +291,7 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
     net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
     shapes = profile_shapes({t.name: inputs.get(t.name, [d if d >= 0 else "?" for d in t.shape]) for t in net_inputs}, s)
     config = builder.create_builder_config()
+    _set_targets(backend, config, targets)
     if weak:
         config.set_flag(trt.BuilderFlag.FP16 if s.precision == "fp16" else trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
@@ -286,7 +327,7 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
         write_bytes_atomic(s.timing_cache, bytes(config.get_timing_cache().serialize()))
     report = {
         "graph": graph, "backend": backend.name, "tensorrt_version": backend.version,
-        "precision": s.precision or "as exported", "profile": shapes,
+        "precision": s.precision or "as exported", "profile": shapes, "compute_capabilities": targets,
         "build_seconds": round(time.monotonic() - t0, 2), "engine_bytes": len(data),
         **summary,
         "warnings": [m for sev, m in logger.messages if sev == "WARNING"][:20],
@@ -330,7 +371,7 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     """
     s0 = BuildSettings(**settings)
     log = s0.log or (lambda line: print(line, file=sys.stderr, flush=True))
-    sidecar, files = read_export(export_dir)
+    sidecar, files = read_export_graphs(export_dir)
     s = s0.resolve(sidecar)
     if s.precision is not None:
         exported = sidecar.get("dtype")
@@ -351,6 +392,7 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     else:
         backend.unload_plugins()
     lib_hash = hashlib.sha256(lib.read_bytes()).hexdigest() if lib else None
+    targets = build_targets(backend, s.compute_capabilities)
 
     # build (or find) every engine in the cache first, so a failure leaves the out folder untouched
     engines: dict[str, dict] = {}
@@ -360,10 +402,11 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
         inputs = {**dims, **inputs}
         key = hashlib.sha256(json.dumps({
             "onnx": onnx_hash, "graph": graph, "backend": backend.name, "version": backend.version,
-            "plugin_library": lib_hash, **s.engine_key_fields()}, sort_keys=True).encode()).hexdigest()[:24]
+            "plugin_library": lib_hash, **s.engine_key_fields(), "targets": targets},
+            sort_keys=True).encode()).hexdigest()[:24]
         cached = cache_dir() / "engines" / key
         if s.force or not (cached / "engine").is_file() or not (cached / "report.json").is_file():
-            data, report = _build_one(backend, graph, onnx_path, inputs, s, lib, log)
+            data, report = _build_one(backend, graph, onnx_path, inputs, s, lib, log, targets)
             report = _with_fallback(report, counts, s.plugins)
             report.update(onnx=str(onnx_path.resolve()), onnx_sha256=onnx_hash, cache_key=key,
                           plugin_library=str(lib) if lib else None, plugins_embedded=bool(lib and s.embed_plugins))
@@ -380,6 +423,9 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
         report["_cached_engine"] = cached / "engine"
         engines[graph] = report
 
+    # engine.json is the commit marker: gone while the folder changes, written last
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ENGINE_SIDECAR).unlink(missing_ok=True)
     for graph, report in engines.items():
         _place(report.pop("_cached_engine"), out / f"{graph}.engine")
         report["engine"] = str(out / f"{graph}.engine")
@@ -391,8 +437,17 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     if lib is not None and not s.embed_plugins:
         shipped = lib.name
         _place(lib, out / shipped)
+    # the folder is self-contained: the runtime needs the tokenizer, the benchmarks the routing
+    carried = {}
+    for key in ("tokenizer", "routers"):
+        name = sidecar.get(key)
+        if name and (Path(export_dir) / name).is_dir():
+            _copy_folder(Path(export_dir) / name, out / name)
+            carried[key] = name
     meta = {
-        "format": "tokenskip-engines", "version": 1, "backend": backend.name, "tensorrt_version": backend.version,
+        "format": ENGINE_FORMAT, "version": ENGINE_VERSION, "backend": backend.name,
+        "tensorrt_version": backend.version, "compute_capabilities": targets, "model": sidecar.get("model"),
+        "tokenizer": carried.get("tokenizer"), "routers": carried.get("routers"),
         "export_dir": str(Path(export_dir).resolve()), "dtype": sidecar.get("dtype"), "precision": s.precision,
         "max_seq_len": s.max_seq_len, "max_batch": s.max_batch, "plugin_library": shipped,
         "plugins": s.plugins, "plugins_embedded": bool(lib and s.embed_plugins),

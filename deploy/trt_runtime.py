@@ -12,22 +12,28 @@ built for another GPU fails with one clear line instead of a TensorRT log dump.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from tokenskip.errors import UserError
+from tokenskip.fileio import read_json
 
-SIDECARS = ("engine.json", "engines.json", "build.json")
+from .tensorrt_backend import BACKENDS
+
+ENGINE_SIDECAR = "engine.json"
 
 
-def import_tensorrt():
-    """The TensorRT module (full package or TensorRT-RTX), via the one backend layer."""
-    from .tensorrt_backend import get_backend
+def import_tensorrt(flavour: str):
+    """The TensorRT module the engine was built with (engine.json's backend), never another one."""
+    from . import tensorrt_backend
 
-    return get_backend().trt
+    try:
+        return tensorrt_backend.get_backend(flavour).trt
+    except UserError as exc:
+        raise UserError(f"this engine was built with {flavour} (engine.json), which cannot be imported here: "
+                        f"{exc.message}") from None
 
 
 def _torch_dtype(trt, dt) -> torch.dtype:
@@ -39,44 +45,52 @@ def _torch_dtype(trt, dt) -> torch.dtype:
     return table[dt]
 
 
-def read_engine_dir(engine_dir: Path) -> tuple[dict, dict[str, Path]]:
-    """(sidecar, {"prefill": path, "decode": path})."""
+def read_engine_dir(engine_dir: str | Path) -> tuple[dict, dict[str, Path]]:
+    """(engine.json, {graph: engine path}). engine.json is written last by `tokenskip build`: a
+    folder without it is an unfinished build and is refused (its engine files are never guessed)."""
+    engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise UserError(f"--engine {engine_dir}: no such folder (build one with `tokenskip build EXPORT --out DIR`)")
-    meta: dict = {}
-    for name in SIDECARS:
-        if (engine_dir / name).is_file():
-            meta = json.loads((engine_dir / name).read_text(encoding="utf-8"))
-            break
+    path = engine_dir / ENGINE_SIDECAR
+    if not path.is_file():
+        raise UserError(f"--engine {engine_dir}: no {ENGINE_SIDECAR}, so the build did not finish: run "
+                        "`tokenskip build EXPORT --out DIR` again")
+    meta = read_json(path, "engine sidecar")
+    listed = meta.get("engines") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != "tokenskip-engines" or not isinstance(listed, dict):
+        raise UserError(f"{path}: not a tokenskip engine folder sidecar (rebuild with `tokenskip build`)")
+    if meta.get("backend") not in BACKENDS:
+        raise UserError(f"{path}: 'backend' is {meta.get('backend')!r}, expected one of {', '.join(BACKENDS)} "
+                        "(rebuild with `tokenskip build`)")
     files: dict[str, Path] = {}
-    listed = meta.get("engines") if isinstance(meta.get("engines"), dict) else {}
+    for part, entry in listed.items():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise UserError(f"{path}: engines.{part}.file is missing (rebuild with `tokenskip build`)")
+        if not (engine_dir / name).is_file():
+            raise UserError(f"--engine {engine_dir}: {name} is missing (named in {ENGINE_SIDECAR})")
+        files[part] = engine_dir / name
     for part in ("prefill", "decode"):
-        entry = listed.get(part)
-        name = entry.get("file") if isinstance(entry, dict) else entry
-        if isinstance(name, str):
-            files[part] = engine_dir / name
-        else:
-            found = sorted(engine_dir.glob(f"{part}*.engine")) + sorted(engine_dir.glob(f"{part}*.plan"))
-            if found:
-                files[part] = found[0]
-    missing = [p for p in ("prefill", "decode") if p not in files or not files[p].is_file()]
-    if missing:
-        raise UserError(f"--engine {engine_dir}: no {' or '.join(missing)} engine found")
+        if part not in files:
+            raise UserError(f"{path}: no {part} engine listed (rebuild with `tokenskip build`)")
     return meta, files
 
 
 def check_gpu(meta: dict, engine_dir: Path) -> None:
+    """Refuse, in one line, a GPU the engine was not built for (engine.json's compute_capabilities)."""
     if not torch.cuda.is_available():
         raise UserError(f"--engine {engine_dir}: TensorRT engines need a CUDA GPU and none is visible")
-    cc = meta.get("compute_capability") or meta.get("sm")
     major, minor = torch.cuda.get_device_capability()
     here = f"{major}.{minor}"
-    if cc is not None:
-        want = str(cc).replace("sm_", "").replace("sm", "")
-        want = want if "." in want else f"{want[:-1]}.{want[-1]}"
-        if want != here:
-            raise UserError(f"--engine {engine_dir} was built for compute capability {want}, this GPU "
-                            f"({torch.cuda.get_device_name()}) is {here}: rebuild it here with `tokenskip build`")
+    targets = meta.get("compute_capabilities")
+    if not isinstance(targets, list) or not targets:
+        raise UserError(f"--engine {engine_dir}: {ENGINE_SIDECAR} records no compute capabilities (built by an "
+                        "older tokenskip): rebuild it with `tokenskip build`")
+    if here not in targets:
+        hint = ("TensorRT-RTX does not run on this GPU: build with --backend tensorrt on this machine"
+                if meta.get("backend") == "tensorrt-rtx" else "rebuild it here with `tokenskip build`")
+        raise UserError(f"--engine {engine_dir} was built for compute capability {', '.join(map(str, targets))}; "
+                        f"this GPU ({torch.cuda.get_device_name()}) is {here}: {hint}")
 
 
 class _Engine:
@@ -143,7 +157,7 @@ class TrtBackend:
         self.dir = Path(engine_dir)
         meta, files = read_engine_dir(self.dir)
         check_gpu(meta, self.dir)
-        trt = import_tensorrt()
+        trt = import_tensorrt(meta["backend"])
         logger = trt.Logger(trt.Logger.WARNING)
         if hasattr(trt, "init_libnvinfer_plugins"):
             trt.init_libnvinfer_plugins(logger, "")

@@ -30,16 +30,13 @@ from tokenskip.routed import RoutedModel
 from tokenskip.schedule import MIN_KEEP
 
 from . import onnx_ops
+from .sidecar import DECODE_FILE, FORMAT, PREFILL_FILE, ROUTING_DIR, SIDECAR, TOKENIZER_DIR, VERSION, read_export
 from .wrappers import CACHE_FIELDS, DecodeGraph, PrefillGraph
 
-FORMAT = "tokenskip-export"
-VERSION = 1
 OPSET_RANGE = (18, 21)  # torch.onnx's dynamo exporter emits at least opset 18; ORT 1.31+ runs 18..21
 DEFAULT_OPSET = 18
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SEQ_LEN = 4096
-PREFILL_FILE, DECODE_FILE, SIDECAR = "model.onnx", "decode.onnx", "export.json"
-TOKENIZER_DIR, ROUTING_DIR = "tokenizer", "routing"
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
@@ -300,7 +297,7 @@ def _reuse_decode(src: Path, tmp: Path, model_name: str, dtype: str, opset: int,
     """Copy decode.onnx (+ data) from an export of the same model, dtype, opset and max_seq_len."""
     import onnx
 
-    side = read_sidecar(src)
+    side = read_export(src, "--reuse-decode")
     want = {"model": model_name, "dtype": dtype, "opset": opset, "max_seq_len": max_seq_len}
     for key, value in want.items():
         if side.get(key) != value:
@@ -374,22 +371,3 @@ def build_sidecar(model_name: str, routed: RoutedModel, cfg: RoutingConfig, dtyp
         "tokenizer": TOKENIZER_DIR,
         "routers": ROUTING_DIR,
     }
-
-
-def read_sidecar(export_dir: str | os.PathLike) -> dict:
-    from tokenskip.fileio import read_json
-
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise UserError(f"{export_dir}: no such export folder")
-    side = read_json(export_dir / SIDECAR, "export sidecar")
-    if not isinstance(side, dict) or side.get("format") != FORMAT:
-        raise UserError(f"{export_dir / SIDECAR}: not a tokenskip export (format != {FORMAT!r})")
-    if side.get("version") != VERSION:
-        raise UserError(f"{export_dir / SIDECAR}: export version {side.get('version')} (this tokenskip reads {VERSION})")
-    for key in ("prefill", "decode"):
-        f = export_dir / side["graphs"][key]["file"]
-        if not f.is_file():
-            raise UserError(f"{export_dir}: {f.name} is missing")
-    return side
-

@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenskip.deploy.backends import ort_session
+from tokenskip.deploy.generation import left_pad
 from tokenskip.errors import UserError
 
-from .exporter import DTYPES, ROUTING_DIR, read_sidecar
+from .exporter import DTYPES
+from .sidecar import ROUTING_DIR, read_export
 from .wrappers import CACHE_FIELDS, PrefillGraph
 
 FALLBACK_TEXT = (
@@ -50,21 +53,6 @@ class Comparison:
     def to_json(self) -> dict:
         return {"case": self.name, "batch": self.batch, "seq": self.seq, "top1_agreement": self.top1,
                 "outputs": self.outputs, "failures": self.failures}
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    threads = os.environ.get("TOKENSKIP_ORT_THREADS")
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot load {path}: {first}") from None
 
 
 def _compare_float(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> dict:
@@ -125,16 +113,6 @@ def eval_token_ids(tokenizer, window: int, count: int) -> tuple[list[list[int]],
     while len(ids) < window * count:
         ids = ids + ids
     return [ids[i * window:(i + 1) * window] for i in range(count)], "built-in fallback paragraph"
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = max(len(r) for r in rows)
-    ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), seq, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, seq - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, seq - len(r):] = 1
-    return ids, mask
 
 
 def make_cases(tokenizer, vocab: int, batches: list[int], samples: int, window: int, seed: int):
@@ -225,7 +203,7 @@ def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: f
     with `passed` and `failures` (each naming the case and the output)."""
     log = log or (lambda msg: None)
     export_dir = Path(export_dir)
-    side = read_sidecar(export_dir)
+    side = read_export(export_dir, "EXPORT_DIR")
     if atol < 0 or rtol < 0:
         raise UserError("--atol/--rtol must be >= 0")
     if decode_tokens < 0:
@@ -237,8 +215,9 @@ def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: f
         f"kv_policy={side['kv_policy']})...")
     loaded, routed = load_reference(export_dir, side, loaded)
     log("loading the ONNX graphs into ONNX Runtime (CPU EP, function bodies, no custom-op library)...")
-    prefill_sess = _session(export_dir / side["graphs"]["prefill"]["file"])
-    decode_sess = _session(export_dir / side["graphs"]["decode"]["file"])
+    threads = int(os.environ.get("TOKENSKIP_ORT_THREADS", "0")) or None
+    prefill_sess = ort_session(export_dir / side["graphs"]["prefill"]["file"], threads=threads)
+    decode_sess = ort_session(export_dir / side["graphs"]["decode"]["file"], threads=threads)
     graph = PrefillGraph(routed).eval()
     names = graph.output_names()
     onnx_names = [o.name for o in prefill_sess.get_outputs()]

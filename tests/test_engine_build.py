@@ -174,3 +174,32 @@ def test_cli_success_prints_summary(lib, tmp_path):
     report = json.loads(result.stdout)
     assert report["reports"]["prefill"]["plugin_layers"] and report["plugins"]
     shutil.rmtree(tmp_path / "eng")
+
+
+def test_engine_folder_is_self_contained_and_records_its_gpus(lib, tmp_path, monkeypatch):
+    """The build copies the export's tokenizer and routing in, and engine.json records the compute
+    capabilities it targets; the runtime's GPU check reads that very file."""
+    import torch
+
+    from tokenskip.deploy import trt_runtime
+
+    export = testing.write_export(tmp_path / "export", hidden=32, decode=False)
+    for sub, name in (("tokenizer", "tokenizer.json"), ("routing", "tokenskip.json")):
+        (export / sub).mkdir()
+        (export / sub / name).write_text("{}")
+    side = json.loads((export / "export.json").read_text())
+    side.update(model="tiny", tokenizer="tokenizer", routers="routing")
+    (export / "export.json").write_text(json.dumps(side))
+    _build(export, tmp_path / "eng", plugin_library=str(lib))
+    eng = tmp_path / "eng"
+    meta = json.loads((eng / "engine.json").read_text())
+    assert (eng / meta["tokenizer"] / "tokenizer.json").is_file()
+    assert (eng / meta["routers"] / "tokenskip.json").is_file() and meta["model"] == "tiny"
+    assert meta["compute_capabilities"] == ["8.0", "8.6", "8.9", "12.0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(UserError, match=r"built for compute capability 8.0, 8.6, 8.9, 12.0.*is 9.0"):
+        trt_runtime.check_gpu(meta, eng)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    trt_runtime.check_gpu(meta, eng)  # an RTX 4090 runs it
