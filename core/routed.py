@@ -171,7 +171,9 @@ class RoutedModel(nn.Module):
                                attn=table if want_scores else None)
             raw = self.router.scores(ctx)  # [B,S]
             sel = routing_scores(raw.detach(), valid, forced)  # [B,S]
-            k = block_keep_count(self.schedule, li, seq, n_tail)
+            # gather with n_tail = 0 takes k from the op itself (a SymInt expression of S when traced);
+            # an int k here would specialise the exported graph to the example length
+            k = block_keep_count(self.schedule, li, seq, n_tail) if (mode == "mask" or n_tail) else None
             if mode == "gather":
                 h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, table,
                                                       lp)

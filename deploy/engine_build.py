@@ -1,11 +1,11 @@
-"""Build TensorRT engines (prefill + decode) from a `tokenskip export` folder.
+"""Build TensorRT engines from a `tokenskip export` folder: one engine for the export's one graph.
 
 For each graph of the export: parse the ONNX file (external data resolved next to it) with our
 plugin library registered, so every `tokenskip::TopKGather` / `ScatterTokens` node becomes a
 plugin layer (no TopK K <= 3840 cap), or, with plugins off, from the model-local function bodies
-the parser inlines when no creator is registered. One optimisation profile per engine, built from
-the sidecar's input shapes ("batch" -> [1, opt_batch, max_batch], every other named dimension ->
-[min_seq, opt_seq, max_seq]). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
+the parser inlines when no creator is registered. A graph with cache inputs gets two optimisation
+profiles, "prefill" and "decode", in ONE engine that holds the weights once (engine_plan.py has
+the shapes). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
 hash (with its external data) and every setting that changes the engine; files are written
 atomically, so a failed build leaves no partial engine. Each engine gets a JSON build report:
 layers by type, plugin layers, whether any tokenskip node fell back to its function body, build
@@ -15,7 +15,6 @@ time, engine size.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,120 +29,23 @@ from tokenskip.export.sidecar import read_export
 from tokenskip.fileio import atomic_path, cache_dir, write_bytes_atomic, write_json_atomic
 
 from . import tensorrt_backend
+from .engine_plan import (BuildSettings, build_targets, parse_compute_capabilities,  # noqa: F401 (re-exported)
+                          phase_profiles, profile_shapes, set_targets)
 
 ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py; written last: the folder's commit marker
 ENGINE_FORMAT, ENGINE_VERSION = "tokenskip-engines", 1
-# TensorRT-RTX builds ahead of time for these GPUs by default (its docs: "8.0, 8.6, 8.9, 12.0");
-# we set them explicitly so engine.json can record exactly what the engine runs on.
-RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
 TOKENSKIP_DOMAIN = "tokenskip"
 TOKENSKIP_OPS = ("TopKGather", "ScatterTokens")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-@dataclasses.dataclass
-class BuildSettings:
-    """Everything that shapes an engine (CLI flags of `tokenskip build`)."""
-
-    backend: str | None = None          # "tensorrt" | "tensorrt-rtx" | None (full TensorRT if installed)
-    precision: str | None = None        # None: as exported; "fp16" / "bf16"
-    min_seq_len: int = 1
-    opt_seq_len: int | None = None      # default: min(512, max_seq_len)
-    max_seq_len: int | None = None      # default: the export's max_seq_len, else 2048
-    max_batch: int = 1
-    opt_batch: int = 1
-    plugins: bool = True
-    embed_plugins: bool = False
-    plugin_library: str | None = None   # default: build_library() (compiled once, cached)
-    timing_cache: str | None = None
-    compute_capabilities: list[str] | None = None  # TensorRT-RTX targets (default RTX_DEFAULT_TARGETS)
-    force: bool = False
-    log: Callable[[str], None] | None = None  # progress lines (default: stderr)
-
-    def resolve(self, sidecar: dict) -> "BuildSettings":
-        """Validate the flags (UserError naming the flag) and fill defaults from the sidecar."""
-        s = dataclasses.replace(self)
-        if s.precision is not None and s.precision not in ("fp16", "bf16"):
-            raise UserError(f"precision {s.precision!r}: use --fp16 or --bf16")
-        if s.max_seq_len is None:
-            exported = sidecar.get("max_seq_len")
-            s.max_seq_len = int(exported) if isinstance(exported, int) and exported > 0 else 2048
-        if s.min_seq_len < 1:
-            raise UserError(f"--min-seq-len {s.min_seq_len}: must be >= 1")
-        if s.max_seq_len < s.min_seq_len:
-            raise UserError(f"--min-seq-len {s.min_seq_len} > --max-seq-len {s.max_seq_len}")
-        if s.max_batch < 1:
-            raise UserError(f"--max-batch {s.max_batch}: must be >= 1")
-        opt = s.opt_seq_len if s.opt_seq_len is not None else 512
-        s.opt_seq_len = min(max(opt, s.min_seq_len), s.max_seq_len)  # min <= opt <= max
-        s.opt_batch = min(max(s.opt_batch, 1), s.max_batch)
-        if s.embed_plugins and not s.plugins:
-            raise UserError("--embed-plugins and --no-plugins exclude each other")
-        if s.timing_cache is not None and Path(s.timing_cache).is_dir():
-            raise UserError(f"--timing-cache {s.timing_cache}: is a folder, expected a file")
-        return s
-
-    def engine_key_fields(self) -> dict:
-        return {"precision": self.precision, "seq": [self.min_seq_len, self.opt_seq_len, self.max_seq_len],
-                "batch": [1, self.opt_batch, self.max_batch], "plugins": self.plugins, "embed": self.embed_plugins}
-
-
 # ------------------------------------------------------------------------------------ the export
 def read_export_graphs(export_dir: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
     """(sidecar, {graph name: onnx path}) of an export folder, through the one sidecar reader."""
-    side = read_export(export_dir, "EXPORT_DIR", required=("prefill",))
+    side = read_export(export_dir, "EXPORT_DIR", required=())
+    if not side["graphs"]:
+        raise UserError(f"{Path(export_dir) / 'export.json'}: 'graphs' is empty (re-export with `tokenskip export`)")
     return side, {name: Path(export_dir) / entry["file"] for name, entry in side["graphs"].items()}
-
-
-def parse_compute_capabilities(text: str | None) -> list[str] | None:
-    """'8.6,89,sm_120' -> ['8.6', '8.9', '12.0'] (the spelling engine.json records)."""
-    if text is None:
-        return None
-    out = []
-    for raw in str(text).split(","):
-        v = raw.strip().lower().removeprefix("sm_").removeprefix("sm")
-        if not v:
-            continue
-        if "." not in v and v.isdigit() and len(v) >= 2:
-            v = f"{v[:-1]}.{v[-1]}"
-        major, _, minor = v.partition(".")
-        if not (major.isdigit() and minor.isdigit()):
-            raise UserError(f"--compute-capability {text}: expected values like 8.6, 89 or sm_120")
-        out.append(f"{int(major)}.{int(minor)}")
-    if not out:
-        raise UserError(f"--compute-capability {text}: give at least one value")
-    return sorted(set(out), key=lambda v: tuple(map(int, v.split("."))))
-
-
-def build_targets(backend, requested: list[str] | None) -> list[str] | None:
-    """Compute capabilities the engine will run on: TensorRT-RTX's explicit targets, or the GPU a
-    full TensorRT build runs on (full TensorRT engines are specific to the building GPU)."""
-    trt = backend.trt
-    if backend.is_rtx:
-        targets = requested or list(RTX_DEFAULT_TARGETS)
-        names = [f"SM{v.replace('.', '')}" for v in targets]
-        bad = [v for v, n in zip(targets, names) if not hasattr(trt.ComputeCapability, n)]
-        if bad:
-            known = sorted(k[2:] for k in dir(trt.ComputeCapability) if k.startswith("SM"))
-            raise UserError(f"--compute-capability {','.join(bad)}: TensorRT-RTX {backend.version} builds for "
-                            f"{', '.join(f'{k[:-1]}.{k[-1]}' for k in known)}")
-        return targets
-    if requested:
-        raise UserError("--compute-capability applies to TensorRT-RTX; full TensorRT builds for the GPU it runs on")
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return [f"{major}.{minor}"]
-    return None
-
-
-def _set_targets(backend, config, targets: list[str] | None) -> None:
-    if backend.is_rtx and targets:
-        trt = backend.trt
-        config.num_compute_capabilities = len(targets)
-        for i, v in enumerate(targets):
-            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{v.replace('.', '')}"), i)
 
 
 def _copy_folder(src: Path, dst: Path) -> None:
@@ -194,23 +96,6 @@ def _onnx_summary(path: Path) -> tuple[str, dict[str, int], dict[str, list]]:
     dims = {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in
                      v.type.tensor_type.shape.dim] for v in model.graph.input if v.name not in inits}
     return h.hexdigest(), dict(counts), dims
-
-
-def profile_shapes(inputs: dict[str, list], s: BuildSettings) -> dict[str, list[list[int]]]:
-    """{input: [min, opt, max] shapes}: "batch" -> batch range, any other named dim -> seq range."""
-    out = {}
-    for name, dims in inputs.items():
-        lo, opt, hi = [], [], []
-        for d in dims:
-            if isinstance(d, int) and d > 0:
-                rng = (d, d, d)
-            elif d == "batch":
-                rng = (1, s.opt_batch, s.max_batch)
-            else:
-                rng = (s.min_seq_len, s.opt_seq_len, s.max_seq_len)
-            lo.append(rng[0]); opt.append(rng[1]); hi.append(rng[2])
-        out[name] = [lo, opt, hi]
-    return out
 
 
 # ------------------------------------------------------------------------------------ building
@@ -289,15 +174,17 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
         raise UserError(f"{onnx_path}: TensorRT ({backend.name}) cannot parse it: {errs[0]}")
     summary = _network_summary(backend, network)
     net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    shapes = profile_shapes({t.name: inputs.get(t.name, [d if d >= 0 else "?" for d in t.shape]) for t in net_inputs}, s)
+    profiles = phase_profiles({t.name: inputs.get(t.name, [d if d >= 0 else "?" for d in t.shape]) for t in net_inputs},
+                              s)
     config = builder.create_builder_config()
-    _set_targets(backend, config, targets)
+    set_targets(backend, config, targets)
     if weak:
         config.set_flag(trt.BuilderFlag.FP16 if s.precision == "fp16" else trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles.values():  # profile index = position (the runtime selects by name)
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     timing = None
     if s.timing_cache and not backend.is_rtx:
         tc = Path(s.timing_cache)
@@ -309,8 +196,8 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
     if monitor is not None:
         config.progress_monitor = monitor
     lo_b, hi_b = 1, s.max_batch
-    log(f"[{graph}] building engine ({backend.name} {backend.version}; batch {lo_b}..{hi_b}, "
-        f"seq {s.min_seq_len}..{s.opt_seq_len}..{s.max_seq_len}); this can take minutes")
+    log(f"[{graph}] building engine ({backend.name} {backend.version}; profiles {', '.join(profiles)}; batch "
+        f"{lo_b}..{hi_b}, seq {s.min_seq_len}..{s.opt_seq_len}..{s.max_seq_len}); this can take minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errs = logger.errors() or ["no error message"]
@@ -327,7 +214,7 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
         write_bytes_atomic(s.timing_cache, bytes(config.get_timing_cache().serialize()))
     report = {
         "graph": graph, "backend": backend.name, "tensorrt_version": backend.version,
-        "precision": s.precision or "as exported", "profile": shapes, "compute_capabilities": targets,
+        "precision": s.precision or "as exported", "profiles": profiles, "compute_capabilities": targets,
         "build_seconds": round(time.monotonic() - t0, 2), "engine_bytes": len(data),
         **summary,
         "warnings": [m for sev, m in logger.messages if sev == "WARNING"][:20],
@@ -451,7 +338,8 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
         "export_dir": str(Path(export_dir).resolve()), "dtype": sidecar.get("dtype"), "precision": s.precision,
         "max_seq_len": s.max_seq_len, "max_batch": s.max_batch, "plugin_library": shipped,
         "plugins": s.plugins, "plugins_embedded": bool(lib and s.embed_plugins),
-        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json"} for g in engines},
+        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json", "profiles": list(r["profiles"])}
+                    for g, r in engines.items()},
     }
     write_json_atomic(out / ENGINE_SIDECAR, meta)
     return {**meta, "out_dir": str(out), "reports": engines}

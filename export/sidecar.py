@@ -15,11 +15,12 @@ from tokenskip.errors import UserError
 from tokenskip.fileio import read_json
 
 FORMAT = "tokenskip-export"
-VERSION = 1
+VERSION = 2  # 2: one graph (prefill + decode) with sequence-major past inputs; 1 had two graphs
 SIDECAR = "export.json"
-PREFILL_FILE, DECODE_FILE = "model.onnx", "decode.onnx"
+MODEL_FILE = "model.onnx"
 TOKENIZER_DIR, ROUTING_DIR = "tokenizer", "routing"
-GRAPHS = ("prefill", "decode")
+GRAPHS = ("model",)
+CACHE_LAYOUT = "seq-major"  # past.{l}.key [T,B,nkv,d], past.{l}.pos [T,B]
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
@@ -55,7 +56,8 @@ def read_export(export_dir: str | os.PathLike, flag: str = "export folder", requ
     if not isinstance(side, dict) or side.get("format") != FORMAT:
         raise UserError(f"{path}: not a tokenskip export (format != {FORMAT!r})")
     if side.get("version") != VERSION:
-        raise _fail(path, f"export version {side.get('version')!r}, this tokenskip reads {VERSION}")
+        raise _fail(path, f"export version {side.get('version')!r}, this tokenskip reads {VERSION}"
+                    + (" (version 1 had separate prefill/decode graphs)" if side.get("version") == 1 else ""))
     entries = side.get("graphs")
     if not isinstance(entries, dict):
         raise _fail(path, "'graphs' is not an object")
@@ -68,7 +70,8 @@ def read_export(export_dir: str | os.PathLike, flag: str = "export folder", requ
             raise UserError(f"{d}: {f.name} is missing (named in {SIDECAR} graphs.{graph}.file)")
         data = entry.get("data")
         if data is not None and (not isinstance(data, str) or not (d / data).is_file()):
-            raise UserError(f"{d}: the weights file {data} of {f.name} is missing (graphs.{graph}.data)")
+            raise UserError(f"{d}: the weights file {data} of {f.name} is missing (named in {SIDECAR} "
+                            f"graphs.{graph}.data)")
         _check_io(path, graph, entry)
     dtype = side.get("dtype", "fp32")
     if dtype not in DTYPE_NAMES:
@@ -85,6 +88,13 @@ def read_export(export_dir: str | os.PathLike, flag: str = "export folder", requ
     cfg = side.get("config", {})
     if not isinstance(cfg, dict):
         raise _fail(path, "'config' is not an object")
+    cache = side.get("cache")
+    if not (isinstance(cache, dict) and cache.get("layout") == CACHE_LAYOUT and isinstance(cache.get("layers"), list)
+            and all(isinstance(li, int) and not isinstance(li, bool) for li in cache["layers"])):
+        raise _fail(path, f"'cache' needs layout {CACHE_LAYOUT!r} and a list of layer numbers")
+    for key in ("num_key_value_heads", "head_dim", "vocab_size"):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise _fail(path, f"config.{key} is not a positive integer")
     return side
 
 

@@ -18,20 +18,6 @@ from tokenskip.routers import LearnedRouter
 from conftest import make_tiny_llama
 
 
-def make_char_tokenizer(path):
-    """A character-level tokenizer (printable ASCII + <unk>/<eos>, ids < 100) saved next to the model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, **{chr(c): c - 30 for c in range(32, 127)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    t.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-    tok.save_pretrained(path)
-    return tok
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny matrices: one thread is fastest, and immune to a busy shared machine."""
@@ -42,13 +28,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_deploy):
     """(model, folder): tiny random Llama + char tokenizer, loadable with --model <folder>."""
-    path = tmp_path_factory.mktemp("tiny-deploy")
-    model = make_tiny_llama(path, seed=1)
-    make_char_tokenizer(path)
-    model.requires_grad_(False)
-    return model, path
+    return tiny_deploy
 
 
 class Recorder:
@@ -365,27 +347,6 @@ def test_bench_gpu_tiny_runs_on_cpu(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- ONNX Runtime
-@pytest.fixture(scope="module")
-def tiny_export(tiny, tmp_path_factory):
-    """The tiny model exported (static router, uneven schedule, kv_policy=skip) with `tokenskip export`'s API."""
-    pytest.importorskip("onnxruntime")
-    exporter = pytest.importorskip("tokenskip.export.exporter")
-    from tokenskip.models import load_model
-    from tokenskip.routed import RoutedModel
-    from tokenskip.routers import StaticRouter
-    from tokenskip.schedule import Schedule
-
-    _, folder = tiny
-    lm = load_model(str(folder))
-    _, cfg = build_routed(lm.model, router="static", sparsity=0.3, model_name=str(folder))
-    sched = Schedule((0.0, 0.5, 0.3, 0.6))
-    cfg.schedule = list(sched.sparsity)
-    routed = RoutedModel(lm.model, sched, StaticRouter())
-    out = tmp_path_factory.mktemp("tiny-export") / "exp"
-    exporter.export_model(lm, routed, cfg, out, max_seq_len=64, check=False)
-    return routed, out
-
-
 def test_ort_generation_equals_torch(tiny_export):
     """Greedy tokens and logits from ONNX Runtime equal PyTorch's, left-padded batch included."""
     from tokenskip.deploy.backends import OrtBackend

@@ -33,11 +33,10 @@ def engine_folder(path, **meta):
     from tokenskip.deploy.engine_build import ENGINE_SIDECAR
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "prefill.engine").write_bytes(b"engine")
-    (path / "decode.engine").write_bytes(b"engine")
+    (path / "model.engine").write_bytes(b"engine")
     side = {"format": "tokenskip-engines", "version": 1, "backend": "tensorrt-rtx", "max_seq_len": 64,
-            "compute_capabilities": ["8.6"], "engines": {"prefill": {"file": "prefill.engine"},
-                                                         "decode": {"file": "decode.engine"}}, **meta}
+            "compute_capabilities": ["8.6"],
+            "engines": {"model": {"file": "model.engine", "profiles": ["prefill", "decode"]}}, **meta}
     (path / ENGINE_SIDECAR).write_text(json.dumps(side))
     return path
 
@@ -97,12 +96,11 @@ def minimal_sidecar() -> dict:
     """The fields of export.json the runtimes read, for a 1-layer model (see docs/export.md)."""
     io = {"inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]}},
           "outputs": {"logits": {"dtype": "float32", "shape": ["batch", 256]}}}
-    return {"format": "tokenskip-export", "version": 1, "model": "tiny", "dtype": "fp32", "max_seq_len": 64,
+    return {"format": "tokenskip-export", "version": 2, "model": "tiny", "dtype": "fp32", "max_seq_len": 64,
             "kv_policy": "skip", "routing": {"router": "dense"}, "tokenizer": "tokenizer", "routers": "routing",
             "config": {"num_layers": 1, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256},
-            "layers": [{"layer": 0, "routed": False}],
-            "graphs": {"prefill": {"file": "model.onnx", "data": "model.onnx.data", **io},
-                       "decode": {"file": "decode.onnx", "data": "decode.onnx.data", **io}}}
+            "layers": [{"layer": 0, "routed": False}], "cache": {"layout": "seq-major", "layers": [0]},
+            "graphs": {"model": {"file": "model.onnx", "data": "model.onnx.data", **io}}}
 
 
 def export_folder(path, mutate=None):
@@ -140,6 +138,10 @@ MALFORMED = [  # (case, mutation, what the one-line error must name)
     ("layers is an object", _set(["layers"], {"0": 1}), "'layers'"),
     ("config is a list", _set(["config"], []), "'config'"),
     ("tokenizer is a number", _set(["tokenizer"], 3), "'tokenizer'"),
+    ("cache layout unknown", _set(["cache", "layout"], "batch-major"), "'cache'"),
+    ("head_dim missing", lambda s: s["config"].pop("head_dim"), "config.head_dim"),
+    ("weights file missing", _set(["graphs", "model", "data"], "gone.data"), "gone.data"),
+    ("an old two-graph export", _set(["version"], 1), "version 1 had separate prefill/decode graphs"),
 ]
 
 
@@ -180,7 +182,7 @@ def test_bench_trt_without_routers_uses_the_engine_routing(tmp_path, monkeypatch
     from tokenskip.deploy.bench import DenseTorch, RoutedTorch
     from tokenskip.deploy.cli import bench
 
-    from test_deploy import make_char_tokenizer
+    from conftest import make_char_tokenizer
 
     model = make_tiny_llama(tmp_path / "tiny", seed=2).requires_grad_(False)
     make_char_tokenizer(tmp_path / "tiny")
