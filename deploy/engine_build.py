@@ -3,9 +3,9 @@
 For each graph of the export: parse the ONNX file (external data resolved next to it) with our
 plugin library registered, so every `tokenskip::TopKGather` / `ScatterTokens` node becomes a
 plugin layer (no TopK K <= 3840 cap), or, with plugins off, from the model-local function bodies
-the parser inlines when no creator is registered. A graph with cache inputs gets two optimisation
-profiles, "prefill" and "decode", in ONE engine that holds the weights once (engine_plan.py has
-the shapes). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
+the parser inlines when no creator is registered. The export's one graph becomes ONE engine for
+prefill and decode, with one shared optimisation profile (or, --profiles phases, a prefill and a
+decode profile; engine_plan.py has the shapes and the measured trade-off). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
 hash (with its external data) and every setting that changes the engine; files are written
 atomically, so a failed build leaves no partial engine. Each engine gets a JSON build report:
 layers by type, plugin layers, whether any tokenskip node fell back to its function body, build

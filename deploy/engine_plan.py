@@ -15,6 +15,10 @@ from tokenskip.errors import UserError
 # TensorRT-RTX builds ahead of time for these GPUs by default (its docs: "8.0, 8.6, 8.9, 12.0");
 # we set them explicitly so engine.json records exactly what the engine runs on.
 RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
+# "shared": one optimisation profile serves prefill and decode; "phases": one profile each. Measured
+# with TensorRT-RTX 1.7 on smollm2-135m fp32: 581 MB vs 1033 MB, as each profile carries its own
+# copy of the weights (docs/export.md, "One graph, weights once").
+PROFILE_MODES = ("shared", "phases")
 
 
 @dataclasses.dataclass
@@ -33,6 +37,7 @@ class BuildSettings:
     plugin_library: str | None = None   # default: build_library() (compiled once, cached)
     timing_cache: str | None = None
     compute_capabilities: list[str] | None = None  # TensorRT-RTX targets (default RTX_DEFAULT_TARGETS)
+    profiles: str = "shared"            # cache graphs: "shared" (one profile) or "phases" (prefill + decode)
     force: bool = False
     log: Callable[[str], None] | None = None  # progress lines (default: stderr)
 
@@ -41,6 +46,8 @@ class BuildSettings:
         s = dataclasses.replace(self)
         if s.precision is not None and s.precision not in ("fp16", "bf16"):
             raise UserError(f"precision {s.precision!r}: use --fp16 or --bf16")
+        if s.profiles not in PROFILE_MODES:
+            raise UserError(f"--profiles {s.profiles}: choose from {', '.join(PROFILE_MODES)}")
         if s.max_seq_len is None:
             exported = sidecar.get("max_seq_len")
             s.max_seq_len = int(exported) if isinstance(exported, int) and exported > 0 else 2048
@@ -60,7 +67,8 @@ class BuildSettings:
         return s
 
     def engine_key_fields(self) -> dict:
-        return {"precision": self.precision, "seq": [self.min_seq_len, self.opt_seq_len, self.max_seq_len],
+        return {"precision": self.precision, "profiles": self.profiles,
+                "seq": [self.min_seq_len, self.opt_seq_len, self.max_seq_len],
                 "batch": [1, self.opt_batch, self.max_batch], "plugins": self.plugins, "embed": self.embed_plugins}
 
 
@@ -70,7 +78,9 @@ def profile_shapes(inputs: dict[str, list], s: BuildSettings, phase: str | None 
     "batch" -> [1, opt_batch, max_batch]. In the prefill profile "seq" (new tokens) takes the seq
     range and every cache dim "past_*" is [0, 0, max_seq_len] (an empty past; longer ones allow
     chunked prefill); in the decode profile "seq" is 1 and "past_*" is [1, opt_seq_len,
-    max_seq_len]. Without a phase (graphs with no cache inputs) every named dim takes the seq range.
+    max_seq_len]; the shared profile takes the union ("seq" as in prefill, "past_*" [0,
+    opt_seq_len, max_seq_len]). Without a phase (graphs with no cache inputs) every named dim takes
+    the seq range.
     """
     seq = (s.min_seq_len, s.opt_seq_len, s.max_seq_len)
     out = {}
@@ -85,6 +95,8 @@ def profile_shapes(inputs: dict[str, list], s: BuildSettings, phase: str | None 
                 rng = (0, 0, s.max_seq_len)
             elif phase == "decode" and str(d).startswith("past_"):
                 rng = (1, s.opt_seq_len, s.max_seq_len)
+            elif phase == "shared" and str(d).startswith("past_"):
+                rng = (0, s.opt_seq_len, s.max_seq_len)
             elif phase == "decode" and d == "seq":
                 rng = (1, 1, 1)
             else:
@@ -95,11 +107,14 @@ def profile_shapes(inputs: dict[str, list], s: BuildSettings, phase: str | None 
 
 
 def phase_profiles(inputs: dict[str, list], s: BuildSettings) -> dict[str, dict[str, list[list[int]]]]:
-    """The engine's optimisation profiles, in order, by name: "prefill" and "decode" for a graph with
-    cache inputs (one engine, one copy of the weights, two profiles, as TensorRT-LLM runs its
-    context and generation phases), else one "default" profile."""
+    """The engine's optimisation profiles, in order, by name. A graph with cache inputs gets one
+    "shared" profile covering prefill and decode (the default: the weights once), or with
+    profiles="phases" a "prefill" and a "decode" profile (kernels chosen per phase, as TensorRT-LLM
+    runs its context and generation phases; a copy of the weights each with TensorRT-RTX 1.7).
+    Other graphs get one "default" profile."""
     if any(str(d).startswith("past_") for dims in inputs.values() for d in dims):
-        return {phase: profile_shapes(inputs, s, phase) for phase in ("prefill", "decode")}
+        phases = ("prefill", "decode") if s.profiles == "phases" else ("shared",)
+        return {phase: profile_shapes(inputs, s, phase) for phase in phases}
     return {"default": profile_shapes(inputs, s)}
 
 

@@ -4,10 +4,11 @@ Written against the TensorRT 10 Python API (name-based I/O: set_input_shape, set
 execute_async_v3), for the flavour engine.json records (`tensorrt` or TensorRT-RTX), imported
 only when an engine is opened. Device buffers are torch CUDA tensors (no pycuda needed).
 
-One engine holds the weights once, with two optimisation profiles: "prefill" (S prompt tokens,
-empty past) and "decode" (one token against the cache). One execution context per profile, both
-sharing one activation buffer (they never run at once), both on ONE CUDA stream: input copies,
-cache growth, execution and the logits copy-out are all issued on it, in order.
+One engine holds the weights once and serves prefill (S prompt tokens, empty past) and decode (one
+token against the cache): with one "shared" optimisation profile, or with a "prefill" and a
+"decode" profile (`tokenskip build --profiles phases`), one execution context each, sharing one
+activation buffer (they never run at once). Everything is on ONE CUDA stream: input copies, cache
+growth, execution and the logits copy-out are all issued on it, in order.
 
 The KV cache is the preallocated `KVCache` (sequence-major, like the graph I/O): the past input
 of each layer is bound at the cache buffer's address (only its shape changes from step to step),
@@ -32,7 +33,8 @@ from tokenskip.routed import default_positions
 from .kv_cache import FIELDS, KVCache, PreallocatedBackend
 from .tensorrt_backend import BACKENDS
 
-PROFILES = ("prefill", "decode")
+PHASES = ("prefill", "decode")
+PROFILE_SETS = (["shared"], ["prefill", "decode"])  # engine.json's profiles, in engine order
 
 ENGINE_SIDECAR = "engine.json"
 
@@ -83,9 +85,9 @@ def read_engine_dir(engine_dir: str | Path) -> tuple[dict, dict[str, Path]]:
             raise UserError(f"--engine {engine_dir}: {name} is missing (named in {ENGINE_SIDECAR})")
         files[part] = engine_dir / name
     entry = listed.get("model")
-    if set(listed) != {"model"} or list(entry.get("profiles") or []) != list(PROFILES):
-        raise UserError(f"{path}: expected one engine 'model' with profiles {', '.join(PROFILES)} (built by an older "
-                        "tokenskip?): re-export and rebuild with `tokenskip export` / `tokenskip build`")
+    if set(listed) != {"model"} or list(entry.get("profiles") or []) not in PROFILE_SETS:
+        raise UserError(f"{path}: expected one engine 'model' with profiles 'shared' or 'prefill, decode' (built by "
+                        "an older tokenskip?): re-export and rebuild with `tokenskip export` / `tokenskip build`")
     return meta, files
 
 
@@ -175,15 +177,18 @@ class TrtBackend(PreallocatedBackend):
         key = tuple(self.engine.get_tensor_shape(f"past.{self.layers[0]}.key")) if self.layers else (0, 0, 1, 1)
         self.heads, self.head_dim = int(key[2]), int(key[3])
         self.vocab = int(self.engine.get_tensor_shape("logits")[1])
-        if self.engine.num_optimization_profiles != len(PROFILES):
-            raise UserError(f"{path}: expected {len(PROFILES)} optimisation profiles ({', '.join(PROFILES)}), found "
+        self.profiles = list(meta["engines"]["model"]["profiles"])
+        if self.engine.num_optimization_profiles != len(self.profiles):
+            raise UserError(f"{path}: engine.json lists profiles {', '.join(self.profiles)}, the engine has "
                             f"{self.engine.num_optimization_profiles}: rebuild it with `tokenskip build`")
         with self.device.on_stream():
-            contexts, self._scratch = _scratch_contexts(trt, self.engine, len(PROFILES), self.device)
-            self.contexts = {}
-            for p, (phase, ctx) in enumerate(zip(PROFILES, contexts)):
+            contexts, self._scratch = _scratch_contexts(trt, self.engine, len(self.profiles), self.device)
+            for p, ctx in enumerate(contexts):
                 ctx.set_optimization_profile_async(p, self.device.handle)
-                self.contexts[phase] = ctx
+            # phase -> (profile index, context): both phases share profile 0 with a shared profile
+            self.contexts = {phase: (self.profiles.index(phase) if phase in self.profiles else 0,
+                                     contexts[self.profiles.index(phase) if phase in self.profiles else 0])
+                             for phase in PHASES}
             self._empty = torch.empty(256, dtype=torch.uint8, device=self.device.torch)  # address for 0-size inputs
         self.max_length = int(meta.get("max_seq_len") or self.engine.get_tensor_profile_shape("input_ids", 0)[2][1])
         self.limit_what = f"engine ({self.dir})"
@@ -264,14 +269,13 @@ class TrtBackend(PreallocatedBackend):
 
     def _set_inputs(self, phase: str, inputs: dict[str, Tensor]):
         """Check every input against the phase's profile, then set shapes and addresses."""
-        p = PROFILES.index(phase)
+        p, ctx = self.contexts[phase]
         for n, t in inputs.items():
             lo, _, hi = self.engine.get_tensor_profile_shape(n, p)
             if not all(a <= s <= b for a, s, b in zip(lo, t.shape, hi)):
-                raise UserError(f"{n} of shape {tuple(t.shape)} is outside the engine's {phase} profile "
+                raise UserError(f"{n} of shape {tuple(t.shape)} is outside the engine's {self.profiles[p]} profile "
                                 f"[{tuple(lo)} .. {tuple(hi)}] ({self.dir}): rebuild with a larger --max-seq-len / "
                                 "--max-batch")
-        ctx = self.contexts[phase]
         for n, t in inputs.items():
             ctx.set_input_shape(n, tuple(t.shape))
             ctx.set_tensor_address(n, self._address(t))

@@ -52,8 +52,10 @@ def memory(ptr: int, shape, dtype) -> np.ndarray:
 class Spec:
     """The toy engine's shape: layers, KV heads, head dim, vocabulary, keep fraction per layer."""
 
-    def __init__(self, layers=(0, 1, 2), heads=2, head_dim=4, vocab=97, keep=None, max_seq=64, max_batch=4):
+    def __init__(self, layers=(0, 1, 2), heads=2, head_dim=4, vocab=97, keep=None, max_seq=64, max_batch=4,
+                 profiles=("prefill", "decode")):
         self.layers, self.heads, self.head_dim, self.vocab = list(layers), heads, head_dim, vocab
+        self.profiles = list(profiles)
         self.keep = keep or {li: (1, 1) for li in self.layers}  # (num, den)
         self.max_seq, self.max_batch = max_seq, max_batch
 
@@ -83,7 +85,7 @@ class FakeEngine:
                 self.io[f"index.{li}"] = ("OUTPUT", "INT64", [-1, -1])
         self.names = list(self.io)
         self.num_io_tensors = len(self.names)
-        self.num_optimization_profiles = 2
+        self.num_optimization_profiles = len(spec.profiles)
         self.contexts: list[FakeContext] = []
 
     def get_tensor_name(self, i):
@@ -100,16 +102,17 @@ class FakeEngine:
 
     def get_tensor_profile_shape(self, name, profile):
         s = self.spec
+        decode = s.profiles[profile] == "decode"
         lo, hi = [], []
         for axis, d in enumerate(self.io[name][2]):
             if d > 0:
                 lo.append(d); hi.append(d)
             elif name.startswith("past.") and axis == 0:
-                lo.append(0 if profile == 0 else 1); hi.append(s.max_seq)
+                lo.append(1 if decode else 0); hi.append(s.max_seq)
             elif axis == 1 and name.startswith("past.") or axis == 0 and not name.startswith("past."):
                 lo.append(1); hi.append(s.max_batch)
             else:  # the new tokens
-                lo.append(1); hi.append(s.max_seq if profile == 0 else 1)
+                lo.append(1); hi.append(1 if decode else s.max_seq)
         return lo, lo, hi
 
     def get_device_memory_size_for_profile_v2(self, p):

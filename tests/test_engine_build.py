@@ -130,7 +130,12 @@ def test_profile_shapes_clamp():
     shapes = engine_build.profile_shapes({"ids": ["batch", "seq"], "k": ["kept_0", "batch", 2, 8]}, s)
     assert shapes["ids"] == [[1, 16], [4, 16], [4, 64]]
     assert shapes["k"] == [[16, 1, 2, 8], [16, 4, 2, 8], [64, 4, 2, 8]]
-    both = engine_build.phase_profiles({"ids": ["batch", "seq"], "past": ["past_0", "batch", 2, 8]}, s)
+    cache_inputs = {"ids": ["batch", "seq"], "past": ["past_0", "batch", 2, 8]}
+    shared = engine_build.phase_profiles(cache_inputs, s)
+    assert shared == {"shared": {"ids": [[1, 16], [4, 16], [4, 64]], "past": [[0, 1, 2, 8], [16, 4, 2, 8], [64, 4, 2, 8]]}}
+    s = engine_build.BuildSettings(min_seq_len=16, opt_seq_len=4, max_seq_len=64, max_batch=4, opt_batch=9,
+                                   profiles="phases").resolve({})
+    both = engine_build.phase_profiles(cache_inputs, s)
     assert list(both) == ["prefill", "decode"]
     assert both["prefill"] == {"ids": [[1, 16], [4, 16], [4, 64]], "past": [[0, 1, 2, 8], [0, 4, 2, 8], [64, 4, 2, 8]]}
     assert both["decode"] == {"ids": [[1, 1], [4, 1], [4, 1]], "past": [[1, 1, 2, 8], [16, 4, 2, 8], [64, 4, 2, 8]]}
@@ -244,26 +249,32 @@ def test_engine_folder_is_self_contained_and_records_its_gpus(lib, tmp_path, mon
     trt_runtime.check_gpu(meta, eng)  # an RTX 4090 runs it
 
 
-def test_cache_graph_gets_prefill_and_decode_profiles(lib, tmp_path):
-    """A graph with cache inputs builds ONE engine with two profiles: prefill (an empty past is a
-    zero-volume tensor) and decode (S = 1)."""
+@pytest.mark.parametrize("mode", ["shared", "phases"])
+def test_cache_graph_builds_one_engine(lib, tmp_path, mode):
+    """A graph with cache inputs builds ONE engine: one shared profile (an empty past is a
+    zero-volume tensor), or a prefill and a decode (S = 1) profile."""
     export = write_export(tmp_path / "export", hidden=32, dtype="float16", past=True)
-    report, _ = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=256)
+    report, _ = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=256, profiles=mode)
     r = report["reports"]["model"]
-    assert list(r["profiles"]) == ["prefill", "decode"]
-    assert r["profiles"]["prefill"]["past.0.key"] == [[0, 1, 32], [0, 1, 32], [256, 1, 32]]
-    assert r["profiles"]["decode"]["x"] == [[1, 1, 32], [1, 1, 32], [1, 1, 32]]
+    if mode == "shared":
+        assert list(r["profiles"]) == ["shared"]
+        assert r["profiles"]["shared"]["past.0.key"] == [[0, 1, 32], [256, 1, 32], [256, 1, 32]]
+    else:
+        assert list(r["profiles"]) == ["prefill", "decode"]
+        assert r["profiles"]["prefill"]["past.0.key"] == [[0, 1, 32], [0, 1, 32], [256, 1, 32]]
+        assert r["profiles"]["decode"]["x"] == [[1, 1, 32], [1, 1, 32], [1, 1, 32]]
     meta = json.loads((tmp_path / "eng" / "engine.json").read_text())
     assert meta["engines"] == {"model": {"file": "model.engine", "report": "model.report.json",
-                                         "profiles": ["prefill", "decode"]}}
+                                         "profiles": list(r["profiles"])}}
     assert sorted(p.name for p in (tmp_path / "eng").glob("*.engine")) == ["model.engine"]
 
 
-def test_tiny_llama_export_builds_one_engine_with_both_profiles(lib, tiny_export, tmp_path):
+def test_tiny_llama_export_builds_one_engine_for_both_phases(lib, tiny_export, tmp_path):
     """The real exported graph of a tiny Llama (static router, kv_policy=skip): every routed block's
-    ops become plugin layers and one engine serves prefill and decode."""
+    ops become plugin layers and one engine serves prefill and decode (per-phase profiles here, the
+    harder case: a zero-volume past in one, S = 1 in the other)."""
     routed, export = tiny_export
-    report, _ = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=64)
+    report, _ = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=64, profiles="phases")
     r = report["reports"]["model"]
     assert list(r["profiles"]) == ["prefill", "decode"] and not r["fell_back"]
     routed_layers = sum(routed.layer_is_routed(li) for li in range(4))

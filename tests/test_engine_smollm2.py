@@ -36,7 +36,7 @@ def test_smollm2_engines_with_plugins(lib, smol_export, tmp_path, monkeypatch):
     prefill = report["reports"]["model"]
     print(f"\nengine: {prefill['engine_bytes'] / 2**20:.0f} MiB, {len(prefill['plugin_layers'])} plugin "
           f"layers for {routed} routed blocks, layers by type {prefill['layers_by_type']}")
-    assert list(prefill["profiles"]) == ["prefill", "decode"]
+    assert list(prefill["profiles"]) == ["shared"]  # one engine, one profile: the weights once
     assert routed == 26
     assert prefill["tokenskip_nodes"] == {"TopKGather": routed, "ScatterTokens": routed}
     assert sorted(p["plugin"] for p in prefill["plugin_layers"]) == \
@@ -57,6 +57,6 @@ def test_smollm2_engines_without_plugins_static_profile(smol_export, tmp_path, m
     print(f"\nno-plugins engine: {prefill['engine_bytes'] / 2**20:.0f} MiB, layers {prefill['layers_by_type']}")
     assert prefill["plugin_layers"] == [] and prefill["fallback"] == {"TopKGather": 26, "ScatterTokens": 26}
     assert prefill["layers_by_type"].get("TOPK", 0) >= 2 * 26  # select + re-sort per routed block
-    shapes = prefill["profiles"]["prefill"]["input_ids"]
-    assert shapes[0] == shapes[2] == [1, 128] and prefill["profiles"]["decode"]["input_ids"][2] == [1, 1]
+    shapes = prefill["profiles"]["shared"]["input_ids"]
+    assert shapes[0] == shapes[2] == [1, 128]
     assert (tmp_path / "eng" / "model.engine").stat().st_size == prefill["engine_bytes"] > 0

@@ -19,26 +19,27 @@ from fake_trt import FakeDevice, Spec, ToyReference, fake_trt_module
 PROMPTS = [[5, 9, 17, 3, 44, 8, 21, 60, 2, 7, 19], [40, 2, 77, 31, 9, 10]]
 
 
-def engine_dir(path, **meta):
+def engine_dir(path, profiles=("prefill", "decode"), **meta):
     path.mkdir(parents=True, exist_ok=True)
     if not (path / "model.engine").exists():
         (path / "model.engine").write_bytes(b"engine")
     side = {"format": "tokenskip-engines", "version": 1, "backend": "tensorrt", "max_seq_len": 64,
             "compute_capabilities": ["9.0"], "plugin_library": None,
-            "engines": {"model": {"file": "model.engine", "profiles": ["prefill", "decode"]}}, **meta}
+            "engines": {"model": {"file": "model.engine", "profiles": list(profiles)}}, **meta}
     (path / "engine.json").write_text(json.dumps(side))
     return path
 
 
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-    """(make_backend, module): TrtBackend on a fake TensorRT whose toy model has uneven kept counts."""
-    spec = Spec(layers=(0, 1, 2), keep={0: (1, 1), 1: (1, 2), 2: (3, 5)})
+@pytest.fixture(params=[("shared",), ("prefill", "decode")], ids=["shared-profile", "phase-profiles"])
+def fake(tmp_path, monkeypatch, request):
+    """(make_backend, module): TrtBackend on a fake TensorRT whose toy model has uneven kept counts,
+    with one shared optimisation profile or a prefill and a decode profile."""
+    spec = Spec(layers=(0, 1, 2), keep={0: (1, 1), 1: (1, 2), 2: (3, 5)}, profiles=request.param)
     mod = fake_trt_module(spec)
     monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda flavour: mod)
 
     def make(**meta):
-        return trt_runtime.TrtBackend(engine_dir(tmp_path / "eng", **meta), device=FakeDevice(mod))
+        return trt_runtime.TrtBackend(engine_dir(tmp_path / "eng", request.param, **meta), device=FakeDevice(mod))
     return make, mod
 
 
@@ -64,8 +65,10 @@ def test_profiles_buffers_and_stream(fake):
     for step in range(5):
         logits, cache = backend.decode(logits.argmax(-1, keepdim=True), torch.full((2, 1), 11 + step), cache)
     runs = [e for e in mod.log if e[0] == "execute"]
-    # profile selection: prefill ran on profile 0 with the prompt, decode on profile 1 with one token
-    assert [r[1] for r in runs] == [0] + [1] * 5
+    # profile selection: prefill on the prefill (or shared) profile with the prompt, decode on the
+    # decode (or shared) profile with one token
+    two = mod.spec.profiles == ["prefill", "decode"]
+    assert [r[1] for r in runs] == [0] + [1 if two else 0] * 5
     assert runs[0][4]["input_ids"] == (2, 11) and all(r[4]["input_ids"] == (2, 1) for r in runs[1:])
     assert runs[0][4]["past.1.key"][0] == 0  # prefill: an empty past
     # the past grows by one row per decode step; its address is the cache buffer's (no copy)
@@ -82,9 +85,10 @@ def test_profiles_buffers_and_stream(fake):
     # one stream: contexts, every copy and every execution
     streams = {e[2] for e in mod.log if e[0] in ("profile", "execute")} | {e[1] for e in mod.log if e[0] == "copy"}
     assert streams == {FakeDevice.handle}
-    # both contexts share one activation buffer sized for the larger profile
-    contexts = {id(c): c for c in backend.engine.contexts}.values()
-    assert len({c.device_memory for c in contexts}) == 1 and next(iter(contexts)).device_memory[1] == 2048
+    # one context per profile; they share one activation buffer sized for the larger profile
+    contexts = backend.engine.contexts
+    assert len(contexts) == len(mod.spec.profiles) and len({c.device_memory for c in contexts}) == 1
+    assert contexts[0].device_memory[1] == (2048 if two else 1024)
     assert backend.cache_nbytes(cache) == cache.nbytes() > 0
 
 
@@ -101,14 +105,14 @@ def test_cache_bytes_follow_the_kept_rows(fake):
 def test_profile_limits_and_bad_engines(fake, tmp_path):
     make, mod = fake
     backend = make()
-    with pytest.raises(UserError, match="outside the engine's prefill profile"):
+    with pytest.raises(UserError, match="outside the engine's (prefill|shared) profile"):
         backend.prefill(torch.ones(1, 65, dtype=torch.long), torch.ones(1, 65, dtype=torch.long))
     with pytest.raises(UserError, match="maximum length 64"):
         backend.check_length(60, 10)
     (tmp_path / "eng" / "model.engine").write_bytes(b"corrupt")
     with pytest.raises(UserError, match="could not deserialise"):
         make()
-    with pytest.raises(UserError, match="one engine 'model' with profiles prefill, decode"):
+    with pytest.raises(UserError, match="one engine 'model' with profiles 'shared' or 'prefill, decode'"):
         make(engines={"prefill": {"file": "model.engine"}})
 
 
