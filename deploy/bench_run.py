@@ -53,7 +53,7 @@ def export_dir_for(lm, routed, cfg, out_dir: Path, max_seq_len: int) -> Path:
 
 def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_dir, onnx_dense_dir, engine_dir,
               engine_dense_dir, seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device,
-              overhead_seq, seed, progress: bool = True) -> dict:
+              overhead_seq, seed, dtype: str = "fp32", progress: bool = True) -> dict:
     from tokenskip.models import load_model
     from tokenskip.schedule import check_sparsity
 
@@ -84,8 +84,10 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
         routers_dir = str(Path(engine_dir) / meta["routers"])
     say = click.echo if progress else (lambda *a, **k: None)
     torch.manual_seed(seed)
-    lm = load_model(model)
-    lm.model.to(device)
+    from tokenskip.precision import resolve_device
+
+    device = resolve_device(device).type
+    lm = load_model(model, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if routers_dir or engine_dir or (onnx_dir and backend == "ort"):
         sparsities = [None]  # the artefact carries its own schedule
@@ -109,12 +111,12 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
                         say("exporting the dense model to ONNX ...", err=True)
                         drouted, dcfg = build_routed(lm.model, router="dense", model_name=lm.name)
                         ddir = export_dir_for(lm, drouted, dcfg, tmp / "dense", max_len)
-                    dense_side = OrtBackend(ddir, threads=threads)
+                    dense_side = OrtBackend(ddir, device=device, threads=threads)
                 rdir = Path(onnx_dir) if onnx_dir else None
                 if rdir is None:
                     say(f"exporting the routed model (sparsity {s}) to ONNX ...", err=True)
                     rdir = export_dir_for(lm, routed, cfg, tmp / f"routed-{s}", max_len)
-                routed_side = OrtBackend(rdir, threads=threads)
+                routed_side = OrtBackend(rdir, device=device, threads=threads)
             else:
                 from . import backends
 
