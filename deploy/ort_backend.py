@@ -25,7 +25,7 @@ from tokenskip.errors import UserError
 from tokenskip.export.sidecar import export_max_length, read_export
 from tokenskip.routed import default_positions
 
-from .kv_cache import FIELDS, KVCache, PreallocatedBackend
+from .kv_cache import FIELDS, KVCache, PreallocatedBackend, host_logits
 _ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6,
               torch.bool: 9}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -173,10 +173,10 @@ class OrtBackend(PreallocatedBackend):
                                  self.head_dim, self.kv_dtype, self.device)
         for li in self.layers:
             cache.write(li, {f: outs[f"new.{li}.{f}"] for f in FIELDS})
-        return outs["logits"].float().cpu().clone(), cache
+        return host_logits(outs["logits"]), cache
 
     @torch.no_grad()
     def decode(self, token: Tensor, position: Tensor, cache: KVCache):
         cache.reserve(token.shape[1])
         logits, _ = self._run(token, torch.ones_like(token), position, cache, in_place=True)
-        return logits.float().cpu().clone(), cache
+        return host_logits(logits), cache

@@ -30,7 +30,7 @@ from tokenskip.errors import UserError
 from tokenskip.fileio import read_json
 from tokenskip.routed import default_positions
 
-from .kv_cache import FIELDS, KVCache, PreallocatedBackend
+from .kv_cache import FIELDS, KVCache, PreallocatedBackend, host_logits
 from .tensorrt_backend import BACKENDS
 
 PHASES = ("prefill", "decode")
@@ -225,7 +225,7 @@ class TrtBackend(PreallocatedBackend):
             self._execute(ctx, outputs)
             for li in self.layers:
                 cache.advance(li, rows[li])
-            return outputs["logits"].to("cpu", torch.float32, copy=True), cache
+            return host_logits(outputs["logits"]), cache
 
     @torch.no_grad()
     def decode(self, token: Tensor, position: Tensor, cache: KVCache):
@@ -253,7 +253,7 @@ class TrtBackend(PreallocatedBackend):
             self._execute(ctx, outputs)
             for li in self.layers:
                 cache.advance(li, 1)
-            return bufs["logits"].to("cpu", torch.float32, copy=True), cache
+            return host_logits(bufs["logits"]), cache
 
     # -- binding ------------------------------------------------------------------------------------
     def _upload(self, name: str, t: Tensor) -> Tensor:
