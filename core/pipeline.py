@@ -151,8 +151,7 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
         t0 = _stage(3, "export to ONNX (tokenskip custom ops with function bodies) and validate in ONNX Runtime")
         _invoke(ctx, "tokenskip.export.cli:export", model_name=model, routers_dir=routers_dir, out_dir=export_dir,
                 force=True)
-        _invoke(ctx, "tokenskip.export.cli:export", model_name=model, router="dense", out_dir=dense_dir, force=True,
-                reuse_decode=export_dir)
+        _invoke(ctx, "tokenskip.export.cli:export", model_name=model, router="dense", out_dir=dense_dir, force=True)
         _invoke(ctx, "tokenskip.export.cli:validate", export_dir=export_dir, batch="1,2", decode_tokens=16,
                 samples=1)
         _done(t0)

@@ -134,6 +134,13 @@ def keep_mask(sel: Tensor, k: int, valid: Tensor | None = None, counts: Tensor |
     return index, torch.zeros_like(sel).scatter(1, index, 1.0)
 
 
+def _own_scores(res, past: LayerKV | None):
+    """With a past cache, keep the window attention scores of this call's keys only ([B,T] -> [B,new])."""
+    if past is not None and res.attn_score is not None:
+        res.attn_score, res.attn_seen = res.attn_score[:, past.length:], res.attn_seen[:, past.length:]
+    return res
+
+
 class RoutedModel(nn.Module):
     """Wraps a frozen Llama-family *ForCausalLM. `router=None` or an all-zero schedule is dense."""
 
@@ -172,7 +179,8 @@ class RoutedModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
                 mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
                 num_logits: int | None = None, return_cache: bool = False, trace: bool = False,
-                ste: bool | float = False, padded: bool | None = None) -> RoutedOutput:
+                ste: bool | float = False, padded: bool | None = None,
+                past: list[LayerKV | None] | None = None) -> RoutedOutput:
         """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
         scored continuation, training's fast one-pass form); keep counts are computed over the
         other tokens.
@@ -184,9 +192,16 @@ class RoutedModel(nn.Module):
         through the KV cache (tested to 1e-7 in float64 for every router and kv_policy).
 
         padded: whether any row has padding, if the caller knows (None: read once from the mask).
-        An unpadded batch lets attention take the causal kernels (tokenskip.attention)."""
+        An unpadded batch lets attention take the causal kernels (tokenskip.attention).
+
+        past: per-layer caches of earlier tokens (gather mode, explicit position_ids): the S tokens
+        are routed among themselves and attend to the cache too; the returned cache is past + new.
+        The exported graph serves prefill (empty past) and decode (S = 1: k = S, nothing skipped)
+        with this one path."""
         if mode not in ("gather", "mask"):
             raise ValueError(f"mode must be 'gather' or 'mask', got {mode!r}")
+        if past is not None and (mode != "gather" or position_ids is None):
+            raise ValueError("past needs mode='gather' and explicit position_ids")
         bsz, seq = input_ids.shape
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = default_positions(valid) if position_ids is None else position_ids
@@ -205,9 +220,11 @@ class RoutedModel(nn.Module):
                 if trace:
                     traces.append(LayerTrace(k=0))
                 continue
+            lp = None if past is None else past[li]
             if not self.layer_is_routed(li):
-                res = run_block(layer, h, cos_sin, positions, valid, q_active=routable,
-                                score_window=self.score_window if want_scores else 0, causal=unpadded)
+                res = _own_scores(run_block(layer, h, cos_sin, positions, valid, q_active=routable, past=lp,
+                                            score_window=self.score_window if want_scores else 0, causal=unpadded),
+                                  lp)
                 h = res.out
                 if want_scores:
                     table = torch.where(res.attn_seen, res.attn_score, table)
@@ -219,10 +236,12 @@ class RoutedModel(nn.Module):
                                attn=table if want_scores else None)
             raw = self.router.scores(ctx)  # [B,S]
             sel = routing_scores(raw.detach(), valid, forced)  # [B,S]
-            k = block_keep_count(self.schedule, li, seq, n_tail)
+            # gather with n_tail = 0 takes k from the op itself (a SymInt expression of S when traced);
+            # an int k here would specialise the exported graph to the example length
+            k = block_keep_count(self.schedule, li, seq, n_tail) if (mode == "mask" or n_tail) else None
             if mode == "gather":
                 h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable,
-                                                      table, unpadded)
+                                                      table, unpadded, lp)
             else:
                 h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table,
                                                     ste, n_tail=n_tail)
@@ -237,10 +256,12 @@ class RoutedModel(nn.Module):
         logits = self.model.lm_head(self.model.model.norm(h))
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
 
-    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table, unpadded=False):
-        lean = unpadded and not torch.is_grad_enabled()  # inference on unpadded rows (fused.py)
+    def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table, unpadded=False,
+                      past=None):
+        lean = unpadded and past is None and not torch.is_grad_enabled()  # inference, unpadded rows (fused.py)
         kept_norm = None
         if lean:  # the ops' rule without padding (every row keeps k): fewer kernels than the padding-aware op
+            k = block_keep_count(self.schedule, li, h.shape[1], n_tail) if k is None else k
             index = ops.select_topk(sel, k)  # [B,k]
             kept, kept_norm = fused.gather_norm(h, index, layer.input_layernorm)  # [B,k,H], normed or None
         elif n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
@@ -255,11 +276,12 @@ class RoutedModel(nn.Module):
         kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
         window = self.score_window if self._needs_scores() else 0
         if self.kv_policy == "skip":
-            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, score_window=window, causal=unpadded,
-                            x_norm=kept_norm)
+            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, past=past, score_window=window,
+                            causal=unpadded, x_norm=kept_norm)
         else:  # skipped tokens stay keys, from their un-updated hidden state
             res = run_block(layer, kept, kcos_sin, kpos, kvalid, kv_x=h, kv_cos_sin=cos_sin, kv_pos=positions,
-                            kv_valid=valid, q_active=krows, score_window=window, x_norm=kept_norm)
+                            kv_valid=valid, q_active=krows, past=past, score_window=window, x_norm=kept_norm)
+        res = _own_scores(res, past)
         if lean:
             h = fused.scatter_delta_(h, res.out, kept, index)  # [B,S,H] in place
         else:

@@ -1,32 +1,28 @@
 """Backends behind one small interface, so generation and benchmarks are written once.
 
-    prefill(ids [B,S] int64, mask [B,S] int64) -> (logits [B,V] float32 torch, cache)
+    prefill(ids [B,S] int64, mask [B,S] int64) -> (logits [B,V] float32 torch CPU, cache)
     decode(token [B,1] int64, position [B,1] int64, cache) -> (logits [B,V], cache)
-    check_length(prompt_tokens, new_tokens)   # one-line UserError naming the limit
+    check_length(prompt_tokens, new_tokens)   # one-line UserError naming the limit; announces the
+                                              # generation's length so caches are sized once
+    cache_nbytes(cache) -> int                # bytes the cache holds for the batch
 
-The cache is whatever the backend needs (a list of LayerKV for PyTorch, a dict of named arrays for
-ONNX Runtime, device buffers for TensorRT); the loop never looks inside. Heavy optional runtimes
-(onnxruntime, tensorrt) are imported only when their backend is built (Polygraphy's habit).
+The cache is whatever the backend needs (a list of LayerKV for PyTorch, a preallocated
+`kv_cache.KVCache` written in place for ONNX Runtime and TensorRT); the loop never looks inside.
+Heavy optional runtimes (onnxruntime, tensorrt) are imported only when their backend is built.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from tokenskip.errors import UserError
-from tokenskip.fileio import read_json
 from tokenskip.kv_buffer import decode_cache
 
-EXPORT_JSON = "export.json"
-
-
-def _limit_error(what: str, prompt: int, new: int, limit: int) -> UserError:
-    return UserError(f"prompt of {prompt} tokens + {new} new tokens = {prompt + new} exceeds the {what}'s "
-                     f"maximum length {limit}: shorten the prompt or lower --max-new-tokens")
+from .kv_cache import check_limit
+from .ort_backend import OrtBackend, import_ort, ort_session  # noqa: F401  (re-exported: one definition)
 
 
 class TorchBackend:
@@ -49,8 +45,12 @@ class TorchBackend:
             self.stats = {"decode_tokens": 0, "routed_block_visits": 0, "skipped_blocks": 0}
 
     def check_length(self, prompt: int, new: int) -> None:
-        if self.max_length and prompt + new > self.max_length:
-            raise _limit_error("model", prompt, new, self.max_length)
+        check_limit("model", prompt, new, self.max_length)
+
+    @staticmethod
+    def cache_nbytes(cache) -> int:
+        """Bytes of K/V (+ positions, validity) the per-layer caches hold for the batch."""
+        return sum(t.nbytes for kv in cache if kv is not None for t in (kv.key, kv.value, kv.pos, kv.valid))
 
     def reserve(self, new_tokens: int) -> None:
         """Tokens the next prefills' KV caches preallocate room for (the generation loop says)."""
@@ -77,113 +77,6 @@ class TorchBackend:
         self.stats["routed_block_visits"] += routed_blocks
         self.stats["skipped_blocks"] += len(skipped)
         return logits.float(), cache
-
-
-# ------------------------------------------------------------------------------------ ONNX Runtime
-_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-               "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
-def read_export(export_dir: str | Path) -> dict:
-    """The export sidecar (export.json), with a clear error when DIR is not an export."""
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise UserError(f"--onnx {export_dir}: no such folder (write one with `tokenskip export --out DIR`)")
-    meta = read_json(export_dir / EXPORT_JSON, "export sidecar")
-    graphs = meta.get("graphs") if isinstance(meta, dict) else None
-    if not isinstance(graphs, dict) or "prefill" not in graphs or "decode" not in graphs:
-        raise UserError(f"{export_dir / EXPORT_JSON}: no 'graphs' with 'prefill' and 'decode' entries "
-                        "(re-export with `tokenskip export`)")
-    return meta
-
-
-def export_max_length(meta: dict) -> int | None:
-    """The longest sequence an export promises to handle (prompt + generated tokens)."""
-    for key in ("max_length", "max_seq_len", "max_seq_length", "max_position_embeddings"):
-        for where in (meta, meta.get("model") if isinstance(meta.get("model"), dict) else {}):
-            value = where.get(key) if isinstance(where, dict) else None
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
-def ort_providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise UserError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def ort_session(path: Path, device: str = "cpu", threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device))
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load {path} in ONNX Runtime: {first}") from None
-
-
-class OrtBackend:
-    """ONNX Runtime on an export folder: prefill graph once, then the decode graph per token.
-
-    Inputs are matched by name: decode's `past.*` inputs take prefill's (or the previous step's)
-    `present.*` outputs, so any number of layers and cache lengths works.
-    """
-
-    name = "ort"
-
-    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None) -> None:
-        self.dir = Path(export_dir)
-        self.meta = read_export(self.dir)
-        graphs = self.meta["graphs"]
-        self.sessions = {}
-        for part in ("prefill", "decode"):
-            path = self.dir / graphs[part]["file"]
-            if not path.is_file():
-                raise UserError(f"{self.dir / EXPORT_JSON} names {graphs[part]['file']} but {path} does not exist")
-            self.sessions[part] = ort_session(path, device, threads)
-        self.input_types = {part: {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in s.get_inputs()}
-                            for part, s in self.sessions.items()}
-        self.output_names = {part: [o.name for o in s.get_outputs()] for part, s in self.sessions.items()}
-        self.max_length = export_max_length(self.meta)
-        self.stats: dict = {}
-
-    def check_length(self, prompt: int, new: int) -> None:
-        if self.max_length and prompt + new > self.max_length:
-            raise _limit_error(f"export ({self.dir})", prompt, new, self.max_length)
-
-    def _feed(self, part: str, values: dict) -> dict:
-        types = self.input_types[part]
-        missing = [n for n in types if n not in values]
-        if missing:
-            raise UserError(f"{self.dir}: the {part} graph wants inputs {missing} that the runtime cannot supply "
-                            "(export and runtime versions differ?)")
-        return {n: np.ascontiguousarray(np.asarray(values[n]).astype(types[n], copy=False)) for n in types}
-
-    def _run(self, part: str, values: dict):
-        outs = self.sessions[part].run(None, self._feed(part, values))
-        named = dict(zip(self.output_names[part], outs))
-        cache = {"past." + n[len("present."):]: v for n, v in named.items() if n.startswith("present.")}
-        logits = np.asarray(named["logits"], dtype=np.float32)
-        if logits.ndim == 3:  # [B,1,V] graphs: the last position
-            logits = logits[:, -1]
-        return torch.from_numpy(logits), cache
-
-    def prefill(self, ids: Tensor, mask: Tensor):
-        return self._run("prefill", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-
-    def decode(self, token: Tensor, position: Tensor, cache):
-        return self._run("decode", {"input_ids": token.numpy(), "position_ids": position.numpy(), **cache})
 
 
 def load_trt_backend(engine_dir: str | Path):

@@ -35,9 +35,23 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def wall_timer(sync: Callable[[], None] = lambda: None) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call takes by the wall clock, with `sync` (e.g. cuda synchronize) around it."""
+    def timer(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    return timer
+
+
 def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-              sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Time each callable `repeats` times, interleaved (ABBA order), after `warmup` untimed rounds."""
+              sync: Callable[[], None] = lambda: None,
+              timer: Callable[[Callable[[], object]], float] | None = None) -> dict[str, list[float]]:
+    """Time each callable `repeats` times, interleaved (ABBA order), after `warmup` untimed rounds.
+    `timer(fn) -> seconds` defaults to the wall clock with `sync` around each call."""
+    timer = timer or wall_timer(sync)
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -46,11 +60,7 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
-            sync()
-            t0 = time.perf_counter()
-            fns[n]()
-            sync()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(timer(fns[n]))
     return times
 
 

@@ -53,7 +53,7 @@ def export_dir_for(lm, routed, cfg, out_dir: Path, max_seq_len: int) -> Path:
 
 def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_dir, onnx_dense_dir, engine_dir,
               engine_dense_dir, seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device,
-              overhead_seq, seed, progress: bool = True) -> dict:
+              overhead_seq, seed, dtype: str = "fp32", progress: bool = True) -> dict:
     from tokenskip.models import load_model
     from tokenskip.schedule import check_sparsity
 
@@ -63,17 +63,31 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
         raise UserError("--seq-lens must be >= 2 and --batch >= 1")
     if threads:
         torch.set_num_threads(threads)
+    if backend == "trt" and not (engine_dir and engine_dense_dir):
+        raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
     if backend == "ort" and onnx_dir and not routers_dir:
         # the export carries its model name and routing (tokenskip.json under routers/)
-        from .backends import read_export
+        from tokenskip.export.sidecar import read_export
 
-        side = read_export(onnx_dir)
+        side = read_export(onnx_dir, "--onnx")
         model = side.get("model") or model
         routers_dir = str(Path(onnx_dir) / str(side.get("routers") or "routing"))
+    if backend == "trt" and not routers_dir:
+        # so does an engine folder (`tokenskip build` copies the export's routing folder in)
+        from .trt_runtime import read_engine_dir
+
+        meta, _ = read_engine_dir(engine_dir)
+        if not meta.get("routers"):
+            raise UserError(f"--engine {engine_dir}: carries no routing folder (built by an older tokenskip): "
+                            "rebuild it with `tokenskip build` or pass --routers DIR")
+        model = meta.get("model") or model
+        routers_dir = str(Path(engine_dir) / meta["routers"])
     say = click.echo if progress else (lambda *a, **k: None)
     torch.manual_seed(seed)
-    lm = load_model(model)
-    lm.model.to(device)
+    from tokenskip.precision import resolve_device
+
+    device = resolve_device(device).type
+    lm = load_model(model, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if routers_dir or engine_dir or (onnx_dir and backend == "ort"):
         sparsities = [None]  # the artefact carries its own schedule
@@ -97,18 +111,16 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
                         say("exporting the dense model to ONNX ...", err=True)
                         drouted, dcfg = build_routed(lm.model, router="dense", model_name=lm.name)
                         ddir = export_dir_for(lm, drouted, dcfg, tmp / "dense", max_len)
-                    dense_side = OrtBackend(ddir, threads=threads)
+                    dense_side = OrtBackend(ddir, device=device, threads=threads)
                 rdir = Path(onnx_dir) if onnx_dir else None
                 if rdir is None:
                     say(f"exporting the routed model (sparsity {s}) to ONNX ...", err=True)
                     rdir = export_dir_for(lm, routed, cfg, tmp / f"routed-{s}", max_len)
-                routed_side = OrtBackend(rdir, threads=threads)
+                routed_side = OrtBackend(rdir, device=device, threads=threads)
             else:
-                from .backends import load_trt_backend
+                from . import backends
 
-                if not (engine_dir and engine_dense_dir):
-                    raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
-                dense_side, routed_side = load_trt_backend(engine_dense_dir), load_trt_backend(engine_dir)
+                dense_side, routed_side = backends.load_trt_backend(engine_dense_dir), backends.load_trt_backend(engine_dir)
             label = s if s is not None else routed.schedule.overall()
             for seq in seq_lens:
                 for batch in batches:

@@ -23,19 +23,35 @@ import click
 @click.option("--embed-plugins", is_flag=True, help="Embed the plugin library in the engines.")
 @click.option("--plugin-lib", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="A prebuilt libtokenskip_plugins.so (default: build or reuse the cached one).")
+@click.option("--compute-capability", "compute_capability", default=None,
+              help="TensorRT-RTX target GPUs, e.g. 8.9 or 8.6,12.0 (default 8.0,8.6,8.9,12.0; recorded in "
+                   "engine.json and checked when the engine is opened).")
+@click.option("--profiles", type=click.Choice(["shared", "phases"]), default="shared", show_default=True,
+              help="shared: one optimisation profile for prefill and decode (weights once); phases: a prefill and "
+                   "a decode profile (kernels per phase; TensorRT-RTX then stores the weights twice).")
 @click.option("--timing-cache", type=click.Path(path_type=str), default=None, help="TensorRT timing cache file.")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached engine matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 def build(export_dir: str, out_dir: str, backend: str | None, precision: str | None, min_seq_len: int,
           opt_seq_len: int | None, max_seq_len: int | None, max_batch: int, opt_batch: int, no_plugins: bool,
-          embed_plugins: bool, plugin_lib: str | None, timing_cache: str | None, force: bool, as_json: bool) -> None:
-    """Build prefill and decode TensorRT engines from EXPORT_DIR (written by `tokenskip export`)."""
-    from tokenskip.deploy.engine_build import build_engines
+          embed_plugins: bool, plugin_lib: str | None, compute_capability: str | None, profiles: str,
+          timing_cache: str | None, force: bool, as_json: bool) -> None:
+    """Build TensorRT engines from EXPORT_DIR (written by `tokenskip export`).
+
+    \b
+    Examples:
+      tokenskip build out/export --out out/engine
+      tokenskip build out/export --out out/engine --backend tensorrt-rtx --compute-capability 8.9
+      tokenskip build out/export --out out/engine --max-batch 8 --opt-batch 4 --json
+      tokenskip build out/export --out out/engine --profiles phases   # a decode profile of its own
+    """
+    from tokenskip.deploy.engine_build import build_engines, parse_compute_capabilities
 
     report = build_engines(export_dir, out_dir, backend=backend, precision=precision, min_seq_len=min_seq_len,
                            opt_seq_len=opt_seq_len, max_seq_len=max_seq_len, max_batch=max_batch, opt_batch=opt_batch,
                            plugins=not no_plugins, embed_plugins=embed_plugins, plugin_library=plugin_lib,
-                           timing_cache=timing_cache, force=force)
+                           timing_cache=timing_cache, force=force, profiles=profiles,
+                           compute_capabilities=parse_compute_capabilities(compute_capability))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -18,6 +18,7 @@ import torch
 
 from tokenskip.errors import UserError
 from tokenskip.evaluate_cli import model_options
+from tokenskip.precision import device_options
 from tokenskip.models import DEFAULT_MODEL
 from tokenskip.precision import device_options
 
@@ -40,7 +41,8 @@ def parse_list(text: str, kind, flag: str) -> list:
 def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device="cpu",
                        dtype="fp32"):
     """CLI choices -> (LoadedModel, RoutedModel, RoutingConfig). With --routers DIR and no --model,
-    the base model named in the folder is used. No routing flags at all means dense."""
+    the base model named in the folder is used. No routing flags at all means dense. The LLM is
+    loaded once, in `dtype`, on `device` (tokenskip.precision)."""
     from tokenskip.config import build_routed, load_routing
     from tokenskip.models import load_model
 
@@ -89,7 +91,7 @@ def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]
 
 
 def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, threshold_skip, model, router,
-                 sparsity, schedule, routers_dir, kv_policy, seed):
+                 sparsity, schedule, routers_dir, kv_policy, seed, dtype="fp32"):
     """-> (backend, tokenizer, description dict)."""
     from .backends import OrtBackend, TorchBackend, load_trt_backend
 
@@ -101,21 +103,30 @@ def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, t
                         "an export or engine carries its own routing")
     if (onnx_dir or engine_dir) and threshold_skip:
         raise UserError("--threshold-skip runs on the PyTorch backend only (exported graphs run every block in decode)")
+    if (onnx_dir or engine_dir) and _given(ctx, "dtype"):
+        raise UserError("--dtype applies to the PyTorch backend; an export or engine carries its own precision")
     if onnx_dir:
-        backend = OrtBackend(onnx_dir, device=device, threads=threads)
+        from tokenskip.precision import resolve_device
+
+        backend = OrtBackend(onnx_dir, device=resolve_device(device).type, threads=threads)
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(onnx_dir) / str(backend.meta.get("tokenizer") or "tokenizer")
         return backend, load_tokenizer(tok_dir, "--onnx"), {"backend": "ort", "onnx": str(onnx_dir),
                                                            "routing": backend.meta.get("routing")}
     if engine_dir:
-        backend = load_trt_backend(engine_dir)
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / "tokenizer"
+        from .trt_runtime import read_engine_dir
+
+        meta, _ = read_engine_dir(engine_dir)  # a bad folder fails before the GPU checks
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / str(meta.get("tokenizer") or "tokenizer")
         if not tok_dir.is_dir():
-            raise UserError(f"--engine {engine_dir}: no tokenizer folder inside; pass --tokenizer DIR "
-                            "(the export's tokenizer folder)")
-        return backend, load_tokenizer(tok_dir, "--engine"), {"backend": "trt", "engine": str(engine_dir)}
+            raise UserError(f"--engine {engine_dir}: no tokenizer folder inside (engines built by an older tokenskip); "
+                            "rebuild with `tokenskip build` or pass --tokenizer DIR")
+        tok = load_tokenizer(tok_dir, "--engine")
+        backend = load_trt_backend(engine_dir)
+        return backend, tok, {"backend": "trt", "engine": str(engine_dir), "model": meta.get("model")}
     if threads:
         torch.set_num_threads(threads)
-    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device)
+    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device,
+                                         dtype)
     backend = TorchBackend(routed, threshold_skip=threshold_skip)
     return backend, lm.tokenizer, {"backend": "torch", "model": model, "router": cfg.router,
                                    "kv_policy": cfg.kv_policy, "sparsity": routed.schedule.overall()
@@ -124,8 +135,7 @@ def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, t
 
 def backend_options(f):
     f = click.option("--threads", type=int, default=None, help="CPU threads (PyTorch / ONNX Runtime).")(f)
-    f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="PyTorch device, or ONNX Runtime execution provider.")(f)
+    f = device_options(f)  # --device cpu|cuda|auto (PyTorch device / ORT execution provider), --dtype (PyTorch)
     f = click.option("--tokenizer", "tokenizer_dir", type=click.Path(), default=None,
                      help="Tokenizer folder (default: the export's / engine's own).")(f)
     f = click.option("--engine", "engine_dir", type=click.Path(), default=None,
@@ -152,7 +162,7 @@ def backend_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (tokens, text, timings).")
 @click.pass_context
 def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, onnx_dir, engine_dir, tokenizer_dir,
-             device, threads, prompt, prompts_file, batch_size, max_new_tokens, temperature, top_p, stream,
+             device, dtype, threads, prompt, prompts_file, batch_size, max_new_tokens, temperature, top_p, stream,
              threshold_skip, ignore_eos, as_json):
     """Generate text: routed prefill, then cached decode (every block, or --threshold-skip).
 
@@ -174,7 +184,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
     backend, tok, desc = make_backend(ctx, onnx_dir=onnx_dir, engine_dir=engine_dir, tokenizer_dir=tokenizer_dir,
                                       device=device, threads=threads, threshold_skip=threshold_skip, model=model,
                                       router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
-                                      kv_policy=kv_policy, seed=seed)
+                                      kv_policy=kv_policy, seed=seed, dtype=dtype)
     encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
@@ -248,15 +258,15 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
 @click.option("--warmup", default=1, show_default=True, help="Untimed runs of each side first.")
 @click.option("--decode-steps", default=8, show_default=True, help="Decode steps timed per shape (0: skip).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_options
 @click.option("--overhead-seq", default=1024, show_default=True,
               help="S at which the learned router + feature overhead is measured (0: skip).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="Also write the JSON here.")
 def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_dir, engine_dir, engine_dense_dir,
-          seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device, overhead_seq, seed, as_json,
-          out_file):
+          seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device, dtype, overhead_seq, seed,
+          as_json, out_file):
     """Routed vs dense prefill (and decode) in one process, alternating, after warm-up.
 
     Prints median / p90 latency, tokens/s, measured speed-up, the ideal speed-up from FLOPs and
@@ -277,7 +287,7 @@ def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_d
                        engine_dense_dir=engine_dense_dir, seq_lens=parse_list(seq_lens, int, "--seq-lens"),
                        batches=parse_list(batches, int, "--batch"),
                        sparsities=parse_list(sparsities, float, "--sparsity"), repeats=repeats, warmup=warmup,
-                       decode_steps=decode_steps, threads=threads, device=device, overhead_seq=overhead_seq,
+                       decode_steps=decode_steps, threads=threads, device=device, dtype=dtype, overhead_seq=overhead_seq,
                        seed=seed, progress=not as_json)
     if out_file:
         from tokenskip.fileio import write_json_atomic

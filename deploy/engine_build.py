@@ -1,11 +1,11 @@
-"""Build TensorRT engines (prefill + decode) from a `tokenskip export` folder.
+"""Build TensorRT engines from a `tokenskip export` folder: one engine for the export's one graph.
 
 For each graph of the export: parse the ONNX file (external data resolved next to it) with our
 plugin library registered, so every `tokenskip::TopKGather` / `ScatterTokens` node becomes a
 plugin layer (no TopK K <= 3840 cap), or, with plugins off, from the model-local function bodies
-the parser inlines when no creator is registered. One optimisation profile per engine, built from
-the sidecar's input shapes ("batch" -> [1, opt_batch, max_batch], every other named dimension ->
-[min_seq, opt_seq, max_seq]). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
+the parser inlines when no creator is registered. The export's one graph becomes ONE engine for
+prefill and decode, with one shared optimisation profile (or, --profiles phases, a prefill and a
+decode profile; engine_plan.py has the shapes and the measured trade-off). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
 hash (with its external data) and every setting that changes the engine; files are written
 atomically, so a failed build leaves no partial engine. Each engine gets a JSON build report:
 layers by type, plugin layers, whether any tokenskip node fell back to its function body, build
@@ -15,7 +15,6 @@ time, engine size.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,94 +25,37 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tokenskip.errors import UserError
+from tokenskip.export.sidecar import read_export
 from tokenskip.fileio import atomic_path, cache_dir, write_bytes_atomic, write_json_atomic
 
 from . import tensorrt_backend
+from .engine_plan import (BuildSettings, build_targets, parse_compute_capabilities,  # noqa: F401 (re-exported)
+                          phase_profiles, profile_shapes, set_targets)
 
-SIDECAR = "export.json"
-EXPORT_FORMAT = "tokenskip-export"
-EXPORT_VERSION = 1
-ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py
+ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py; written last: the folder's commit marker
+ENGINE_FORMAT, ENGINE_VERSION = "tokenskip-engines", 1
 TOKENSKIP_DOMAIN = "tokenskip"
 TOKENSKIP_OPS = ("TopKGather", "ScatterTokens")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-@dataclasses.dataclass
-class BuildSettings:
-    """Everything that shapes an engine (CLI flags of `tokenskip build`)."""
-
-    backend: str | None = None          # "tensorrt" | "tensorrt-rtx" | None (full TensorRT if installed)
-    precision: str | None = None        # None: as exported; "fp16" / "bf16"
-    min_seq_len: int = 1
-    opt_seq_len: int | None = None      # default: min(512, max_seq_len)
-    max_seq_len: int | None = None      # default: the export's max_seq_len, else 2048
-    max_batch: int = 1
-    opt_batch: int = 1
-    plugins: bool = True
-    embed_plugins: bool = False
-    plugin_library: str | None = None   # default: build_library() (compiled once, cached)
-    timing_cache: str | None = None
-    force: bool = False
-    log: Callable[[str], None] | None = None  # progress lines (default: stderr)
-
-    def resolve(self, sidecar: dict) -> "BuildSettings":
-        """Validate the flags (UserError naming the flag) and fill defaults from the sidecar."""
-        s = dataclasses.replace(self)
-        if s.precision is not None and s.precision not in ("fp16", "bf16"):
-            raise UserError(f"precision {s.precision!r}: use --fp16 or --bf16")
-        if s.max_seq_len is None:
-            exported = sidecar.get("max_seq_len")
-            s.max_seq_len = int(exported) if isinstance(exported, int) and exported > 0 else 2048
-        if s.min_seq_len < 1:
-            raise UserError(f"--min-seq-len {s.min_seq_len}: must be >= 1")
-        if s.max_seq_len < s.min_seq_len:
-            raise UserError(f"--min-seq-len {s.min_seq_len} > --max-seq-len {s.max_seq_len}")
-        if s.max_batch < 1:
-            raise UserError(f"--max-batch {s.max_batch}: must be >= 1")
-        opt = s.opt_seq_len if s.opt_seq_len is not None else 512
-        s.opt_seq_len = min(max(opt, s.min_seq_len), s.max_seq_len)  # min <= opt <= max
-        s.opt_batch = min(max(s.opt_batch, 1), s.max_batch)
-        if s.embed_plugins and not s.plugins:
-            raise UserError("--embed-plugins and --no-plugins exclude each other")
-        if s.timing_cache is not None and Path(s.timing_cache).is_dir():
-            raise UserError(f"--timing-cache {s.timing_cache}: is a folder, expected a file")
-        return s
-
-    def engine_key_fields(self) -> dict:
-        return {"precision": self.precision, "seq": [self.min_seq_len, self.opt_seq_len, self.max_seq_len],
-                "batch": [1, self.opt_batch, self.max_batch], "plugins": self.plugins, "embed": self.embed_plugins}
-
-
 # ------------------------------------------------------------------------------------ the export
-def read_export(export_dir: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
-    """(sidecar, {graph name: onnx path}) of an export folder, or a UserError naming what is wrong."""
-    d = Path(export_dir)
-    if not d.is_dir():
-        raise UserError(f"{d}: no such export folder (write one with `tokenskip export --out {d}`)")
-    side_path = d / SIDECAR
-    if not side_path.is_file():
-        raise UserError(f"{side_path} not found: {d} is not a `tokenskip export` folder")
-    try:
-        side = json.loads(side_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{side_path} is not valid JSON: {exc}") from None
-    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{side_path}: not a tokenskip export (format != {EXPORT_FORMAT!r})")
-    if side.get("version") != EXPORT_VERSION:
-        raise UserError(f"{side_path}: export version {side.get('version')!r}, this tokenskip reads {EXPORT_VERSION}")
-    graphs = side.get("graphs")
-    if not isinstance(graphs, dict) or not isinstance(graphs.get("prefill"), dict):
-        raise UserError(f"{side_path}: no graphs.prefill entry")
-    files = {}
-    for name, entry in graphs.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise UserError(f"{side_path}: graphs.{name}.file is missing")
-        f = d / entry["file"]
-        if not f.is_file():
-            raise UserError(f"{f} is missing (named in {SIDECAR} graphs.{name}.file)")
-        files[name] = f
-    return side, files
+def read_export_graphs(export_dir: str | os.PathLike) -> tuple[dict, dict[str, Path]]:
+    """(sidecar, {graph name: onnx path}) of an export folder, through the one sidecar reader."""
+    side = read_export(export_dir, "EXPORT_DIR", required=())
+    if not side["graphs"]:
+        raise UserError(f"{Path(export_dir) / 'export.json'}: 'graphs' is empty (re-export with `tokenskip export`)")
+    return side, {name: Path(export_dir) / entry["file"] for name, entry in side["graphs"].items()}
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """Copy a folder into place whole: a temporary copy renamed over dst."""
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
 
 
 def _onnx_summary(path: Path) -> tuple[str, dict[str, int], dict[str, list]]:
@@ -154,23 +96,6 @@ def _onnx_summary(path: Path) -> tuple[str, dict[str, int], dict[str, list]]:
     dims = {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in
                      v.type.tensor_type.shape.dim] for v in model.graph.input if v.name not in inits}
     return h.hexdigest(), dict(counts), dims
-
-
-def profile_shapes(inputs: dict[str, list], s: BuildSettings) -> dict[str, list[list[int]]]:
-    """{input: [min, opt, max] shapes}: "batch" -> batch range, any other named dim -> seq range."""
-    out = {}
-    for name, dims in inputs.items():
-        lo, opt, hi = [], [], []
-        for d in dims:
-            if isinstance(d, int) and d > 0:
-                rng = (d, d, d)
-            elif d == "batch":
-                rng = (1, s.opt_batch, s.max_batch)
-            else:
-                rng = (s.min_seq_len, s.opt_seq_len, s.max_seq_len)
-            lo.append(rng[0]); opt.append(rng[1]); hi.append(rng[2])
-        out[name] = [lo, opt, hi]
-    return out
 
 
 # ------------------------------------------------------------------------------------ building
@@ -232,7 +157,7 @@ def _network_summary(backend, network) -> dict:
 
 
 def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s: BuildSettings, lib: Path | None,
-               log: Callable[[str], None]) -> tuple[bytes, dict]:
+               log: Callable[[str], None], targets: list[str] | None = None) -> tuple[bytes, dict]:
     trt = backend.trt
     logger = _Logger(trt)
     builder = trt.Builder(logger)
@@ -249,14 +174,17 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
         raise UserError(f"{onnx_path}: TensorRT ({backend.name}) cannot parse it: {errs[0]}")
     summary = _network_summary(backend, network)
     net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    shapes = profile_shapes({t.name: inputs.get(t.name, [d if d >= 0 else "?" for d in t.shape]) for t in net_inputs}, s)
+    profiles = phase_profiles({t.name: inputs.get(t.name, [d if d >= 0 else "?" for d in t.shape]) for t in net_inputs},
+                              s)
     config = builder.create_builder_config()
+    set_targets(backend, config, targets)
     if weak:
         config.set_flag(trt.BuilderFlag.FP16 if s.precision == "fp16" else trt.BuilderFlag.BF16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for shapes in profiles.values():  # profile index = position (the runtime selects by name)
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
     timing = None
     if s.timing_cache and not backend.is_rtx:
         tc = Path(s.timing_cache)
@@ -268,8 +196,8 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
     if monitor is not None:
         config.progress_monitor = monitor
     lo_b, hi_b = 1, s.max_batch
-    log(f"[{graph}] building engine ({backend.name} {backend.version}; batch {lo_b}..{hi_b}, "
-        f"seq {s.min_seq_len}..{s.opt_seq_len}..{s.max_seq_len}); this can take minutes")
+    log(f"[{graph}] building engine ({backend.name} {backend.version}; profiles {', '.join(profiles)}; batch "
+        f"{lo_b}..{hi_b}, seq {s.min_seq_len}..{s.opt_seq_len}..{s.max_seq_len}); this can take minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errs = logger.errors() or ["no error message"]
@@ -286,7 +214,7 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
         write_bytes_atomic(s.timing_cache, bytes(config.get_timing_cache().serialize()))
     report = {
         "graph": graph, "backend": backend.name, "tensorrt_version": backend.version,
-        "precision": s.precision or "as exported", "profile": shapes,
+        "precision": s.precision or "as exported", "profiles": profiles, "compute_capabilities": targets,
         "build_seconds": round(time.monotonic() - t0, 2), "engine_bytes": len(data),
         **summary,
         "warnings": [m for sev, m in logger.messages if sev == "WARNING"][:20],
@@ -330,7 +258,7 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     """
     s0 = BuildSettings(**settings)
     log = s0.log or (lambda line: print(line, file=sys.stderr, flush=True))
-    sidecar, files = read_export(export_dir)
+    sidecar, files = read_export_graphs(export_dir)
     s = s0.resolve(sidecar)
     if s.precision is not None:
         exported = sidecar.get("dtype")
@@ -351,6 +279,7 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     else:
         backend.unload_plugins()
     lib_hash = hashlib.sha256(lib.read_bytes()).hexdigest() if lib else None
+    targets = build_targets(backend, s.compute_capabilities)
 
     # build (or find) every engine in the cache first, so a failure leaves the out folder untouched
     engines: dict[str, dict] = {}
@@ -360,10 +289,11 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
         inputs = {**dims, **inputs}
         key = hashlib.sha256(json.dumps({
             "onnx": onnx_hash, "graph": graph, "backend": backend.name, "version": backend.version,
-            "plugin_library": lib_hash, **s.engine_key_fields()}, sort_keys=True).encode()).hexdigest()[:24]
+            "plugin_library": lib_hash, **s.engine_key_fields(), "targets": targets},
+            sort_keys=True).encode()).hexdigest()[:24]
         cached = cache_dir() / "engines" / key
         if s.force or not (cached / "engine").is_file() or not (cached / "report.json").is_file():
-            data, report = _build_one(backend, graph, onnx_path, inputs, s, lib, log)
+            data, report = _build_one(backend, graph, onnx_path, inputs, s, lib, log, targets)
             report = _with_fallback(report, counts, s.plugins)
             report.update(onnx=str(onnx_path.resolve()), onnx_sha256=onnx_hash, cache_key=key,
                           plugin_library=str(lib) if lib else None, plugins_embedded=bool(lib and s.embed_plugins))
@@ -380,6 +310,9 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
         report["_cached_engine"] = cached / "engine"
         engines[graph] = report
 
+    # engine.json is the commit marker: gone while the folder changes, written last
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ENGINE_SIDECAR).unlink(missing_ok=True)
     for graph, report in engines.items():
         _place(report.pop("_cached_engine"), out / f"{graph}.engine")
         report["engine"] = str(out / f"{graph}.engine")
@@ -391,12 +324,22 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     if lib is not None and not s.embed_plugins:
         shipped = lib.name
         _place(lib, out / shipped)
+    # the folder is self-contained: the runtime needs the tokenizer, the benchmarks the routing
+    carried = {}
+    for key in ("tokenizer", "routers"):
+        name = sidecar.get(key)
+        if name and (Path(export_dir) / name).is_dir():
+            _copy_folder(Path(export_dir) / name, out / name)
+            carried[key] = name
     meta = {
-        "format": "tokenskip-engines", "version": 1, "backend": backend.name, "tensorrt_version": backend.version,
+        "format": ENGINE_FORMAT, "version": ENGINE_VERSION, "backend": backend.name,
+        "tensorrt_version": backend.version, "compute_capabilities": targets, "model": sidecar.get("model"),
+        "tokenizer": carried.get("tokenizer"), "routers": carried.get("routers"),
         "export_dir": str(Path(export_dir).resolve()), "dtype": sidecar.get("dtype"), "precision": s.precision,
         "max_seq_len": s.max_seq_len, "max_batch": s.max_batch, "plugin_library": shipped,
         "plugins": s.plugins, "plugins_embedded": bool(lib and s.embed_plugins),
-        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json"} for g in engines},
+        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json", "profiles": list(r["profiles"])}
+                    for g, r in engines.items()},
     }
     write_json_atomic(out / ENGINE_SIDECAR, meta)
     return {**meta, "out_dir": str(out), "reports": engines}

@@ -10,14 +10,16 @@ import click
 
 from tokenskip.errors import UserError
 
-from .exporter import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPSET, DTYPES, OPSET_RANGE
+from tokenskip.precision import device_options
+
+from .exporter import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPSET, OPSET_RANGE
 
 
 def _log(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
 
 
-@click.command("export", help="Export the routed model to ONNX (prefill + decode graphs) with tokenskip custom ops.")
+@click.command("export")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True,
               help="Built-in name, local Hugging Face folder or Hub id.")
 @click.option("--routers", "routers_dir", type=click.Path(path_type=Path), default=None,
@@ -32,23 +34,36 @@ def _log(quiet: bool):
               help="Overrides the routers folder's kv_policy (default: skip).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help=f"ONNX opset ({OPSET_RANGE[0]}..{OPSET_RANGE[1]}).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@device_options
 @click.option("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, show_default=True,
               help="Upper bound of the seq / past dims the graphs are traced for.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker full_check (faster for big models).")
-@click.option("--no-optimize", is_flag=True, help="Skip the onnxscript graph optimizer (faster export).")
-@click.option("--reuse-decode", type=click.Path(path_type=Path), default=None,
-              help="Copy decode.onnx from an earlier export of the same model/dtype/opset (it does not "
-                   "depend on the router).")
+@click.option("--optimize", is_flag=True,
+              help="Also run the onnxscript optimizer's rewrite rules (minutes; the graph is always "
+                   "constant-folded and deduplicated, which takes seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar (export.json) as JSON.")
-def export(model_name, routers_dir, router, sparsity, schedule_file, out_dir, kv_policy, opset, dtype, max_seq_len,
-           force, no_check, no_optimize, reuse_decode, as_json):
-    from .exporter import check_dtype, check_opset, check_out_dir
+def export(model_name, routers_dir, router, sparsity, schedule_file, out_dir, kv_policy, opset, device, dtype,
+           max_seq_len, force, no_check, optimize, as_json):
+    """Export the routed model to ONNX: one graph for prefill and decode, with tokenskip custom ops.
+
+    The LLM is loaded once, in --dtype, on --device; the routers stay fp32. The weights are
+    streamed to model.onnx.data (never a whole model in memory as protobuf).
+
+    \b
+    Examples:
+      tokenskip export --router static --sparsity 0.3 --out out/export
+      tokenskip export --routers out/fit --dtype fp16 --out out/export-fp16
+      tokenskip export --model ./my-llama --routers out/fit --dtype bf16 --device cuda --out out/export-bf16
+    """
+    from tokenskip.precision import resolve_device, resolve_dtype
+
+    from .exporter import check_opset, check_out_dir
 
     # cheap checks first: no model load for a command that is going to fail
     check_opset(opset)
-    check_dtype(dtype)
+    resolve_dtype(dtype)
+    resolve_device(device)
     check_out_dir(out_dir, force)
     if max_seq_len < 2:
         raise UserError(f"--max-seq-len {max_seq_len}: must be >= 2")
@@ -78,15 +93,14 @@ def export(model_name, routers_dir, router, sparsity, schedule_file, out_dir, kv
     from .exporter import export_model
 
     log = _log(as_json)
-    log(f"loading {model_name}...")
-    loaded = load_model(model_name)
+    log(f"loading {model_name} ({dtype}, {device})...")
+    loaded = load_model(model_name, dtype=dtype, device=device)
     routed, cfg = build_routed(loaded.model, router=router or "static", sparsity=sparsity, schedule=schedule_file,
                                routers_dir=routers_dir, kv_policy=kv_policy, model_name=model_name)
     if not cfg.model:
         cfg.model = model_name
     sidecar = export_model(loaded, routed, cfg, out_dir, opset=opset, dtype=dtype, max_seq_len=max_seq_len,
-                           force=force, check=not no_check, optimize=not no_optimize, reuse_decode=reuse_decode,
-                           log=log)
+                           force=force, check=not no_check, optimize=optimize, log=log)
     if as_json:
         click.echo(json.dumps(sidecar, indent=2, sort_keys=True))
     else:
@@ -135,3 +149,50 @@ def validate(export_dir, atol, rtol, batch, decode_tokens, samples, window, seed
         if as_json:
             sys.exit(1)
         raise SystemExit(1)
+
+
+@click.command("bench-export")
+@click.option("--model", "model_name", default=None, help="Built-in name, local folder or Hub id (default smollm2-135m).")
+@click.option("--random-llama", default=None, type=click.Choice(["1b", "tiny"]),
+              help="Instead of --model: a random-weight LLaMA-shaped model built from a config (no download).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--sparsity", type=float, default=0.3, show_default=True, help="Static router, uniform schedule.")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the export here (default: a temporary folder, deleted).")
+@click.option("--no-check", is_flag=True, help="Skip onnx.checker.")
+@click.option("--optimize", is_flag=True, help="Also run the onnxscript optimizer's rewrite rules.")
+@click.option("--threads", type=int, default=None, help="torch threads in the export process.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
+def bench_export(model_name, random_llama, dtype, sparsity, max_seq_len, out_dir, no_check, optimize, threads, seed,
+                 as_json, json_out):
+    """Time an export stage by stage and measure its peak memory, in a fresh process.
+
+    \b
+    Examples:
+      tokenskip bench-export                                   # smollm2-135m, fp32
+      tokenskip bench-export --random-llama 1b --dtype fp16    # ~1.1B parameters, no download
+      tokenskip bench-export --random-llama tiny --json
+    """
+    from .bench_export import format_report, run
+
+    if model_name and random_llama:
+        raise UserError("give --model or --random-llama, not both")
+    if not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity {sparsity}: must be in [0, 1)")
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len {max_seq_len}: must be >= 2")
+    if out_dir is not None:
+        from .exporter import check_out_dir
+
+        check_out_dir(out_dir, force=False)
+    report = run(model=model_name or (None if random_llama else "smollm2-135m"), random_llama=random_llama,
+                 dtype=dtype, sparsity=sparsity, max_seq_len=max_seq_len, out=str(out_dir) if out_dir else None,
+                 check=not no_check, optimize=optimize, threads=threads, seed=seed)
+    if json_out:
+        from tokenskip.fileio import write_json_atomic
+
+        write_json_atomic(json_out, report)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

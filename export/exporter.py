@@ -1,18 +1,21 @@
-"""Export a RoutedModel to ONNX: the prefill graph (model.onnx), the decode graph (decode.onnx),
-and the sidecar (export.json) with the tokenizer and the routers next to them.
+"""Export a RoutedModel to ONNX: ONE graph (model.onnx + model.onnx.data) that serves prefill and
+decode, the sidecar (export.json), the tokenizer and the routers next to it.
 
-Route: `torch.onnx.export(dynamo=True)` of the RoutedModel's own forward / decode_step (wrapped
-to flat tensors by `tokenskip.export.wrappers`). The `tokenskip::topk_gather` /
-`tokenskip::scatter_tokens` torch custom ops stay single nodes through torch.export and become
-`tokenskip::TopKGather` / `tokenskip::ScatterTokens` through a custom translation table; a
-post-pass (`onnx_ops.finalize`) adds `plugin_namespace="tokenskip"` and the model-local function
-bodies. See docs/export.md.
+Route: `torch.onnx.export(dynamo=True)` of the RoutedModel's own forward with a past cache
+(wrapped to flat tensors by `tokenskip.export.wrappers.StepGraph`). The `tokenskip::topk_gather`
+/ `tokenskip::scatter_tokens` torch custom ops stay single nodes through torch.export and become
+`tokenskip::TopKGather` / `tokenskip::ScatterTokens` through a custom translation table.
+
+Memory: the weights are written once, streamed tensor by tensor to the external data file by
+`ONNXProgram.save(external_data=True)`; the post-pass (`onnx_ops.finalize`, dim names) edits the
+graph loaded back with `load_external_data=False`, so no ModelProto ever holds the weights, and
+the LLM is never copied (it is loaded in the export dtype). See docs/export.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import gc
 import io
 import os
 import shutil
@@ -26,20 +29,18 @@ import torch
 from tokenskip.config import RoutingConfig, save_routing
 from tokenskip.errors import UserError
 from tokenskip.fileio import write_json_atomic
-from tokenskip.routed import RoutedModel
+from tokenskip.precision import DTYPES, dtype_name
+from tokenskip.routed import RoutedModel, default_positions
 from tokenskip.schedule import MIN_KEEP
 
 from . import onnx_ops
-from .wrappers import CACHE_FIELDS, DecodeGraph, PrefillGraph
+from .sidecar import CACHE_LAYOUT, FORMAT, MODEL_FILE, ROUTING_DIR, SIDECAR, TOKENIZER_DIR, VERSION
+from .wrappers import CACHE_FIELDS, StepGraph
 
-FORMAT = "tokenskip-export"
-VERSION = 1
 OPSET_RANGE = (18, 21)  # torch.onnx's dynamo exporter emits at least opset 18; ORT 1.31+ runs 18..21
 DEFAULT_OPSET = 18
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SEQ_LEN = 4096
-PREFILL_FILE, DECODE_FILE, SIDECAR = "model.onnx", "decode.onnx", "export.json"
-TOKENIZER_DIR, ROUTING_DIR = "tokenizer", "routing"
+MAX_BATCH = 4096
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
@@ -52,10 +53,13 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose from {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def model_dtype(routed: RoutedModel) -> str:
+    """fp32 | fp16 | bf16: the dtype the LLM's weights are in (what the graph computes in)."""
+    dt = next(routed.model.parameters()).dtype
+    name = dtype_name(dt)
+    if name not in DTYPES:
+        raise UserError(f"the model's weights are {dt}: load it in one of {', '.join(DTYPES)}")
+    return name
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -105,12 +109,41 @@ def _quiet():
 
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-            dynamic_shapes, opset: int, optimize: bool = True):
+            dynamic_shapes, opset: int, optimize: bool, path: Path, timings: dict) -> None:
+    """torch.export + ONNX translation, then the weights streamed to `path`.data: the ONNXProgram
+    (which references the model's own tensors) is dropped before anything else is loaded."""
+    t0 = time.perf_counter()
     with _quiet():
         prog = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
                                  dynamic_shapes=dynamic_shapes, custom_translation_table=onnx_ops.translation_table(),
-                                 opset_version=opset, external_data=True, optimize=optimize, verbose=False)
-    return prog.model_proto
+                                 opset_version=opset, optimize=False, verbose=False)
+    timings["trace_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with _quiet():
+        if optimize:
+            prog.optimize()  # the whole onnxscript optimizer, rewrite rules included (minutes)
+        simplify(prog.model)
+    timings["simplify_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prog.save(str(path), external_data=True)  # <name>.onnx + <name>.onnx.data, one tensor at a time
+    timings["save_s"] = time.perf_counter() - t0
+    del prog
+    gc.collect()
+
+
+def simplify(model) -> None:
+    """Constant folding, dead nodes, common subexpressions and debug metadata, in place on the ONNX IR (seconds;
+    weights are never folded). TensorRT's parser needs it: it wants constant axes and shape
+    inputs. Measured on smollm2-135m: 8550 -> 3701 nodes in about 3 s, where the onnxscript
+    optimizer's rewrite rules take minutes for two more nodes (docs/export.md)."""
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.CommonSubexpressionEliminationPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.ClearMetadataAndDocStringPass()(model)  # per-node fx stack traces: ~90% of the graph file
 
 
 def _set_dims(value_info, dims: dict[int, str]) -> None:
@@ -138,87 +171,64 @@ def _graph_spec(file: str, proto) -> dict:
             "input_order": [v.name for v in proto.graph.input], "output_order": [v.name for v in proto.graph.output]}
 
 
-def _kv_dim(routed: RoutedModel, li: int) -> str:
-    """Prefill cache length of layer li: the kept count under kv_policy=skip, else the full seq."""
+def _new_dim(routed: RoutedModel, li: int) -> str:
+    """Rows layer li adds to its cache per call: the kept count under kv_policy=skip, else S."""
     return f"kept_{li}" if routed.layer_is_routed(li) and routed.kv_policy == "skip" else "seq"
 
 
-def _example_batch(vocab: int, batch: int = 2, seq: int = 17):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, :3] = 0  # left padding
-    return ids, mask
-
-
-def export_prefill(routed: RoutedModel, opset: int, max_seq_len: int, optimize: bool = True):
-    from torch.export import Dim
-
-    graph = PrefillGraph(routed).eval()
-    vocab = routed.model.config.vocab_size
-    ids, mask = _example_batch(vocab)
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=max_seq_len)
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    names_out = graph.output_names()
-    proto = _export(graph, (ids, mask), ["input_ids", "attention_mask"], names_out, shapes, opset, optimize)
-    outs = {o.name: o for o in proto.graph.output}
-    for v in proto.graph.input:
-        _set_dims(v, {0: "batch", 1: "seq"})
-    _set_dims(outs["logits"], {0: "batch"})
-    for li in graph.layers:
-        dim = _kv_dim(routed, li)
-        for f in CACHE_FIELDS:
-            _set_dims(outs[f"present.{li}.{f}"], {0: "batch", 2 if f in ("key", "value") else 1: dim})
-    for li in graph.routed_layers:
-        _set_dims(outs[f"index.{li}"], {0: "batch", 1: f"kept_{li}"})
-    return onnx_ops.finalize(proto, opset), graph
-
-
-def export_decode(routed: RoutedModel, opset: int, max_seq_len: int, dtype: torch.dtype, optimize: bool = True):
-    from torch.export import Dim
-
-    graph = DecodeGraph(routed).eval()
+def example_inputs(routed: RoutedModel, batch: int = 2, seq: int = 17) -> tuple:
+    """Trace inputs: a left-padded batch continuing a past of distinct lengths per layer, all above
+    S and so above every kept count (sizes that coincide can get unified or specialised by
+    torch.export); the graph is valid for past length 0 and S = 1 too."""
     cfg = routed.model.config
     nkv = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    bsz = 2
+    p = next(routed.model.parameters())
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (bsz, 1), generator=g)
-    past, shapes = [], [{0: Dim("batch", min=1, max=4096)}, {0: Dim("batch", min=1, max=4096)}]
-    batch = shapes[0][0]
-    shapes[1] = {0: batch}
-    lengths = {}
-    for i, li in enumerate(graph.layers):
-        t = 9 + i  # distinct example lengths, so no two layers' past dims get unified
-        lengths[li] = t
-        dim = Dim(f"past_{li}", min=1, max=max_seq_len)
-        past += [torch.randn(bsz, nkv, t, head_dim, generator=g).to(dtype),
-                 torch.randn(bsz, nkv, t, head_dim, generator=g).to(dtype),
-                 torch.arange(t).expand(bsz, t).contiguous(), torch.ones(bsz, t, dtype=torch.bool)]
-        shapes += [{0: batch, 2: dim}, {0: batch, 2: dim}, {0: batch, 1: dim}, {0: batch, 1: dim}]
-    pos = torch.full((bsz, 1), max(lengths.values()), dtype=torch.long)
-    shapes = (shapes[0], shapes[1], tuple(shapes[2:]))  # forward(input_ids, position_ids, *past)
-    proto = _export(graph, (ids, pos, *past), graph.input_names(), graph.output_names(), shapes, opset,
-                    optimize)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    past = []
+    for i in range(len(StepGraph(routed).layers)):
+        t = seq + 3 + i
+        past += [torch.randn(t, batch, nkv, head_dim, generator=g).to(p.dtype),
+                 torch.randn(t, batch, nkv, head_dim, generator=g).to(p.dtype),
+                 torch.arange(t).unsqueeze(1).expand(t, batch).contiguous(), torch.ones(t, batch, dtype=torch.bool)]
+    positions = default_positions(mask.bool()) + seq + 3 + len(past) // 4
+    return tuple(x.to(p.device) for x in (ids, mask, positions, *past))
+
+
+def export_graph(routed: RoutedModel, opset: int, max_seq_len: int, optimize: bool, path: Path, timings: dict):
+    """Trace StepGraph into `path` (+ .data) and return its graph proto (weights not loaded)."""
+    import onnx
+    from torch.export import Dim
+
+    graph = StepGraph(routed).eval()
+    batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=max_seq_len)
+    shapes: list = [{0: batch, 1: seq}] * 3
+    for li in graph.layers:
+        past = Dim(f"past_{li}", min=0, max=max_seq_len)
+        shapes += [{0: past, 1: batch}] * 4
+    with torch.no_grad():
+        _export(graph, example_inputs(routed), graph.input_names(), graph.output_names(),
+                (shapes[0], shapes[1], shapes[2], tuple(shapes[3:])), opset, optimize, path, timings)
+    t0 = time.perf_counter()
+    proto = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay on disk
     ins = {v.name: v for v in proto.graph.input}
     outs = {o.name: o for o in proto.graph.output}
-    _set_dims(ins["input_ids"], {0: "batch"})
-    _set_dims(ins["position_ids"], {0: "batch"})
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        _set_dims(ins[name], {0: "batch", 1: "seq"})
     _set_dims(outs["logits"], {0: "batch"})
     for li in graph.layers:
         for f in CACHE_FIELDS:
-            axis = 2 if f in ("key", "value") else 1
-            _set_dims(ins[f"past.{li}.{f}"], {0: "batch", axis: f"past_{li}"})
-            _set_dims(outs[f"present.{li}.{f}"], {0: "batch", axis: f"present_{li}"})
-    return onnx_ops.finalize(proto, opset), graph
-
-
-def _save(proto, path: Path) -> None:
-    import onnx
-
-    # weights always go to a side file: graphs stay small to inspect, and > 2 GB models work
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024, convert_attribute=False)
+            _set_dims(ins[f"past.{li}.{f}"], {0: f"past_{li}", 1: "batch"})
+            _set_dims(outs[f"new.{li}.{f}"], {0: _new_dim(routed, li), 1: "batch"})
+    for li in graph.routed_layers:
+        _set_dims(outs[f"index.{li}"], {0: "batch", 1: f"kept_{li}"})
+    proto = onnx_ops.finalize(proto, opset)
+    onnx.save_model(proto, str(path))  # external data references kept as they are
+    timings["post_s"] = time.perf_counter() - t0
+    return proto
 
 
 def _check(path: Path) -> None:
@@ -230,86 +240,60 @@ def _check(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- API
 def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str | os.PathLike, *,
-                 opset: int = DEFAULT_OPSET, dtype: str = "fp32", max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-                 force: bool = False, check: bool = True, optimize: bool = True,
-                 reuse_decode: str | os.PathLike | None = None, log=None) -> dict:
+                 opset: int = DEFAULT_OPSET, dtype: str | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                 force: bool = False, check: bool = True, optimize: bool = False, log=None) -> dict:
     """Export `routed` (built by tokenskip.config.build_routed from `loaded.model`) into out_dir.
 
-    Writes model.onnx (+ .data), decode.onnx (+ .data), export.json, tokenizer/ and routing/ into a
-    temporary folder next to out_dir and renames it into place at the end: an interrupted export
-    leaves no half-written out_dir. Returns the sidecar dict.
+    Writes model.onnx (+ .data), export.json, tokenizer/ and routing/ into a temporary folder next
+    to out_dir and renames it into place at the end: an interrupted export leaves no half-written
+    out_dir. Returns the sidecar dict (with "timings": seconds per stage).
 
-    The decode graph does not depend on the router, schedule or kv_policy (a generated token runs
-    every block against each layer's cache), only on the model, dtype, opset and max_seq_len:
-    `reuse_decode=DIR` copies it from an earlier export of the same model instead of re-tracing it.
-    `optimize` runs the onnxscript optimizer on both graphs (constant folding, dead code removal).
+    The graph computes in the dtype the LLM was loaded in (`load_model(name, dtype=...)`; the
+    router stays fp32); `dtype`, when given, must be that dtype (the model is never copied).
+    The graph is always simplified (constant folding, dead code, CSE: seconds); `optimize` adds the
+    whole onnxscript optimizer (its rewrite rules take minutes and changed nothing measurable in
+    ONNX Runtime; docs/export.md).
     """
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
     check_opset(opset)
-    torch_dtype = check_dtype(dtype)
+    exported = model_dtype(routed)
+    if dtype is not None and dtype != exported:
+        raise UserError(f"--dtype {dtype}: the model was loaded in {exported}; load it with "
+                        f"load_model(name, dtype={dtype!r}) (the exporter never copies the weights)")
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise UserError(f"--max-seq-len {max_seq_len}: must be an integer >= 2")
     check_out_dir(out_dir, force)
     check_exportable(routed)
-    if torch_dtype != torch.float32:
-        # the LLM in fp16; the router (scores, features, attention table) stays fp32 as in PyTorch
-        model16 = copy.deepcopy(routed.model).to(torch_dtype)
-        routed = RoutedModel(model16, routed.schedule, routed.router, kv_policy=routed.kv_policy,
-                             score_window=routed.score_window, removed_layers=routed.removed_layers)
     routed.eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    timings: dict = {}
     try:
         t0 = time.perf_counter()
-        log("exporting the prefill graph (torch.export + ONNX translation)...")
-        with torch.no_grad():
-            prefill_proto, prefill = export_prefill(routed, opset, max_seq_len, optimize)
-        _save(prefill_proto, tmp / PREFILL_FILE)
-        log(f"  {PREFILL_FILE}: {time.perf_counter() - t0:.0f} s")
-        t1 = time.perf_counter()
-        if reuse_decode is not None:
-            decode_proto = _reuse_decode(Path(reuse_decode), tmp, loaded.name, dtype, opset, max_seq_len)
-            log(f"  {DECODE_FILE}: reused from {reuse_decode}")
-        else:
-            log("exporting the decode graph...")
-            with torch.no_grad():
-                decode_proto, _ = export_decode(routed, opset, max_seq_len, torch_dtype, optimize)
-            _save(decode_proto, tmp / DECODE_FILE)
-            log(f"  {DECODE_FILE}: {time.perf_counter() - t1:.0f} s")
+        log(f"exporting the graph ({exported}; torch.export + ONNX translation, weights streamed to disk)...")
+        proto = export_graph(routed, opset, max_seq_len, optimize, tmp / MODEL_FILE, timings)
+        log(f"  {MODEL_FILE}: {time.perf_counter() - t0:.0f} s")
         if check:
             log("onnx.checker full_check...")
-            _check(tmp / PREFILL_FILE)
-            _check(tmp / DECODE_FILE)
+            t1 = time.perf_counter()
+            _check(tmp / MODEL_FILE)
+            timings["check_s"] = time.perf_counter() - t1
         loaded.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         save_routing(tmp / ROUTING_DIR, cfg, routed.router)
-        sidecar = build_sidecar(loaded.name, routed, cfg, dtype, opset, max_seq_len, prefill_proto, decode_proto)
+        sidecar = build_sidecar(loaded.name, routed, cfg, exported, opset, max_seq_len, proto)
+        del proto
+        timings["total_s"] = time.perf_counter() - t0
         sidecar["optimized"] = optimize
+        sidecar["timings"] = {k: round(v, 2) for k, v in timings.items()}
         write_json_atomic(tmp / SIDECAR, sidecar)
-        del prefill_proto, decode_proto
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"wrote {out_dir} in {time.perf_counter() - t0:.0f} s")
     return sidecar
-
-
-def _reuse_decode(src: Path, tmp: Path, model_name: str, dtype: str, opset: int, max_seq_len: int):
-    """Copy decode.onnx (+ data) from an export of the same model, dtype, opset and max_seq_len."""
-    import onnx
-
-    side = read_sidecar(src)
-    want = {"model": model_name, "dtype": dtype, "opset": opset, "max_seq_len": max_seq_len}
-    for key, value in want.items():
-        if side.get(key) != value:
-            raise UserError(f"--reuse-decode {src}: exported with {key}={side.get(key)!r}, this export has {value!r}")
-    info = side["graphs"]["decode"]
-    shutil.copy2(src / info["file"], tmp / DECODE_FILE)
-    if (src / info.get("data", "")).is_file():
-        shutil.copy2(src / info["data"], tmp / (DECODE_FILE + ".data"))
-    return onnx.load(str(tmp / DECODE_FILE), load_external_data=False)
 
 
 def _fix_modes(root: Path) -> None:
@@ -334,7 +318,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def build_sidecar(model_name: str, routed: RoutedModel, cfg: RoutingConfig, dtype: str, opset: int,
-                  max_seq_len: int, prefill_proto, decode_proto) -> dict:
+                  max_seq_len: int, proto) -> dict:
     layers = []
     for li in range(len(routed.layers)):
         entry = {"layer": li, "routed": bool(routed.layer_is_routed(li)), "sparsity": routed.schedule.sparsity[li]}
@@ -343,7 +327,7 @@ def build_sidecar(model_name: str, routed: RoutedModel, cfg: RoutingConfig, dtyp
             entry.update(keep_num=num, keep_den=den, min_keep=MIN_KEEP)
         else:
             entry.update(keep_num=1, keep_den=1, min_keep=MIN_KEEP)
-        entry["prefill_kv_len"] = _kv_dim(routed, li)
+        entry["new_len"] = _new_dim(routed, li)
         layers.append(entry)
     c = routed.model.config
     return {
@@ -366,30 +350,10 @@ def build_sidecar(model_name: str, routed: RoutedModel, cfg: RoutingConfig, dtyp
                    "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
                    "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
                    "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id},
-        "graphs": {
-            "prefill": _graph_spec(PREFILL_FILE, prefill_proto),
-            "decode": _graph_spec(DECODE_FILE, decode_proto),
-        },
+        "graphs": {"model": _graph_spec(MODEL_FILE, proto)},
+        "cache": {"layout": CACHE_LAYOUT, "fields": list(CACHE_FIELDS),
+                  "layers": [l["layer"] for l in layers if l["layer"] not in routed.removed_layers]},
         "layers": layers,
         "tokenizer": TOKENIZER_DIR,
         "routers": ROUTING_DIR,
     }
-
-
-def read_sidecar(export_dir: str | os.PathLike) -> dict:
-    from tokenskip.fileio import read_json
-
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise UserError(f"{export_dir}: no such export folder")
-    side = read_json(export_dir / SIDECAR, "export sidecar")
-    if not isinstance(side, dict) or side.get("format") != FORMAT:
-        raise UserError(f"{export_dir / SIDECAR}: not a tokenskip export (format != {FORMAT!r})")
-    if side.get("version") != VERSION:
-        raise UserError(f"{export_dir / SIDECAR}: export version {side.get('version')} (this tokenskip reads {VERSION})")
-    for key in ("prefill", "decode"):
-        f = export_dir / side["graphs"][key]["file"]
-        if not f.is_file():
-            raise UserError(f"{export_dir}: {f.name} is missing")
-    return side
-

@@ -1,17 +1,17 @@
 """Check an export folder against the PyTorch routed model it came from.
 
-The PyTorch side is rebuilt from the folder alone (export.json + routing/), the ONNX side runs in
-ONNX Runtime's CPU execution provider with no custom-op library: the tokenskip nodes execute
-through their model-local function bodies. Compared, per output: max abs / rel error of every
-float output (logits, present.*.key/value), exact equality of integer/bool outputs (present.*.pos,
-present.*.valid) and of the selected indices (index.*), top-1 agreement of the logits, and a greedy
-decode (prefill graph, then the decode graph step by step, against RoutedModel.prefill /
-decode_step) compared token by token.
+The PyTorch side is rebuilt from the folder alone (export.json + routing/), in the export's dtype;
+the ONNX side runs in ONNX Runtime's CPU execution provider with no custom-op library: the
+tokenskip nodes execute through their model-local function bodies. Compared, per output of a
+prefill call (empty past): max abs / rel error of every float output (logits, new.*.key/value),
+exact equality of integer/bool outputs (new.*.pos, new.*.valid) and of the selected indices
+(index.*), top-1 agreement of the logits; then a greedy decode through the ONNX Runtime backend
+the runtime uses (`OrtBackend`: the same graph with the preallocated cache bound in place),
+against RoutedModel.prefill / decode_step, compared token by token.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenskip.deploy.generation import left_pad
 from tokenskip.errors import UserError
+from tokenskip.routed import default_positions
 
-from .exporter import DTYPES, ROUTING_DIR, read_sidecar
-from .wrappers import CACHE_FIELDS, PrefillGraph
+from .sidecar import ROUTING_DIR, read_export
+from .wrappers import StepGraph
 
 FALLBACK_TEXT = (
     "The history of the city begins with a small settlement on the river, where traders exchanged "
@@ -50,21 +52,6 @@ class Comparison:
     def to_json(self) -> dict:
         return {"case": self.name, "batch": self.batch, "seq": self.seq, "top1_agreement": self.top1,
                 "outputs": self.outputs, "failures": self.failures}
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    threads = os.environ.get("TOKENSKIP_ORT_THREADS")
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot load {path}: {first}") from None
 
 
 def _compare_float(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> dict:
@@ -127,16 +114,6 @@ def eval_token_ids(tokenizer, window: int, count: int) -> tuple[list[list[int]],
     return [ids[i * window:(i + 1) * window] for i in range(count)], "built-in fallback paragraph"
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = max(len(r) for r in rows)
-    ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), seq, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, seq - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, seq - len(r):] = 1
-    return ids, mask
-
-
 def make_cases(tokenizer, vocab: int, batches: list[int], samples: int, window: int, seed: int):
     """[(name, input_ids, attention_mask)]: eval text (rows cut to different lengths, left-padded)
     and random token ids with random shapes."""
@@ -161,53 +138,60 @@ def make_cases(tokenizer, vocab: int, batches: list[int], samples: int, window: 
 
 # ------------------------------------------------------------------------------------ the check
 def load_reference(export_dir: Path, side: dict, loaded=None):
-    """The PyTorch routed model the export came from, rebuilt from export.json + routing/."""
+    """The PyTorch routed model the export came from, rebuilt from export.json + routing/ with the
+    LLM loaded in the export's dtype (`loaded` is reused when it already is)."""
     from tokenskip.config import build_routed
     from tokenskip.models import load_model
+    from tokenskip.precision import DTYPES
 
-    if loaded is None:
-        loaded = load_model(side["model"])
     dtype = DTYPES[side.get("dtype", "fp32")]
-    model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
-    routed, cfg = build_routed(model, routers_dir=export_dir / ROUTING_DIR, kv_policy=side["kv_policy"],
+    if loaded is None or next(loaded.model.parameters()).dtype != dtype:
+        loaded = load_model(side["model"], dtype=dtype)
+    routed, cfg = build_routed(loaded.model, routers_dir=export_dir / ROUTING_DIR, kv_policy=side["kv_policy"],
                                model_name=side["model"])
     routed.eval()
     return loaded, routed
 
 
-def greedy_compare(prefill_sess, decode_sess, routed, ids: torch.Tensor, mask: torch.Tensor, steps: int,
-                   layers: list[int], atol: float) -> dict:
-    """Greedy decode with ONNX (prefill graph, then the decode graph) and PyTorch; token by token."""
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    names = [o.name for o in prefill_sess.get_outputs()]
-    outs = dict(zip(names, prefill_sess.run(None, feeds)))
+def empty_past(graph: StepGraph, batch: int) -> list[torch.Tensor]:
+    """The past of a prefill call: length 0 for every layer (seq-major)."""
+    cfg = graph.routed.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(graph.routed.model.parameters()).dtype
+    out = []
+    for _ in graph.layers:
+        out += [torch.empty(0, batch, cfg.num_key_value_heads, head_dim, dtype=dtype),
+                torch.empty(0, batch, cfg.num_key_value_heads, head_dim, dtype=dtype),
+                torch.empty(0, batch, dtype=torch.int64), torch.empty(0, batch, dtype=torch.bool)]
+    return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.float().numpy() if t.is_floating_point() else t.numpy()
+
+
+def greedy_compare(backend, routed, ids: torch.Tensor, mask: torch.Tensor, steps: int, atol: float) -> dict:
+    """Greedy decode with the ONNX Runtime backend and with PyTorch, token by token."""
+    logits, cache = backend.prefill(ids, mask)
     with torch.no_grad():
-        ref_logits, cache = routed.prefill(ids, mask)
-    on_tok = outs["logits"].argmax(-1)
-    pt_tok = ref_logits.float().argmax(-1).numpy()
+        ref_logits, ref_cache = routed.prefill(ids, mask)
+    on_tok, pt_tok = logits.argmax(-1), ref_logits.float().argmax(-1)
     onnx_tokens, torch_tokens = [on_tok], [pt_tok]
-    max_abs = float(np.abs(outs["logits"].astype(np.float64) - ref_logits.float().numpy()).max())
-    past = {f"past.{li}.{f}": outs[f"present.{li}.{f}"] for li in layers for f in CACHE_FIELDS}
-    pos = mask.sum(-1, keepdim=True).numpy().astype(np.int64)  # next position id of every row
-    dec_names = [o.name for o in decode_sess.get_outputs()]
-    diverged = not np.array_equal(on_tok, pt_tok)
+    max_abs = float((logits.double() - ref_logits.double()).abs().max())
+    pos = mask.sum(-1, keepdim=True)  # next position id of every row
+    diverged = not torch.equal(on_tok, pt_tok)
     for _ in range(steps - 1):
-        feeds = {"input_ids": on_tok[:, None].astype(np.int64), "position_ids": pos, **past}
-        outs = dict(zip(dec_names, decode_sess.run(None, feeds)))
+        logits, cache = backend.decode(on_tok[:, None], pos, cache)
         with torch.no_grad():
-            ref_logits, cache = routed.decode_step(torch.from_numpy(pt_tok[:, None].astype(np.int64)),
-                                                   torch.from_numpy(pos), cache)
+            ref_logits, ref_cache = routed.decode_step(pt_tok[:, None], pos, ref_cache)
         if not diverged:  # logits are comparable only while both saw the same tokens
-            max_abs = max(max_abs, float(np.abs(outs["logits"].astype(np.float64)
-                                                - ref_logits.float().numpy()).max()))
-        on_tok = outs["logits"].argmax(-1)
-        pt_tok = ref_logits.float().argmax(-1).numpy()
+            max_abs = max(max_abs, float((logits.double() - ref_logits.double()).abs().max()))
+        on_tok, pt_tok = logits.argmax(-1), ref_logits.float().argmax(-1)
         onnx_tokens.append(on_tok)
         torch_tokens.append(pt_tok)
-        diverged = diverged or not np.array_equal(on_tok, pt_tok)
-        past = {f"past.{li}.{f}": outs[f"present.{li}.{f}"] for li in layers for f in CACHE_FIELDS}
+        diverged = diverged or not torch.equal(on_tok, pt_tok)
         pos = pos + 1
-    a, b = np.stack(onnx_tokens, 1), np.stack(torch_tokens, 1)  # [B,steps]
+    a, b = torch.stack(onnx_tokens, 1).numpy(), torch.stack(torch_tokens, 1).numpy()  # [B,steps]
     same = a == b
     first = None
     if not same.all():
@@ -215,17 +199,20 @@ def greedy_compare(prefill_sess, decode_sess, routed, ids: torch.Tensor, mask: t
     return {"batch": int(ids.shape[0]), "prompt_len": int(ids.shape[1]), "tokens": steps,
             "identical": bool(same.all()), "agree_fraction": float(same.mean()), "first_mismatch_step": first,
             "max_abs_logits": max_abs, "ok": bool(same.all()) and max_abs <= atol,
-            "onnx_tokens": a.tolist(), "torch_tokens": b.tolist()}
+            "onnx_tokens": a.tolist(), "torch_tokens": b.tolist(),
+            "cache_bytes": {"onnx": backend.cache_nbytes(cache)}}
 
 
 def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: float = 0.0,
                    batches: list[int] = (1, 4), decode_tokens: int = 32, samples: int = 2, window: int = 96,
                    seed: int = 0, loaded=None, log=None) -> dict:
-    """Compare the ONNX files of `export_dir` with the PyTorch routed model. Returns a report dict
+    """Compare the ONNX graph of `export_dir` with the PyTorch routed model. Returns a report dict
     with `passed` and `failures` (each naming the case and the output)."""
+    from tokenskip.deploy.ort_backend import OrtBackend
+
     log = log or (lambda msg: None)
     export_dir = Path(export_dir)
-    side = read_sidecar(export_dir)
+    side = read_export(export_dir, "EXPORT_DIR")
     if atol < 0 or rtol < 0:
         raise UserError("--atol/--rtol must be >= 0")
     if decode_tokens < 0:
@@ -234,36 +221,35 @@ def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: f
         raise UserError("--batch sizes must be >= 1")
     t0 = time.perf_counter()
     log(f"loading the PyTorch reference ({side['model']}, {side['routing']['router']} router, "
-        f"kv_policy={side['kv_policy']})...")
+        f"kv_policy={side['kv_policy']}, {side['dtype']})...")
     loaded, routed = load_reference(export_dir, side, loaded)
-    log("loading the ONNX graphs into ONNX Runtime (CPU EP, function bodies, no custom-op library)...")
-    prefill_sess = _session(export_dir / side["graphs"]["prefill"]["file"])
-    decode_sess = _session(export_dir / side["graphs"]["decode"]["file"])
-    graph = PrefillGraph(routed).eval()
+    log("loading the ONNX graph into ONNX Runtime (CPU EP, function bodies, no custom-op library)...")
+    threads = int(os.environ.get("TOKENSKIP_ORT_THREADS", "0")) or None
+    backend = OrtBackend(export_dir, threads=threads)
+    graph = StepGraph(routed).eval()
     names = graph.output_names()
-    onnx_names = [o.name for o in prefill_sess.get_outputs()]
-    if sorted(onnx_names) != sorted(names):
-        missing = sorted(set(names) - set(onnx_names)) or sorted(set(onnx_names) - set(names))
-        raise UserError(f"{export_dir}: the prefill graph's outputs do not match the routed model "
+    if sorted(backend.outputs) != sorted(names):
+        missing = sorted(set(names) ^ set(backend.outputs))
+        raise UserError(f"{export_dir}: the graph's outputs do not match the routed model "
                         f"(first difference: {missing[0]}); re-export")
     cases, source = make_cases(loaded.tokenizer, routed.model.config.vocab_size, list(batches), samples, window, seed)
     comparisons = []
     for name, ids, mask in cases:
         log(f"prefill {name}: [{ids.shape[0]}, {ids.shape[1]}]")
-        onnx_out = dict(zip(onnx_names, prefill_sess.run(None, {"input_ids": ids.numpy(),
-                                                                  "attention_mask": mask.numpy()})))
+        positions = default_positions(mask.bool())
+        got = backend.run(ids, mask, positions)
         with torch.no_grad():
-            ref = graph(ids, mask)
-        torch_out = {n: (t.float().numpy() if t.is_floating_point() else t.numpy()) for n, t in zip(names, ref)}
-        comparisons.append(compare_outputs(name, onnx_out, torch_out, atol, rtol, int(ids.shape[0]),
-                                           int(ids.shape[1])))
+            ref = graph(ids, mask, positions, *empty_past(graph, ids.shape[0]))
+        comparisons.append(compare_outputs(name, {n: _np(got[n]) for n in names},
+                                           {n: _np(t) for n, t in zip(names, ref)}, atol, rtol,
+                                           int(ids.shape[0]), int(ids.shape[1])))
     decodes = []
     if decode_tokens > 0:
         for name, ids, mask in cases:
             if not name.startswith("eval"):
                 continue
             log(f"greedy decode {decode_tokens} tokens, {name}...")
-            res = greedy_compare(prefill_sess, decode_sess, routed, ids, mask, decode_tokens, graph.layers, atol)
+            res = greedy_compare(backend, routed, ids, mask, decode_tokens, atol)
             res["case"] = name
             decodes.append(res)
     failures = [f"{c.name}: {o}" for c in comparisons for o in c.failures]
@@ -276,7 +262,7 @@ def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: f
         "export": str(export_dir), "model": side["model"], "router": side["routing"]["router"],
         "kv_policy": side["kv_policy"], "dtype": side.get("dtype"), "opset": side.get("opset"),
         "atol": atol, "rtol": rtol, "text_source": source, "runtime": "onnxruntime CPUExecutionProvider "
-        "(function bodies, no custom-op library)",
+        "(function bodies, no custom-op library; IOBinding, cache written in place)",
         "prefill": [c.to_json() for c in comparisons], "decode": decodes,
         "summary": summarize(comparisons, decodes), "failures": failures, "passed": not failures,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -286,8 +272,8 @@ def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: f
 
 def _group(name: str) -> str:
     parts = name.split(".")
-    if parts[0] == "present":
-        return f"present.*.{parts[2]}"
+    if parts[0] == "new":
+        return f"new.*.{parts[2]}"
     if parts[0] == "index":
         return "index.*"
     return name
@@ -327,7 +313,7 @@ def format_report(report: dict) -> str:
     for c in report["prefill"]:
         outs = c["outputs"]
         lg = outs.get("logits", {})
-        kv = max((v["max_abs"] for k, v in outs.items() if k.startswith("present") and "max_abs" in v), default=0.0)
+        kv = max((v["max_abs"] for k, v in outs.items() if k.startswith("new.") and "max_abs" in v), default=0.0)
         pv = all(v["ok"] for k, v in outs.items() if k.endswith((".pos", ".valid")))
         idx = [v["ok"] for k, v in outs.items() if k.startswith("index.")]
         idx_s = ("exact" if all(idx) else "DIFF") if idx else "-"

@@ -1,8 +1,14 @@
-"""Flat-tensor wrappers around RoutedModel for torch.export: the prefill and the decode graph.
+"""The flat-tensor wrapper around RoutedModel that torch.export traces: ONE graph for prefill and decode.
 
-They add no routing logic: prefill is `RoutedModel.forward(last_only=True, return_cache=True,
-trace=True)` and decode is `RoutedModel.decode_step`, with the per-layer caches flattened into
-named tensors (ONNX graphs have flat inputs/outputs).
+It adds no routing logic: it is `RoutedModel.forward(last_only=True, return_cache=True, trace=True,
+past=...)` with the per-layer caches flattened into named tensors (ONNX graphs have flat inputs
+and outputs). Prefill is a call with an empty past (length 0) and S prompt tokens; decode is a
+call with S = 1 (then k = S = 1 in every routed block: nothing is skipped) against the cache.
+
+Caches are sequence-major, `[T, B, nkv, d]` for keys/values and `[T, B]` for positions/validity,
+so any prefix of a preallocated runtime buffer is one contiguous block: the runtime feeds
+`buffer[:n]` as the past without a copy, and a decode step's new row `buffer[n]` is contiguous
+too, so the graph's output can be written straight into the cache (docs/export.md).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from tokenskip.block import LayerKV
-from tokenskip.routed import RoutedModel, default_positions
+from tokenskip.routed import RoutedModel
 
 CACHE_FIELDS = ("key", "value", "pos", "valid")
 
@@ -19,8 +25,19 @@ def cache_names(prefix: str, layers: list[int]) -> list[str]:
     return [f"{prefix}.{li}.{f}" for li in layers for f in CACHE_FIELDS]
 
 
-class PrefillGraph(nn.Module):
-    """(input_ids [B,S], attention_mask [B,S]) -> logits [B,V], present.*, index.* (routed layers)."""
+def to_seq_major(kv: LayerKV) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[B,nkv,T,d] / [B,T] -> [T,B,nkv,d] / [T,B] (the cache layout of the graph's I/O)."""
+    return kv.key.permute(2, 0, 1, 3), kv.value.permute(2, 0, 1, 3), kv.pos.t(), kv.valid.t()
+
+
+def from_seq_major(key: Tensor, value: Tensor, pos: Tensor, valid: Tensor) -> LayerKV:
+    """The inverse of to_seq_major: the LayerKV run_block attends over."""
+    return LayerKV(key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3), pos.t(), valid.t())
+
+
+class StepGraph(nn.Module):
+    """(input_ids [B,S], attention_mask [B,S], position_ids [B,S], past.*) ->
+    logits [B,V], new.* (the cache rows this call adds), index.* (routed layers: kept positions)."""
 
     def __init__(self, routed: RoutedModel) -> None:
         super().__init__()
@@ -28,44 +45,22 @@ class PrefillGraph(nn.Module):
         self.layers = [li for li in range(len(routed.layers)) if li not in routed.removed_layers]
         self.routed_layers = [li for li in self.layers if routed.layer_is_routed(li)]
 
-    def output_names(self) -> list[str]:
-        return ["logits", *cache_names("present", self.layers), *[f"index.{li}" for li in self.routed_layers]]
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor):
-        valid = attention_mask.bool()
-        positions = default_positions(valid)
-        out = self.routed.forward(input_ids, attention_mask, position_ids=positions, last_only=True,
-                                  return_cache=True, trace=True)
-        flat = [out.logits[:, -1]]  # [B,V]
-        for li in self.layers:
-            kv = out.cache[li]
-            flat += [kv.key, kv.value, kv.pos, kv.valid]
-        flat += [out.traces[li].index for li in self.routed_layers]
-        return tuple(flat)
-
-
-class DecodeGraph(nn.Module):
-    """(input_ids [B,1], position_ids [B,1], past.*) -> logits [B,V], present.* (= decode_step)."""
-
-    def __init__(self, routed: RoutedModel) -> None:
-        super().__init__()
-        self.routed = routed
-        self.layers = [li for li in range(len(routed.layers)) if li not in routed.removed_layers]
-
     def input_names(self) -> list[str]:
-        return ["input_ids", "position_ids", *cache_names("past", self.layers)]
+        return ["input_ids", "attention_mask", "position_ids", *cache_names("past", self.layers)]
 
     def output_names(self) -> list[str]:
-        return ["logits", *cache_names("present", self.layers)]
+        return ["logits", *cache_names("new", self.layers), *[f"index.{li}" for li in self.routed_layers]]
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, *past: Tensor):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor):
         cache: list[LayerKV | None] = [None] * len(self.routed.layers)
         for i, li in enumerate(self.layers):
-            key, value, pos, valid = past[4 * i: 4 * i + 4]
-            cache[li] = LayerKV(key, value, pos, valid)
-        logits, new_cache = self.routed.decode_step(input_ids, position_ids, cache)
-        flat = [logits]
+            cache[li] = from_seq_major(*past[4 * i: 4 * i + 4])
+        out = self.routed.forward(input_ids, attention_mask, position_ids=position_ids, last_only=True,
+                                  return_cache=True, trace=True, past=cache)
+        flat = [out.logits[:, -1]]  # [B,V]
         for li in self.layers:
-            kv = new_cache[li]
-            flat += [kv.key, kv.value, kv.pos, kv.valid]
+            n = cache[li].length  # the returned cache is past + new: keep the new rows
+            kv = out.cache[li]
+            flat += to_seq_major(LayerKV(kv.key[:, :, n:], kv.value[:, :, n:], kv.pos[:, n:], kv.valid[:, n:]))
+        flat += [out.traces[li].index for li in self.routed_layers]
         return tuple(flat)

@@ -62,6 +62,39 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_deploy(tmp_path_factory):
+    """(model, folder): a tiny random Llama (seed 1) + char tokenizer, loadable with --model <folder>."""
+    path = tmp_path_factory.mktemp("tiny-deploy")
+    model = make_tiny_llama(path, seed=1)
+    make_char_tokenizer(path)
+    model.requires_grad_(False)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_deploy, tmp_path_factory):
+    """(routed, folder): the tiny model exported once per session (static router, uneven schedule,
+    kv_policy=skip), shared by the runtime and engine-build tests."""
+    pytest.importorskip("onnxruntime")
+    exporter = pytest.importorskip("tokenskip.export.exporter")
+    from tokenskip.config import build_routed
+    from tokenskip.models import load_model
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import StaticRouter
+    from tokenskip.schedule import Schedule
+
+    _, folder = tiny_deploy
+    lm = load_model(str(folder))
+    _, cfg = build_routed(lm.model, router="static", sparsity=0.3, model_name=str(folder))
+    sched = Schedule((0.0, 0.5, 0.3, 0.6))
+    cfg.schedule = list(sched.sparsity)
+    routed = RoutedModel(lm.model, sched, StaticRouter())
+    out = tmp_path_factory.mktemp("tiny-export") / "exp"
+    exporter.export_model(lm, routed, cfg, out, max_seq_len=64, check=False)
+    return routed, out
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     from tokenskip.models import load_model
 

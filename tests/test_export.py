@@ -1,9 +1,11 @@
-"""Export (issue: LLM + routers to ONNX with tokenskip custom ops, validated with ONNX Runtime).
+"""Export (LLM + routers to ONE ONNX graph for prefill and decode, with tokenskip custom ops,
+validated with ONNX Runtime).
 
-Slow tests export smollm2-135m once per module (static router at 0.3, kv_policy skip; then
-kv_policy dense reusing the router-independent decode graph) and validate the files in ONNX Runtime
-(CPU EP, no custom-op library) against the PyTorch routed model. Fast tests cover the CLI's input
-errors, atomicity, and a learned router (random weights) on a tiny random Llama.
+Slow tests use the session's smollm2-135m export (static router at 0.3, kv_policy skip; kv_policy
+dense only with TOKENSKIP_FULL_TESTS=1) and validate it in ONNX Runtime (CPU EP, no custom-op
+library) against the PyTorch routed model. Fast tests cover the CLI's input errors, atomicity, a
+learned router (random weights) on a tiny random Llama, fp16/bf16 exports, the weights stored
+once, and the export benchmark on a tiny shape.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from tokenskip.export import exporter, onnx_ops  # noqa: E402
 from tokenskip.export.cli import export as export_cmd  # noqa: E402
 from tokenskip.export.cli import validate as validate_cmd  # noqa: E402
 from tokenskip.export.validate import format_report, run_validation  # noqa: E402
-from tokenskip.export.wrappers import CACHE_FIELDS, PrefillGraph  # noqa: E402
+from tokenskip.export.validate import empty_past  # noqa: E402
+from tokenskip.export.wrappers import CACHE_FIELDS, StepGraph, to_seq_major  # noqa: E402
+from tokenskip.routed import default_positions  # noqa: E402
 from tokenskip.routers import LearnedRouter  # noqa: E402
 from tokenskip.schedule import Schedule  # noqa: E402
 
@@ -138,9 +142,11 @@ def test_interrupted_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporter, "export_decode", boom)
-    monkeypatch.setattr(exporter, "export_prefill", lambda *a, **k: (onnx.ModelProto(), None))
-    monkeypatch.setattr(exporter, "_save", lambda proto, p: Path(p).write_bytes(b"partial"))
+    def partial(routed, opset, max_seq_len, optimize, path, timings):
+        Path(path).write_bytes(b"partial")  # half an export written, then interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "export_graph", partial)
     with pytest.raises(KeyboardInterrupt):
         exporter.export_model(loaded, routed, cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -154,15 +160,20 @@ def test_interrupted_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     assert not leftovers(tmp_path, "old")
 
 
+def _session(out):
+    return ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
 def test_tiny_learned_router_export_matches_pytorch(tiny_learned):
+    """A prefill call (empty past) of the one graph equals the routed model's forward."""
     routed, out, side = tiny_learned
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     nodes = tokenskip_nodes(model)
     assert [n.op_type for n in nodes] == ["TopKGather", "ScatterTokens"] * 2
     assert attrs(nodes[0])["keep_num"] == 3 and attrs(nodes[0])["keep_den"] == 5  # block 1: s = 0.4
     assert (out / "routing" / "tokenskip.json").is_file() and (out / "routing" / "router.safetensors").is_file()
-    graph = PrefillGraph(routed).eval()
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = StepGraph(routed).eval()
+    sess = _session(out)
     names = [o.name for o in sess.get_outputs()]
     assert names == graph.output_names()
     g = torch.Generator().manual_seed(1)
@@ -171,64 +182,128 @@ def test_tiny_learned_router_export_matches_pytorch(tiny_learned):
         mask = torch.ones_like(ids)
         if bsz > 1:
             mask[1, : seq // 3] = 0
-        got = dict(zip(names, sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})))
+        pos = default_positions(mask.bool())
+        past = empty_past(graph, bsz)
+        feeds = dict(zip(graph.input_names(), [t.numpy() for t in (ids, mask, pos, *past)]))
+        got = dict(zip(names, sess.run(None, feeds)))
         with torch.no_grad():
-            ref = dict(zip(names, graph(ids, mask)))
+            ref = dict(zip(names, graph(ids, mask, pos, *past)))
         for n in names:
-            if n.startswith(("index.", "present")) and not ref[n].is_floating_point():
+            if not ref[n].is_floating_point():
                 assert np.array_equal(got[n], ref[n].numpy()), (bsz, seq, n)
             else:
                 assert np.abs(got[n] - ref[n].numpy()).max() <= 1e-4, (bsz, seq, n)
 
 
-def test_tiny_decode_graph_matches_decode_step(tiny_learned):
+def test_tiny_graph_decodes_against_its_own_cache(tiny_learned):
+    """The same graph with S = 1 and the cache as past equals RoutedModel.decode_step, step by step
+    (per-layer caches of different lengths: kv_policy=skip)."""
     routed, out, side = tiny_learned
-    pre = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    dec = ort.InferenceSession(str(out / "decode.onnx"), providers=["CPUExecutionProvider"])
+    graph = StepGraph(routed)
+    sess = _session(out)
+    names = [o.name for o in sess.get_outputs()]
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :6] = 0
-    outs = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {"input_ids": ids.numpy(),
-                                                                        "attention_mask": mask.numpy()})))
+    past = empty_past(graph, 2)
+    feeds = dict(zip(graph.input_names(), [t.numpy() for t in (ids, mask, default_positions(mask.bool()), *past)]))
+    outs = dict(zip(names, sess.run(None, feeds)))
     with torch.no_grad():
         logits, cache = routed.prefill(ids, mask)
-    # per-layer caches differ in length under kv_policy=skip
-    assert [outs[f"present.{l}.key"].shape[2] for l in range(4)] == [30, 18, 21, 30]
-    past = {f"past.{l}.{f}": outs[f"present.{l}.{f}"] for l in range(4) for f in CACHE_FIELDS}
+    assert [outs[f"new.{l}.key"].shape[0] for l in range(4)] == [30, 18, 21, 30]
+    past = {f"past.{l}.{f}": outs[f"new.{l}.{f}"] for l in range(4) for f in CACHE_FIELDS}
     tok, pos = logits.argmax(-1, keepdim=True), mask.sum(-1, keepdim=True)
-    dnames = [o.name for o in dec.get_outputs()]
     for _ in range(5):
-        res = dict(zip(dnames, dec.run(None, {"input_ids": tok.numpy(), "position_ids": pos.numpy(), **past})))
+        res = dict(zip(names, sess.run(None, {"input_ids": tok.numpy(), "attention_mask": np.ones((2, 1), np.int64),
+                                               "position_ids": pos.numpy(), **past})))
         with torch.no_grad():
             logits, cache = routed.decode_step(tok, pos, cache)
         assert np.abs(res["logits"] - logits.numpy()).max() <= 1e-4
-        past = {f"past.{l}.{f}": res[f"present.{l}.{f}"] for l in range(4) for f in CACHE_FIELDS}
+        assert all(res[f"new.{l}.key"].shape[0] == 1 for l in range(4))  # k = S = 1: one new row per layer
+        past = {f"past.{l}.{f}": np.concatenate([past[f"past.{l}.{f}"], res[f"new.{l}.{f}"]]) for l in range(4)
+                for f in CACHE_FIELDS}
         tok, pos = logits.argmax(-1, keepdim=True), pos + 1
-    assert [cache[l].length for l in range(4)] == [res[f"present.{l}.key"].shape[2] for l in range(4)]
+    for l in range(4):  # the concatenated rows are exactly the PyTorch cache (seq-major)
+        ref = to_seq_major(cache[l])
+        assert np.abs(past[f"past.{l}.key"] - ref[0].numpy()).max() <= 1e-4
+        assert np.array_equal(past[f"past.{l}.pos"], ref[2].numpy())
 
 
 def test_tiny_sidecar_and_checker(tiny_learned):
     routed, out, side = tiny_learned
     on_disk = json.loads((out / "export.json").read_text())
     assert on_disk == json.loads(json.dumps(side))
-    assert side["format"] == "tokenskip-export" and side["version"] == 1
+    assert side["format"] == "tokenskip-export" and side["version"] == 2
     assert side["routing"]["router"] == "learned" and side["kv_policy"] == "skip"
     assert [l["routed"] for l in side["layers"]] == [False, True, True, False]
-    assert side["graphs"]["prefill"]["inputs"] == {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
-                                                   "attention_mask": {"dtype": "int64", "shape": ["batch", "seq"]}}
-    assert side["graphs"]["prefill"]["outputs"]["index.1"]["shape"] == ["batch", "kept_1"]
-    assert side["graphs"]["decode"]["inputs"]["past.2.key"]["shape"] == ["batch", 2, "past_2", 16]
+    ins, outs = side["graphs"]["model"]["inputs"], side["graphs"]["model"]["outputs"]
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        assert ins[name] == {"dtype": "int64", "shape": ["batch", "seq"]}
+    assert ins["past.2.key"] == {"dtype": "float32", "shape": ["past_2", "batch", 2, 16]}
+    assert ins["past.2.valid"] == {"dtype": "bool", "shape": ["past_2", "batch"]}
+    assert outs["new.1.key"]["shape"] == ["kept_1", "batch", 2, 16] and outs["new.0.key"]["shape"][0] == "seq"
+    assert outs["index.1"]["shape"] == ["batch", "kept_1"]
+    assert side["cache"] == {"layout": "seq-major", "fields": list(CACHE_FIELDS), "layers": [0, 1, 2, 3]}
+    assert set(side["timings"]) >= {"trace_s", "simplify_s", "save_s", "total_s"}
     onnx_ops.register_schemas()
-    for f in ("model.onnx", "decode.onnx"):
-        onnx.checker.check_model(str(out / f), full_check=True)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     assert oct(os.stat(out).st_mode & 0o777) != "0o700"  # not mkdtemp's private mode
+
+
+def test_weights_are_stored_once(tiny_learned):
+    """One graph file and one weights file, holding each LLM parameter once (tied ones once)."""
+    routed, out, side = tiny_learned
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == ["export.json", "model.onnx", "model.onnx.data"]
+    unique = {p.data_ptr(): p.nbytes for p in routed.model.parameters()}
+    data = (out / "model.onnx.data").stat().st_size
+    total = sum(unique.values())
+    assert 0.98 * total <= data <= 1.02 * total + 65536  # once (not twice), + router and small constants
+    assert (out / "model.onnx").stat().st_size < 200_000  # the graph itself: no weights inside
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_export(tiny_llama, tmp_path, dtype):
+    """The LLM loaded in fp16/bf16 exports in that dtype with fp32 router scores; fp16 runs in ONNX
+    Runtime's CPU provider (bf16 has no CPU kernels there: it targets TensorRT / CUDA)."""
+    from tokenskip.models import load_model
+
+    _, path = tiny_llama
+    from conftest import make_char_tokenizer
+
+    make_char_tokenizer(path)
+    lm = load_model(str(path), dtype=dtype)
+    assert next(lm.model.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    routed, cfg = build_routed(lm.model, router="static", sparsity=0.4, model_name=str(path))
+    with pytest.raises(Exception, match="loaded in"):
+        exporter.export_model(lm, routed, cfg, tmp_path / "x", dtype="fp32")
+    side = exporter.export_model(lm, routed, cfg, tmp_path / "out", max_seq_len=64, check=False)
+    onnx_dtype = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert side["dtype"] == dtype and side["graphs"]["model"]["outputs"]["logits"]["dtype"] == onnx_dtype
+    assert side["graphs"]["model"]["inputs"]["past.0.key"]["dtype"] == onnx_dtype
+    onnx_ops.register_schemas()
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    half = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    for topk in tokenskip_nodes(model)[::2]:  # the hidden states in the LLM's dtype, the router's scores fp32
+        assert (types[topk.input[0]], types[topk.input[1]]) == (half, onnx.TensorProto.FLOAT)
+    data = (tmp_path / "out" / "model.onnx.data").stat().st_size
+    assert data < sum(p.numel() for p in lm.model.parameters()) * 2.1  # 2 bytes per weight
+    if dtype == "fp16":
+        from tokenskip.deploy.backends import OrtBackend, TorchBackend
+
+        ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        got, _ = OrtBackend(tmp_path / "out", threads=1).prefill(ids, mask)
+        ref, _ = TorchBackend(routed).prefill(ids, mask)
+        assert (got - ref).abs().max() <= 2e-3
 
 
 # ------------------------------------------------------------------------ smollm2-135m (slow)
 @pytest.fixture(scope="module")
 def smol_exports(smollm2, smol_export, tmp_path_factory):
     """Static router at 0.3: kv_policy skip (the session's shared export) and, with
-    TOKENSKIP_FULL_TESTS=1, dense (prefill exported; decode reused)."""
+    TOKENSKIP_FULL_TESTS=1, kv_policy dense."""
     from conftest import full_tests_enabled
 
     outs = {"skip": smol_export}
@@ -236,7 +311,7 @@ def smol_exports(smollm2, smol_export, tmp_path_factory):
         root = tmp_path_factory.mktemp("smol-export-dense")
         routed, cfg = build_routed(smollm2.model, router="static", sparsity=0.3, kv_policy="dense",
                                    model_name="smollm2-135m")
-        exporter.export_model(smollm2, routed, cfg, root / "dense", reuse_decode=smol_export)
+        exporter.export_model(smollm2, routed, cfg, root / "dense")
         outs["dense"] = root / "dense"
     return outs
 
@@ -266,14 +341,14 @@ def test_smol_graph_has_custom_ops_and_functions(smol_exports):
         assert (a["keep_num"], a["keep_den"], a["min_keep"]) == (layer["keep_num"], layer["keep_den"], 2)
     assert all(attrs(n)["plugin_namespace"] == b"tokenskip" for n in nodes[1::2])
     assert {(f.domain, f.name) for f in model.functions} == {("tokenskip", "TopKGather"), ("tokenskip", "ScatterTokens")}
-    assert (out / "model.onnx.data").is_file() and (out / "decode.onnx.data").is_file()
+    # the weights once: one graph, one data file of the fp32 parameters (tied embeddings once)
+    assert sorted(p.name for p in out.glob("*.onnx*")) == ["model.onnx", "model.onnx.data"]
+    assert 134e6 * 4 <= (out / "model.onnx.data").stat().st_size <= 136e6 * 4
     assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "tokenizer_config.json").is_file()
-    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
-    assert not tokenskip_nodes(dec)  # decode runs every block: no routing ops
     if "dense" in smol_exports:
         dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
-        assert dense_side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "seq", 64]
-    assert side["graphs"]["prefill"]["outputs"]["present.5.key"]["shape"] == ["batch", 3, "kept_5", 64]
+        assert dense_side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["seq", "batch", 3, 64]
+    assert side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["kept_5", "batch", 3, 64]
 
 
 @pytest.mark.slow
@@ -285,7 +360,7 @@ def test_smol_validate_against_pytorch(smollm2, smol_exports, kv):
     assert report["passed"], report["failures"]
     groups = report["summary"]["groups"]
     assert groups["logits"]["max_abs"] <= ATOL
-    assert groups["index.*"]["exact"] and groups["present.*.pos"]["exact"]
+    assert groups["index.*"]["exact"] and groups["new.*.pos"]["exact"]
     assert report["summary"]["min_top1_agreement"] == 1.0
     assert len(report["decode"]) == 2 and all(d["identical"] and d["tokens"] == 32 for d in report["decode"])
     assert sorted(d["batch"] for d in report["decode"]) == [1, 4]
@@ -317,3 +392,22 @@ def test_smol_routers_for_another_model(tmp_path):
     assert res.exit_code != 0 and len(errors) == 1 and "Traceback" not in out, out
     assert "was made for a model with 4 layers" in errors[0]
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
+
+
+def test_bench_export_on_a_tiny_random_llama(tmp_path):
+    """`tokenskip bench-export` (the 1B benchmark's command) on a tiny shape: a fresh process, stage
+    timings, peak RSS within 1.5 x weights + 2 GiB, the weights written once in fp16."""
+    from tokenskip.export.cli import bench_export
+
+    res = CliRunner().invoke(bench_export, ["--random-llama", "tiny", "--dtype", "fp16", "--max-seq-len", "64",
+                                            "--json", "--json-out", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r == json.loads((tmp_path / "r.json").read_text())
+    assert r["dtype"] == "fp16" and r["layers"] == 3 and r["within_budget"]
+    assert 0 < r["rss_after_load_bytes"] <= r["peak_rss_bytes"] <= r["rss_budget_bytes"]
+    assert r["weight_bytes"] == 2 * r["parameters"]
+    assert r["weight_bytes"] * 0.98 <= r["files"]["model.onnx.data"] <= r["weight_bytes"] * 1.02 + 65536
+    assert r["stages"]["trace_s"] > 0 and r["export_s"] >= r["stages"]["trace_s"]
+    res = CliRunner().invoke(bench_export, ["--random-llama", "tiny", "--model", "x"])
+    assert res.exit_code != 0 and "not both" in res.output
