@@ -267,15 +267,15 @@ def test_learned_router_window_unchanged(tiny_llama, kv_policy):
 
 
 def test_export_traces_the_reference(tiny_llama, monkeypatch):
-    """torch.export of the prefill wrapper (the exporter's entry point) records only reference
-    attention: no is_causal SDPA, no FlexAttention in the graph, whatever the kernel mode."""
+    """torch.export of the exported graph's wrapper (the exporter's entry point) records only
+    reference attention: no is_causal SDPA, no FlexAttention in the graph, whatever the kernel mode."""
     wrappers = pytest.importorskip("tokenskip.export.wrappers")
+    exporter = pytest.importorskip("tokenskip.export.exporter")
     model, _ = tiny_llama
     routed = routed_for(model, "skip", StaticRouter()).eval()
-    ids, mask = batch(model.config.vocab_size, False, seq=20)
     spy = KernelSpy(monkeypatch)
     with attention.use_kernels("flex"), torch.no_grad():
-        ep = torch.export.export(wrappers.PrefillGraph(routed), (ids, mask))
+        ep = torch.export.export(wrappers.StepGraph(routed), exporter.example_inputs(routed))
     assert spy.take() == {attention.REFERENCE}
     code = ep.graph_module.code
     assert "flex_attention" not in code and "is_causal = True" not in code

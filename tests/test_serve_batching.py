@@ -239,7 +239,7 @@ def test_kv_budget_admits_more_routed_sequences(tiny_llama, prompts):
 
 # ------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("args,message", [
-    (["--onnx", "/nonexistent/export"], "no such folder"),
+    (["--onnx", "/nonexistent/export"], "no such export folder"),
     (["--max-batch", "0"], "--max-batch and --max-queue must be >= 1"),
     (["--kv-cache-gb", "-1"], "--kv-cache-gb -1.0: must be > 0"),
     (["--replicas", "2", "--max-replicas", "1"], "--max-replicas >= --replicas"),
