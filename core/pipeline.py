@@ -104,12 +104,10 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
     from .models import load_model
     from .schedule import check_sparsity
 
-    from .train.report import DOMAINS
+    from .train.report import parse_domains
 
     check_sparsity(sparsity)
-    domain_list = tuple(d.strip() for d in domains.split(",") if d.strip())
-    if not domain_list or set(domain_list) - set(DOMAINS):
-        raise UserError(f"--domains {domains}: choose from {', '.join(DOMAINS)}")
+    domain_list = parse_domains(domains)
     if windows < 1 or free_run < 0:
         raise UserError("--windows must be >= 1 and --free-run >= 0")
     chosen = [s.strip() for s in stages.split(",") if s.strip()]

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from tokenskip.errors import UserError
+from tokenskip.errors import UserError, parse_list
 from tokenskip.evaluate_cli import model_options
 from tokenskip.precision import device_options
 from tokenskip.models import DEFAULT_MODEL
@@ -26,16 +26,6 @@ from tokenskip.precision import device_options
 def _given(ctx: click.Context, name: str) -> bool:
     src = ctx.get_parameter_source(name)
     return src is not None and src != click.core.ParameterSource.DEFAULT
-
-
-def parse_list(text: str, kind, flag: str) -> list:
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text}: expected comma-separated {kind.__name__} values") from None
-    if not values:
-        raise UserError(f"{flag}: give at least one value")
-    return values
 
 
 def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device="cpu",

@@ -15,12 +15,7 @@ OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-SHIM=$(mktemp -d)
-mkdir -p "$SHIM/tokenskip"
-for f in core/*; do ln -s "$PWD/$f" "$SHIM/tokenskip/$(basename "$f")"; done
-for sub in train export plugins deploy; do ln -s "$PWD/$sub" "$SHIM/tokenskip/$sub"; done
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-export TOKENSKIP_CACHE="$SHIM/cache"
+. scripts/package_shim.sh
 T0=$SECONDS
 step() { echo "== $1 ($((SECONDS - T0)) s)"; }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tokenskip.errors import UserError
+from tokenskip.errors import UserError, parse_list
 from tokenskip.models import DEFAULT_MODEL
 from tokenskip.precision import device_options
 
@@ -19,16 +19,6 @@ _kv = click.option("--kv-policy", type=click.Choice(["skip", "dense"]), default=
 _seed = click.option("--seed", default=0, show_default=True, help="Seed: same seed, same bytes on CPU.")
 _calib_text = click.option("--calib-text", type=click.Path(), default=None,
                            help="Plain text file for calibration instead of the built-in calib split.")
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text}: expected comma-separated numbers") from None
-    if not values:
-        raise UserError(f"{flag}: give at least one value")
-    return values
 
 
 def _check_out(out: str) -> Path:
@@ -197,7 +187,7 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
                              windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,
                              guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every,
                              score_window=score_window, ste_keys=ste_keys,
-                             sink_candidates=tuple(_floats(sink_candidates, "--sink-candidates")))
+                             sink_candidates=tuple(parse_list(sink_candidates, float, "--sink-candidates")))
     settings.check()
     dist = init_distributed(device)
     deterministic(seed)
@@ -314,11 +304,9 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
     """
     from tokenskip.fileio import read_json, write_json_atomic
 
-    from .report import DOMAINS, collect, markdown, quality_table
+    from .report import collect, markdown, parse_domains, quality_table
 
-    domain_list = tuple(d.strip() for d in domains.split(",") if d.strip())
-    if not domain_list or set(domain_list) - set(DOMAINS):
-        raise UserError(f"--domains {domains}: choose from {', '.join(DOMAINS)}")
+    domain_list = parse_domains(domains)
     if windows < 1 or free_run < 0:
         raise UserError("--windows must be >= 1 and --free-run >= 0")
     if plots_out:

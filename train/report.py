@@ -29,6 +29,14 @@ COMPARISONS = (("learned (searched)", "static (searched)"), ("learned (searched)
 DOMAINS = ("eval", "news")
 
 
+def parse_domains(text: str) -> tuple[str, ...]:
+    """--domains eval,news -> ("eval", "news"), a one-line error for anything else."""
+    domains = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not domains or set(domains) - set(DOMAINS):
+        raise UserError(f"--domains {text}: choose from {', '.join(DOMAINS)}")
+    return domains
+
+
 def markdown(rows: list[dict], title: str | None = None) -> str:
     return quality_markdown(rows, title, tasks=any("mc_acc" in r for r in rows))
 
