@@ -137,6 +137,8 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @click.option("--validate-every", default=0, show_default=True,
               help="Every N steps, KL to dense on the calibration windows as deployment computes it; the router "
                    "that validates best is written (0: the last one).")
+@click.option("--init-router", "init_router", type=click.Choice(["static", "random"]), default="static",
+              show_default=True, help="A fresh router starts as the static router (exactly) or at random.")
 @click.option("--sink-candidates", default="0", show_default=True,
               help="Comma list of extra attention-sink fractions tried for the static start (with --validate-every: "
                    "the one with the lowest calibration KL starts training), e.g. 0,0.005,0.01,0.02.")
@@ -154,7 +156,8 @@ def search(model, sparsity, out_dir, router, routers_dir, population, generation
 @_calib_text
 @device_options
 def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_size, windows, checkpoint_every,
-          init_routers, guide_weight, score_window, validate_every, sink_candidates, ste_keys, ste_temperature, resume,
+          init_routers, guide_weight, score_window, validate_every, init_router, sink_candidates, ste_keys,
+          ste_temperature, resume,
           train_text, kv_policy, seed, calib_text, device, dtype):
     """Train the shared FTP router with the LLM frozen.
 
@@ -186,7 +189,7 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
     settings = TrainSettings(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, cont_len=cont_len,
                              windows=windows, seed=seed, kv_policy=kv_policy, checkpoint_every=checkpoint_every,
                              guide_weight=guide_weight, ste_temperature=ste_temperature, validate_every=validate_every,
-                             score_window=score_window, ste_keys=ste_keys,
+                             score_window=score_window, ste_keys=ste_keys, init=init_router,
                              sink_candidates=tuple(parse_list(sink_candidates, float, "--sink-candidates")))
     settings.check()
     dist = init_distributed(device)
