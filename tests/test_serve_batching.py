@@ -14,7 +14,7 @@ from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad
 from tokenskip.deploy.serve.kv_rows import cache_nbytes, cache_ops
 from tokenskip.deploy.serve.model_info import model_info
 from tokenskip.deploy.serve.scheduler import QueueFull, Scheduler, Sequence
-from tokenskip.kvcache import cached_tokens, kv_cache_bytes
+from tokenskip.kv_bytes import cached_tokens, kv_cache_bytes
 from tokenskip.schedule import Schedule
 
 PAD = 1

@@ -10,7 +10,7 @@ to back until `requests` are done: random token-id prompts of exactly `prompt_le
 
 Reported per level: output tokens/s over the level's wall time, TTFT p50/p99 (request sent ->
 first token received), and the per-token latency p50 (time between tokens after the first). Plus
-the analytic KV-cache bytes of one sequence (prompt + max_tokens; tokenskip.kvcache, tested equal
+the analytic KV-cache bytes of one sequence (prompt + max_tokens; tokenskip.kv_bytes, tested equal
 to the real caches) and how many sequences each side admits under one `--kv-cache-gb` budget.
 """
 

@@ -18,7 +18,7 @@ batch ends (as deploy/generation.py does). Sampling is deploy/generation.py's (`
 `row_generators`, `left_pad`): a greedy request gives the same tokens batched or alone.
 
 Admission is against a KV budget: each sequence reserves the analytic bytes of its cache at its
-longest (prompt + max_tokens, tokenskip.kvcache), released when it finishes. Under
+longest (prompt + max_tokens, tokenskip.kv_bytes), released when it finishes. Under
 kv_policy=skip a routed model's sequences reserve less, so more of them run at once.
 """
 
