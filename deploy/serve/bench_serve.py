@@ -90,7 +90,9 @@ def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: 
     """-> {side: (serve flags, ModelInfo)} for dense and routed."""
     from tokenskip.config import build_routed
 
-    from ..backends import TorchBackend, read_export
+    from tokenskip.export.sidecar import read_export
+
+    from ..backends import TorchBackend
     from ..bench_run import export_dir_for
     from .model_info import from_sidecar, model_info
 

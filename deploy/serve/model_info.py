@@ -80,7 +80,7 @@ def model_info(backend, name: str) -> ModelInfo:
         return from_sidecar(name, meta, max_length)
     export_dir = meta.get("export_dir")  # engine.json (TensorRT): the export it was built from
     if isinstance(export_dir, str) and Path(export_dir).is_dir():
-        from tokenskip.deploy.backends import read_export
+        from tokenskip.export.sidecar import read_export
 
         try:
             return from_sidecar(name, read_export(export_dir), max_length or meta.get("max_seq_len"))
