@@ -1,6 +1,6 @@
 """A preallocated per-layer KV cache that decode writes in place (the PyTorch backend's cache).
 
-(Not tokenskip.kvcache, which computes cache sizes analytically for the server's admission.)
+(Not tokenskip.kv_bytes, which computes cache sizes analytically for the server's admission.)
 
 `LayerKV.append` concatenates, so every decode step copies the whole cache of every layer. A
 `KVBuffer` is a LayerKV whose fields are views of one preallocated storage per layer (capacity =

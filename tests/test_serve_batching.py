@@ -4,17 +4,19 @@ so which requests share a prefill and when new ones join is deterministic."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from tokenskip.config import build_routed
 from tokenskip.deploy.backends import TorchBackend
 from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad
-from tokenskip.deploy.serve.kv_rows import cache_nbytes, cache_ops
+from tokenskip.deploy.kv_cache import KVCache
+from tokenskip.deploy.serve.kv_rows import cache_ops
+from tokenskip.export.wrappers import from_seq_major, to_seq_major
+from tokenskip.kv_buffer import KVBuffer
 from tokenskip.deploy.serve.model_info import model_info
 from tokenskip.deploy.serve.scheduler import QueueFull, Scheduler, Sequence
-from tokenskip.kvcache import cached_tokens, kv_cache_bytes
+from tokenskip.kv_bytes import cached_tokens, kv_cache_bytes
 from tokenskip.schedule import Schedule
 
 PAD = 1
@@ -162,27 +164,83 @@ def test_unknown_cache_layout_falls_back_to_dynamic_batching(tiny_llama, prompts
 
 
 # ------------------------------------------------------------------------------ cache row ops
+def seq_major(cache) -> KVCache:
+    """A torch cache copied into the ONNX Runtime / TensorRT cache type (seq-major KVCache)."""
+    first = cache[0]
+    kv = KVCache.allocate({li: c.length + 2 for li, c in enumerate(cache)}, first.key.shape[0], first.key.shape[1],
+                          first.key.shape[3], first.key.dtype, "cpu")
+    for li, c in enumerate(cache):
+        kv.write(li, dict(zip(("key", "value", "pos", "valid"), to_seq_major(c))))
+    return kv
+
+
 def test_cache_ops_select_and_concat_roundtrip(tiny_llama, prompts):
-    """Torch and named-numpy layouts: concat pads shorter caches with inert entries, select
-    takes rows back out (and trims columns no row uses)."""
+    """Both cache types: concat right-aligns caches of different lengths (shorter ones left-padded
+    with inert entries), select takes rows back out in any order (trimming columns no kept row
+    uses), and the results are preallocated with the room asked for."""
     be = backend(tiny_llama, "static")
-    caches = [be.prefill(*left_pad([p], PAD))[1] for p in prompts[:2]]
-    ops = cache_ops(be, caches[0])
-    both = ops.concat(caches)
+    caches = [be.prefill(*left_pad([p], PAD))[1] for p in prompts[:3]]  # 3, 40, 17 tokens
+    ops = cache_ops(caches[0])
+    both = ops.concat(caches, 5)
     for li, kv in enumerate(both):
-        assert kv.key.shape[0] == 2 and kv.length == max(c[li].length for c in caches)
+        assert isinstance(kv, KVBuffer) and kv.store.capacity == kv.length + 5
+        assert kv.key.shape[0] == 3 and kv.length == max(c[li].length for c in caches)
         for row, c in enumerate(caches):
-            back = ops.select(both, [row])[li]
-            torch.testing.assert_close(back.key, c[li].key, rtol=0, atol=0)
-            assert torch.equal(back.valid, c[li].valid) and torch.equal(back.pos, c[li].pos)
-    named = [{f"past.{li}.{f}": getattr(kv, f).numpy() for li, kv in enumerate(c) for f in ("key", "value", "pos", "valid")}
-             for c in caches]
-    nops = cache_ops(object(), named[0])
-    stacked = nops.concat(named)
+            pad = kv.length - c[li].length
+            assert not kv.valid[row, :pad].any() and not kv.key[row, :, :pad].any()  # inert filler
+        for rows in ([1], [2, 0], [0, 1, 2]):
+            back = ops.select(both, rows, 7)[li]
+            assert back.store.capacity == back.length + 7
+            for i, row in enumerate(rows):
+                want = caches[row][li]
+                if len(rows) == 1:
+                    torch.testing.assert_close(back.key, want.key, rtol=0, atol=0)
+                    assert torch.equal(back.valid, want.valid) and torch.equal(back.pos, want.pos)
+                else:  # right-aligned, padded to the longest kept row
+                    assert torch.equal(back.key[i, :, back.length - want.length:], want.key[0])
+                    assert not back.valid[i, :back.length - want.length].any()
+    assert ops.fit(both, 5) is both and ops.fit(both, 6) is not both  # no copy when the room is there
+
+    named = [seq_major(c) for c in caches]
+    sops = cache_ops(named[0])
+    stacked = sops.concat(named, 4)
     for li, kv in enumerate(both):
-        np.testing.assert_array_equal(stacked[f"past.{li}.key"], kv.key.numpy())
-        np.testing.assert_array_equal(nops.select(stacked, [1])[f"past.{li}.valid"], named[1][f"past.{li}.valid"])
-    assert cache_ops(object(), ("opaque",)) is None
+        assert stacked.capacity(li) == stacked.length[li] + 4
+        got = from_seq_major(*(stacked.past(li)[f] for f in ("key", "value", "pos", "valid")))
+        assert torch.equal(got.key, kv.key) and torch.equal(got.valid, kv.valid) and torch.equal(got.pos, kv.pos)
+        back = sops.select(stacked, [2, 0], 3)
+        want = ops.select(both, [2, 0], 3)[li]
+        got = from_seq_major(*(back.past(li)[f] for f in ("key", "value", "pos", "valid")))
+        assert torch.equal(got.key, want.key) and torch.equal(got.valid, want.valid) and torch.equal(got.pos, want.pos)
+    assert stacked.extra == {} and sops.fit(stacked, 4) is stacked
+    assert cache_ops(("opaque",)) is None
+
+
+def test_decode_writes_in_place_between_regroupings(tiny_llama, prompts):
+    """The scheduler's caches have room for the batch's remaining decode steps (beyond the
+    backend's default 64 too): a decode step moves no storage; only joins and finished rows do."""
+    be = backend(tiny_llama, "static")
+    sched = Scheduler(be, pad_id=PAD, max_batch=8, batch_wait_s=0)
+    seqs = [Sequence(rid=str(i), prompt=p, sampling=Sampling(n), emit=lambda e: None)
+            for i, (p, n) in enumerate(zip(prompts[:3], (80, 60, 70)))]
+    for s in seqs[:2]:
+        sched.submit(s)
+    moves, decodes = 0, 0
+    for step in range(200):
+        if step == 5:
+            sched.submit(seqs[2])  # joins after 4 decode steps
+        before = [kv.store for kv in sched.cache] if sched.cache else None
+        rows = [s.rid for s in sched.rows]
+        decoding = bool(sched.rows) and not sched.waiting
+        if not sched.step():
+            break
+        if decoding and before is not None and sched.cache is not None:
+            decodes += 1
+            same = all(a is kv.store for a, kv in zip(before, sched.cache))
+            moves += not same
+            assert same == (rows == [s.rid for s in sched.rows]), step  # moved exactly when rows changed
+    assert all(s.finish == "length" for s in seqs) and decodes > 70 and moves == 2  # the 60 and 70 rows left
+    assert [s.tokens for s in seqs] == [alone(be, [p], Sampling(n))[0] for p, n in zip(prompts, (80, 60, 70))]
 
 
 # -------------------------------------------------------------------------------- KV budget
@@ -193,10 +251,10 @@ def test_kv_cache_bytes_equals_the_real_cache(tiny_llama, prompts, router, kv_po
     p = prompts[4]  # 60 tokens
     ids, mask = left_pad([p], PAD)
     _, cache = be.prefill(ids, mask)
-    assert cache_nbytes(cache) == info.kv_bytes(len(p), 0)
+    assert be.cache_nbytes(cache) == info.kv_bytes(len(p), 0)
     for step in range(3):
         _, cache = be.decode(torch.tensor([[5]]), torch.tensor([[len(p) + step]]), cache)
-    assert cache_nbytes(cache) == info.kv_bytes(len(p), 3)
+    assert be.cache_nbytes(cache) == info.kv_bytes(len(p), 3)
     if router == "static" and kv_policy == "skip":
         assert info.kv_bytes(len(p), 3) < model_info(backend(tiny_llama, "dense"), "d").kv_bytes(len(p), 3)
 

@@ -10,7 +10,7 @@ to back until `requests` are done: random token-id prompts of exactly `prompt_le
 
 Reported per level: output tokens/s over the level's wall time, TTFT p50/p99 (request sent ->
 first token received), and the per-token latency p50 (time between tokens after the first). Plus
-the analytic KV-cache bytes of one sequence (prompt + max_tokens; tokenskip.kvcache, tested equal
+the analytic KV-cache bytes of one sequence (prompt + max_tokens; tokenskip.kv_bytes, tested equal
 to the real caches) and how many sequences each side admits under one `--kv-cache-gb` budget.
 """
 
@@ -90,7 +90,9 @@ def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: 
     """-> {side: (serve flags, ModelInfo)} for dense and routed."""
     from tokenskip.config import build_routed
 
-    from ..backends import TorchBackend, read_export
+    from tokenskip.export.sidecar import read_export
+
+    from ..backends import TorchBackend
     from ..bench_run import export_dir_for
     from .model_info import from_sidecar, model_info
 

@@ -18,7 +18,7 @@ from ..cli import _given, backend_options
 from .launch import ServeSpec, require_extra
 
 BACKEND_FLAGS = ("model", "router", "sparsity", "schedule", "routers_dir", "kv_policy", "seed", "onnx_dir",
-                 "engine_dir", "tokenizer_dir", "device", "threads")
+                 "engine_dir", "tokenizer_dir", "device", "dtype", "threads")
 
 
 def engine_options(f):
@@ -81,6 +81,7 @@ def serve(ctx, host, port, log_level, use_ray, replicas, max_replicas, cpus_per_
       tokenskip serve --onnx out/export --port 8000
       tokenskip serve --routers out/fit --kv-cache-gb 2
       tokenskip serve --model smollm2-135m --router static --sparsity 0.3 --max-batch 16
+      tokenskip serve --routers out/fit --device cuda --dtype bf16
       tokenskip serve --engine out/engine --host 0.0.0.0
       tokenskip serve --onnx out/export --ray --replicas 2
     \b
@@ -178,9 +179,10 @@ def bench_serve(**params):
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True)
 def triton_repo(export_dir, out_dir, engine_dir, name, instance, force, as_json):
-    """Write a Triton Inference Server model repository for an export: <name>_prefill and
-    <name>_decode on the onnxruntime backend (or the tensorrt backend with --engine and the
-    plugin library). See docs/serving.md for what was and was not run.
+    """Write a Triton Inference Server model repository for an export: one model <name> for the
+    export's one graph (prefill and decode, the KV cache as past.* inputs and new.* outputs) on the
+    onnxruntime backend, or on the tensorrt backend with --engine (model.plan and the plugin
+    library). See docs/serving.md for what was and was not run.
 
     \b
     Examples:
@@ -195,7 +197,7 @@ def triton_repo(export_dir, out_dir, engine_dir, name, instance, force, as_json)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    click.echo(f"wrote {res['repository']}: {', '.join(res['models'].values())} ({res['backend']} backend)")
+    click.echo(f"wrote {res['repository']}: model {res['model']} ({res['backend']} backend)")
     if res["plugin_library"]:
         click.echo(f"start it with: tritonserver --model-repository {res['repository']} "
                    f"--backend-config=tensorrt,plugins={Path(res['repository']).resolve() / res['plugin_library']}")

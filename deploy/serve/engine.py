@@ -28,7 +28,7 @@ class EngineSettings:
 
     max_batch: int = 32  # rows in the running batch
     max_waiting: int = 256  # bounded queue: one more request gets a 429
-    kv_cache_gb: float | None = None  # KV budget (analytic bytes, tokenskip.kvcache); None = unlimited
+    kv_cache_gb: float | None = None  # KV budget (analytic bytes, tokenskip.kv_bytes); None = unlimited
     continuous: bool = True  # join new requests between decode steps (else dynamic batching)
     batch_wait_ms: float = 5.0  # gather requests arriving together into one prefill
     max_tokens_default: int = 256  # cap when a chat request gives no max_tokens

@@ -6,113 +6,138 @@ sequences to a running batch between decode steps (continuous batching). Both wo
 tokenskip cache carries per-row validity: a block attends to a cached key only where `valid` is
 True and `pos <= the query's position` (core/block.py attention_allowed), so keys may sit in any
 order and invalid filler entries are inert. Stacking two caches of lengths T1 < T2 therefore
-left-pads the shorter one with invalid entries.
+left-pads the shorter one with invalid entries (zero keys, pos 0, valid False); selecting rows
+drops the leading entries that no kept row can attend to (the padding of rows that left).
 
-Two cache layouts are understood, both [B,...] first:
-- PyTorch (TorchBackend): a list with one core.block.LayerKV per block (None for a removed block);
-- ONNX Runtime (OrtBackend): a dict of numpy arrays named past.{l}.key/value/pos/valid.
-A backend with another layout can provide `select_rows(cache, rows)` and `concat_rows(caches)`
-methods itself; without either, `cache_ops(backend)` returns None and the scheduler falls back to
-dynamic batching (finished rows decode padding until their batch ends).
+Every operation returns a PREALLOCATED cache with room for `room` more tokens per layer (the
+decode steps its rows still need), so the decode steps until the next regrouping write in place
+and allocate nothing; `fit(cache, room)` gives a fresh prefill cache that room (no copy when it
+has it). Two cache types are understood:
+- PyTorch (TorchBackend): a list with one LayerKV per block (None for a removed block), key/value
+  [B,nkv,T,d], pos/valid [B,T]; results are `tokenskip.kv_buffer.KVBuffer`s over new stores;
+- ONNX Runtime and TensorRT: `deploy/kv_cache.KVCache`, sequence-major (key/value [T,B,nkv,d],
+  pos/valid [T,B]); results are new KVCaches (their per-cache output buffers are re-made by the
+  backend on the next decode, for the new batch size).
+For any other cache, `cache_ops` returns None and the scheduler falls back to dynamic batching
+(finished rows decode padding until their batch ends).
+
+Each operation copies each kept entry once. On CUDA it ends by synchronising the current stream,
+because the TensorRT runtime reads the cache on a stream of its own.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
+from torch import Tensor
 
 from tokenskip.block import LayerKV
+from tokenskip.kv_buffer import KVBuffer, KVStore
 
-FIELDS = ("key", "value", "pos", "valid")  # key/value [B,nkv,T,d]; pos/valid [B,T]
+from ..kv_cache import FIELDS, KVCache
 
 
 class CacheOps:
-    """select(cache, rows) -> cache with those rows; concat(caches) -> one cache, rows in order."""
+    """select(cache, rows, room) -> a cache of those rows (in that order); concat(caches, room) ->
+    one cache, rows in order; fit(cache, room) -> the cache with room for `room` more tokens."""
 
-    def __init__(self, select: Callable, concat: Callable, name: str) -> None:
-        self.select, self.concat, self.name = select, concat, name
+    def __init__(self, select: Callable, concat: Callable, fit: Callable, name: str) -> None:
+        self.name = name
+        self.select, self.concat, self.fit = _synced(select), _synced(concat), _synced(fit)
+
+
+def _synced(op: Callable) -> Callable:
+    def run(*args):
+        out = op(*args)
+        device = _device(out)
+        if device is not None and device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return out
+    return run
+
+
+def _device(cache) -> torch.device | None:
+    if isinstance(cache, KVCache):
+        return next((b["pos"].device for b in cache.buffers.values()), None)
+    return next((kv.key.device for kv in cache if kv is not None), None)
+
+
+def row_runs(rows: Sequence[int]) -> list[slice]:
+    """Batch rows as runs of consecutive indices ([0, 1, 2, 5, 6] -> 0:3, 5:7): each run is a view."""
+    runs: list[slice] = []
+    for r in rows:
+        r = int(r)
+        if runs and runs[-1].stop == r:
+            runs[-1] = slice(runs[-1].start, r + 1)
+        else:
+            runs.append(slice(r, r + 1))
+    return runs
+
+
+def first_used(used: Tensor) -> int:
+    """used [T] bool: the first entry some row can attend to (T when none)."""
+    idx = used.nonzero()
+    return int(idx[0]) if idx.numel() else used.shape[0]
 
 
 # ------------------------------------------------------------------------------------ PyTorch
-def _trim_torch(kv: LayerKV) -> LayerKV:
-    """Drop leading key columns no row can attend to (invalid in every row)."""
-    used = kv.valid.any(0).nonzero()
-    start = int(used[0]) if used.numel() else kv.length
-    if start == 0:
-        return kv
-    return LayerKV(kv.key[:, :, start:], kv.value[:, :, start:], kv.pos[:, start:], kv.valid[:, start:])
+def _cols(kv: LayerKV, rows: slice, start: int, end: int) -> LayerKV:
+    """A view of batch rows `rows` and cache columns start:end."""
+    return LayerKV(kv.key[rows, :, start:end], kv.value[rows, :, start:end], kv.pos[rows, start:end],
+                   kv.valid[rows, start:end])
 
 
-def _select_torch(cache: list, rows: Sequence[int]) -> list:
-    idx = torch.as_tensor(list(rows), dtype=torch.long, device=_device(cache))
-    return [None if kv is None else _trim_torch(LayerKV(kv.key.index_select(0, idx), kv.value.index_select(0, idx),
-                                                       kv.pos.index_select(0, idx), kv.valid.index_select(0, idx)))
-            for kv in cache]
+def _stack_torch(views: list[LayerKV], room: int) -> KVBuffer:
+    """LayerKV views side by side along the batch, in one new store with `room` free columns: each
+    right-aligned, the shorter ones left-padded (the store starts zeroed: key 0, valid False)."""
+    length = max(v.length for v in views)
+    first = views[0]
+    batch = sum(v.key.shape[0] for v in views)
+    _, heads, _, dim = first.key.shape
+    empty = LayerKV(first.key.new_empty(batch, heads, 0, dim), first.value.new_empty(batch, heads, 0, dim),
+                    first.pos.new_empty(batch, 0), first.valid.new_empty(batch, 0))
+    store = KVStore(empty, length + room)  # [B,nkv,length+room,d], zeros
+    row = 0
+    for v in views:
+        n, pad = v.key.shape[0], length - v.length
+        store.key[row:row + n, :, pad:length] = v.key
+        store.value[row:row + n, :, pad:length] = v.value
+        store.pos[row:row + n, pad:length] = v.pos
+        store.valid[row:row + n, pad:length] = v.valid
+        row += n
+    store.length = length
+    return KVBuffer(store, length)
 
 
-def _left_pad_torch(kv: LayerKV, length: int) -> LayerKV:
-    extra = length - kv.length
-    if extra == 0:
-        return kv
-    b, n, _, d = kv.key.shape
-    zk = kv.key.new_zeros(b, n, extra, d)  # [B,nkv,extra,d] inert: valid False
-    return LayerKV(torch.cat([zk, kv.key], 2), torch.cat([zk, kv.value], 2),
-                   torch.cat([kv.pos.new_zeros(b, extra), kv.pos], 1), torch.cat([kv.valid.new_zeros(b, extra), kv.valid], 1))
-
-
-def _concat_torch(caches: Sequence[list]) -> list:
+def _select_torch(cache: list, rows: Sequence[int], room: int) -> list:
+    runs = row_runs(rows)
     out = []
-    for layer in zip(*caches):
-        if layer[0] is None:
+    for kv in cache:
+        if kv is None:
             out.append(None)
             continue
-        length = max(kv.length for kv in layer)
-        padded = [_left_pad_torch(kv, length) for kv in layer]
-        out.append(LayerKV(*(torch.cat([getattr(kv, f) for kv in padded], 0) for f in FIELDS)))
+        used = torch.cat([kv.valid[r, :kv.length] for r in runs], 0).any(0)  # [T]
+        start = first_used(used)
+        out.append(_stack_torch([_cols(kv, r, start, kv.length) for r in runs], room))
     return out
 
 
-def _device(cache: list):
-    return next(kv.key.device for kv in cache if kv is not None)
-
-
-# ------------------------------------------------------------------------------- ONNX Runtime
-def _layers(cache: dict) -> list[str]:
-    """'past.{l}' prefixes of a named cache, in layer order."""
-    return sorted({n.rsplit(".", 1)[0] for n in cache}, key=lambda p: int(p.split(".")[1]))
-
-
-def _select_numpy(cache: dict, rows: Sequence[int]) -> dict:
-    idx = np.asarray(list(rows), dtype=np.int64)
-    out = {}
-    for layer in _layers(cache):
-        valid = cache[f"{layer}.valid"][idx]  # [b,T]
-        used = np.flatnonzero(valid.any(0))
-        start = int(used[0]) if used.size else valid.shape[1]
-        for f in FIELDS:
-            arr = cache[f"{layer}.{f}"][idx]
-            out[f"{layer}.{f}"] = np.ascontiguousarray(arr[:, :, start:] if arr.ndim == 4 else arr[:, start:])
+def _concat_torch(caches: Sequence[list], room: int) -> list:
+    out = []
+    for layer in zip(*caches):
+        everything = slice(None)
+        out.append(None if layer[0] is None else
+                   _stack_torch([_cols(kv, everything, 0, kv.length) for kv in layer], room))
     return out
 
 
-def _concat_numpy(caches: Sequence[dict]) -> dict:
-    out = {}
-    for layer in _layers(caches[0]):
-        length = max(c[f"{layer}.valid"].shape[1] for c in caches)
-        for f in FIELDS:
-            parts = []
-            for c in caches:
-                arr = c[f"{layer}.{f}"]
-                extra = length - arr.shape[-2 if arr.ndim == 4 else -1]
-                if extra:
-                    width = [(0, 0)] * arr.ndim
-                    width[2 if arr.ndim == 4 else 1] = (extra, 0)
-                    arr = np.pad(arr, width)  # zeros: key/value 0, pos 0, valid False
-                parts.append(arr)
-            out[f"{layer}.{f}"] = np.ascontiguousarray(np.concatenate(parts, 0))
-    return out
+def _fit_torch(cache: list, room: int) -> list:
+    def roomy(kv) -> bool:  # an in-place buffer at the end of its store, with the room free
+        return kv is None or (isinstance(kv, KVBuffer) and kv.store.slot is None and kv.upto == kv.store.length
+                              and kv.store.capacity - kv.store.length >= room)
+
+    return cache if all(roomy(kv) for kv in cache) else _concat_torch([cache], room)
 
 
 def _is_torch_cache(cache) -> bool:
@@ -120,26 +145,53 @@ def _is_torch_cache(cache) -> bool:
         kv is None or isinstance(kv, LayerKV) for kv in cache)
 
 
-def _is_numpy_cache(cache) -> bool:
-    return (isinstance(cache, dict) and bool(cache) and all(isinstance(v, np.ndarray) for v in cache.values())
-            and all(n.startswith("past.") and n.rsplit(".", 1)[1] in FIELDS for n in cache))
+# ------------------------------------------------------------------ ONNX Runtime / TensorRT
+def _stack_seq_major(parts: dict[int, list[dict[str, Tensor]]], room: int) -> KVCache:
+    """Per layer, seq-major pasts ({field: [T,b,...]}) side by side along the batch, in a new
+    KVCache with `room` free rows per layer: each right-aligned, the shorter ones left-padded."""
+    first = next(iter(parts.values()))
+    key = first[0]["key"]  # [T,b,nkv,d]
+    batch = sum(p["pos"].shape[1] for p in first)
+    lengths = {li: max(p["pos"].shape[0] for p in ps) for li, ps in parts.items()}
+    out = KVCache.allocate({li: n + room for li, n in lengths.items()}, batch, key.shape[2], key.shape[3],
+                           key.dtype, key.device)  # pos/valid zeroed, key/value not
+    for li, ps in parts.items():
+        bufs, n, col = out.buffers[li], lengths[li], 0
+        for p in ps:
+            b, pad = p["pos"].shape[1], n - p["pos"].shape[0]
+            for f in FIELDS:
+                bufs[f][pad:n, col:col + b].copy_(p[f])
+            if pad:  # inert filler: zero keys and values (0 x garbage could be NaN), valid False
+                bufs["key"][:pad, col:col + b].zero_()
+                bufs["value"][:pad, col:col + b].zero_()
+            col += b
+        out.length[li] = n
+    return out
 
 
-def cache_ops(backend, sample_cache) -> CacheOps | None:
-    """The row operations for this backend's cache layout, or None when it is not understood."""
-    if callable(getattr(backend, "select_rows", None)) and callable(getattr(backend, "concat_rows", None)):
-        return CacheOps(backend.select_rows, backend.concat_rows, f"{getattr(backend, 'name', 'backend')} (own)")
+def _select_seq_major(cache: KVCache, rows: Sequence[int], room: int) -> KVCache:
+    runs = row_runs(rows)
+    parts = {}
+    for li in cache.layers:
+        past = cache.past(li)  # {field: [T,B,...]}
+        start = first_used(torch.cat([past["valid"][:, r] for r in runs], 1).any(1))  # [T] -> first used row
+        parts[li] = [{f: t[start:, r] for f, t in past.items()} for r in runs]
+    return _stack_seq_major(parts, room)
+
+
+def _concat_seq_major(caches: Sequence[KVCache], room: int) -> KVCache:
+    return _stack_seq_major({li: [c.past(li) for c in caches] for li in caches[0].layers}, room)
+
+
+def _fit_seq_major(cache: KVCache, room: int) -> KVCache:
+    cache.reserve(room)  # grows (one copy) only when a layer lacks the room
+    return cache
+
+
+def cache_ops(sample_cache) -> CacheOps | None:
+    """The row operations for this cache's type, or None when it is not understood."""
+    if isinstance(sample_cache, KVCache) and sample_cache.layers:
+        return CacheOps(_select_seq_major, _concat_seq_major, _fit_seq_major, "KVCache (seq-major)")
     if _is_torch_cache(sample_cache):
-        return CacheOps(_select_torch, _concat_torch, "torch LayerKV")
-    if _is_numpy_cache(sample_cache):
-        return CacheOps(_select_numpy, _concat_numpy, "named numpy past.*")
+        return CacheOps(_select_torch, _concat_torch, _fit_torch, "torch LayerKV")
     return None
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes a cache really holds (padding included): the backend's own count when it has one."""
-    if _is_torch_cache(cache):
-        return sum(getattr(kv, f).nbytes for kv in cache if kv is not None for f in FIELDS)
-    if _is_numpy_cache(cache):
-        return sum(int(v.nbytes) for v in cache.values())
-    return 0

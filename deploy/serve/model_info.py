@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from tokenskip.kvcache import kv_cache_bytes
+from tokenskip.kv_bytes import kv_cache_bytes
 from tokenskip.schedule import Schedule
 
 
@@ -36,7 +36,7 @@ class ModelInfo:
         return getattr(self.config, "num_hidden_layers", None)
 
     def kv_bytes(self, prompt_len: int, new_tokens: int) -> int | None:
-        """Analytic KV-cache bytes of one sequence (tokenskip.kvcache), None when unknown."""
+        """Analytic KV-cache bytes of one sequence (tokenskip.kv_bytes), None when unknown."""
         if self.config is None:
             return None
         return kv_cache_bytes(self.config, self.schedule, prompt_len, new_tokens, self.kv_policy, self.dtype)
@@ -80,7 +80,7 @@ def model_info(backend, name: str) -> ModelInfo:
         return from_sidecar(name, meta, max_length)
     export_dir = meta.get("export_dir")  # engine.json (TensorRT): the export it was built from
     if isinstance(export_dir, str) and Path(export_dir).is_dir():
-        from tokenskip.deploy.backends import read_export
+        from tokenskip.export.sidecar import read_export
 
         try:
             return from_sidecar(name, read_export(export_dir), max_length or meta.get("max_seq_len"))

@@ -12,13 +12,16 @@ and `abort`. Two modes share every line but the admission rule:
   prefilled as a batch of their own and their cache rows joined to the running batch
   (kv_rows.CacheOps.concat), so a new request waits at most one decode step.
 
-Continuous batching needs the cache row operations of kv_rows.py; for a backend whose cache is not
-understood it falls back to dynamic batching, and finished rows then decode padding until their
-batch ends (as deploy/generation.py does). Sampling is deploy/generation.py's (`sample`,
+Continuous batching needs the cache row operations of kv_rows.py (PyTorch's LayerKV list, the
+ONNX Runtime / TensorRT KVCache); for a cache it does not understand it falls back to dynamic
+batching, and finished rows then decode padding until their batch ends (as deploy/generation.py
+does). Every regrouping (a join, a row leaving, a fresh prefill) leaves a preallocated cache with
+room for the longest remaining generation in the batch (`Sequence.decode_room`), so the decode
+steps in between write in place and allocate nothing. Sampling is deploy/generation.py's (`sample`,
 `row_generators`, `left_pad`): a greedy request gives the same tokens batched or alone.
 
 Admission is against a KV budget: each sequence reserves the analytic bytes of its cache at its
-longest (prompt + max_tokens, tokenskip.kvcache), released when it finishes. Under
+longest (prompt + max_tokens, tokenskip.kv_bytes), released when it finishes. Under
 kv_policy=skip a routed model's sequences reserve less, so more of them run at once.
 """
 
@@ -72,6 +75,11 @@ class Sequence:
     def __post_init__(self) -> None:
         seed = self.sampling.seed
         self.generator = row_generators(seed, [self.seed_offset])[0]
+
+    @property
+    def decode_room(self) -> int:
+        """Cache rows this sequence's remaining decode steps can add (prefill gives its first token)."""
+        return max(0, self.sampling.max_new_tokens - max(1, len(self.tokens)))
 
 
 class Stats:
@@ -216,13 +224,15 @@ class Scheduler:
         t0 = time.perf_counter()
         logits, cache = self.backend.prefill(ids, mask)  # [b,V]
         if not self.ops_known:
-            self.ops, self.ops_known = cache_ops(self.backend, cache), True
+            self.ops, self.ops_known = cache_ops(cache), True
         nxt = self._sample(logits, admit)
-        self.stats.on_prefill(admit, ids.shape[1], time.perf_counter() - t0)
-        if self.rows:  # continuous: join the running batch between two decode steps
-            self.cache = self.ops.concat([self.cache, cache])
-        else:
+        if self.ops is None:
             self.cache = cache
+        else:  # room for every decode step the batch still needs, so decode never reallocates
+            room = max(s.decode_room for s in self.rows + admit)
+            # continuous: join the running batch between two decode steps
+            self.cache = self.ops.concat([self.cache, cache], room) if self.rows else self.ops.fit(cache, room)
+        self.stats.on_prefill(admit, ids.shape[1], time.perf_counter() - t0)
         self.rows += admit
         self.positions += [len(s.prompt) for s in admit]
         for seq, tok in zip(admit, nxt):
@@ -284,8 +294,8 @@ class Scheduler:
         if not live:
             self.rows, self.cache, self.positions = [], None, []
         elif self.ops is not None:
-            self.cache = self.ops.select(self.cache, live)
             self.rows = [self.rows[b] for b in live]
+            self.cache = self.ops.select(self.cache, live, max(s.decode_room for s in self.rows))
             self.positions = [self.positions[b] for b in live]
 
     def _fail_all(self, reason: str, error: str | None) -> None:
