@@ -1,9 +1,9 @@
 """Small ONNX graphs with tokenskip nodes, for engine-build tests without a real export.
 
-`write_export(dir)` writes a folder shaped like `tokenskip export` output (export.json + model.onnx
-+ decode.onnx) whose graphs route a toy block through TopKGather -> MatMul -> ScatterTokens. The
-nodes carry plugin_namespace="tokenskip" and the model ships the exporter's own model-local
-function bodies (`tokenskip.export.onnx_ops.function_protos`, standard ops only): the fallback
+`routed_block_model()` is a graph that routes a toy block through TopKGather -> MatMul ->
+ScatterTokens (tests/test_engine_build.py wraps it as an export folder); `compiled_library()`
+builds the plugin library once per process. The nodes carry plugin_namespace="tokenskip" and the
+model ships the exporter's own model-local function bodies (`tokenskip.export.onnx_ops.function_protos`, standard ops only): the fallback
 TensorRT uses when our plugin library is not loaded.
 """
 
@@ -70,40 +70,6 @@ def _bf16_tensor(name: str, arr: np.ndarray):
     u = arr.astype(np.float32).view(np.uint32).astype(np.uint64)
     bits = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even (finite values)
     return helper.make_tensor(name, TensorProto.BFLOAT16, list(arr.shape), bits.astype(np.uint16).tobytes(), raw=True)
-
-
-def _io(model) -> dict:
-    out = {}
-    for v in model.graph.input:
-        dims = [d.dim_param or int(d.dim_value) for d in v.type.tensor_type.shape.dim]
-        name = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64"}[v.type.tensor_type.elem_type]
-        out[v.name] = {"dtype": name, "shape": dims}
-    return out
-
-
-def write_export(out_dir: str | Path, hidden: int = 64, dtype: str = "float32", keep_num: int = 3, keep_den: int = 5,
-                 min_keep: int = 1, decode: bool = True, with_mask: bool = False) -> Path:
-    """A folder shaped like `tokenskip export` output: export.json + model.onnx (+ decode.onnx)."""
-    import json
-
-    import onnx
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    graphs = {}
-    prefill = routed_block_model(hidden, dtype, keep_num, keep_den, min_keep, with_mask=with_mask)
-    onnx.save(prefill, out / "model.onnx")
-    graphs["prefill"] = {"file": "model.onnx", "inputs": _io(prefill)}
-    if decode:  # one new token per step: the decode graph routes a length-1 sequence
-        dec = routed_block_model(hidden, dtype, keep_num, keep_den, min_keep, seq=1, with_mask=with_mask)
-        onnx.save(dec, out / "decode.onnx")
-        graphs["decode"] = {"file": "decode.onnx", "inputs": _io(dec)}
-    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
-    side = {"format": "tokenskip-export", "version": 1, "dtype": short, "max_seq_len": 4096, "graphs": graphs,
-            "custom_ops": {"domain": DOMAIN, "version": DOMAIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE,
-                           "ops": ["TopKGather", "ScatterTokens"]}}
-    (out / "export.json").write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8")
-    return out
 
 
 _COMPILED: dict[str, Path] = {}

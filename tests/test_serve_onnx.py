@@ -113,26 +113,25 @@ def test_serve_onnx_batches_equal_length_prompts_exactly(served, ort):
 
 
 def test_ort_cache_bytes_equal_the_analytic_count(ort):
-    from tokenskip.deploy.serve.kv_rows import cache_nbytes
     from tokenskip.deploy.serve.model_info import model_info
 
     backend, tok = ort
     info = model_info(backend, "export")
     ids = tok("a prompt of some length")["input_ids"]
     _, cache = backend.prefill(*left_pad([ids], tok.pad_token_id))
-    assert cache_nbytes(cache) == info.kv_bytes(len(ids), 0)
+    assert backend.cache_nbytes(cache) == info.kv_bytes(len(ids), 0)
     _, cache = backend.decode(torch.tensor([[5]]), torch.tensor([[len(ids)]]), cache)
-    assert cache_nbytes(cache) == info.kv_bytes(len(ids), 1)
+    assert backend.cache_nbytes(cache) == info.kv_bytes(len(ids), 1)
     dense_info = model_info(backend, "export")
     dense_info.schedule = None
     assert info.kv_bytes(len(ids), 1) < dense_info.kv_bytes(len(ids), 1)
 
 
 def test_triton_repository_holds_loadable_graphs_matching_its_configs(tiny_onnx, ort, tmp_path):
-    """Triton cannot run here (docs/serving.md): what can be checked is that each model folder's
+    """Triton cannot run here (docs/serving.md): what can be checked is that the model folder's
     files load in ONNX Runtime (the runtime of Triton's onnxruntime backend) from where Triton
-    would load them, that config.pbtxt declares exactly their inputs and outputs, and that the
-    prefill there computes what the export computes."""
+    would load them, that config.pbtxt declares exactly their inputs and outputs, and that a
+    prefill call there (empty past) computes what the export computes."""
     import re
 
     import numpy as np
@@ -144,22 +143,28 @@ def test_triton_repository_holds_loadable_graphs_matching_its_configs(tiny_onnx,
 
     res = CliRunner().invoke(triton_repo, [str(tiny_onnx), "--out", str(tmp_path / "repo"), "--name", "tiny"])
     assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["tiny"]  # one graph, one model
     types = {"tensor(int64)": "TYPE_INT64", "tensor(float)": "TYPE_FP32", "tensor(bool)": "TYPE_BOOL"}
-    for part in ("prefill", "decode"):
-        folder = tmp_path / "repo" / f"tiny_{part}"
-        cfg = (folder / "config.pbtxt").read_text()
-        assert f'name: "tiny_{part}"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
-        filename = re.search(r'default_model_filename: "([^"]+)"', cfg).group(1)
-        session = ort_session(folder / "1" / filename, threads=1)
-        declared = re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', cfg)
-        actual = [(v.name, types[v.type], ", ".join(str(d) if isinstance(d, int) else "-1" for d in v.shape))
-                  for v in (*session.get_inputs(), *session.get_outputs())]
-        assert declared == actual
-        if part == "prefill":
-            backend, tok = ort
-            ids, mask = left_pad([tok("triton")["input_ids"]], tok.pad_token_id)
-            logits = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-            np.testing.assert_allclose(logits.reshape(1, -1), backend.prefill(ids, mask)[0].numpy(), atol=1e-5)
+    folder = tmp_path / "repo" / "tiny"
+    cfg = (folder / "config.pbtxt").read_text()
+    assert 'name: "tiny"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
+    filename = re.search(r'default_model_filename: "([^"]+)"', cfg).group(1)
+    session = ort_session(folder / "1" / filename, threads=1)
+    declared = re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', cfg)
+    actual = [(v.name, types[v.type], ", ".join(str(d) if isinstance(d, int) else "-1" for d in v.shape))
+              for v in (*session.get_inputs(), *session.get_outputs())]
+    assert declared == actual
+    backend, tok = ort
+    ids, mask = left_pad([tok("triton")["input_ids"]], tok.pad_token_id)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    for v in session.get_inputs():
+        if v.name.startswith("past."):  # an empty past: sequence-major, length 0
+            dims = [0, 1] + [d for d in v.shape[2:]]
+            feeds[v.name] = np.zeros(dims, dtype={"tensor(float)": np.float32, "tensor(int64)": np.int64,
+                                                  "tensor(bool)": np.bool_}[v.type])
+    logits = session.run(["logits"], feeds)[0]
+    np.testing.assert_allclose(logits.reshape(1, -1), backend.prefill(ids, mask)[0].numpy(), atol=1e-5)
     again = CliRunner().invoke(triton_repo, [str(tiny_onnx), "--out", str(tmp_path / "repo")])
     assert again.exit_code == 1 and "not empty" in again.output
     rtx = tmp_path / "rtx-engine"
