@@ -497,16 +497,34 @@ def test_cli_errors(tiny_dir, tiny6_dir, text_file, schedule_file, tmp_path):
 # -- slow: the real model --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_search_beats_uniform_on_calibration(smollm2):
-    from tokenskip.routers import StaticRouter
-    from tokenskip.train.common import windows
-    from tokenskip.train.search import SearchSettings, search_schedule
+def test_smollm2_search_finds_a_schedule_that_transfers(smollm2):
+    """What the GA is for, asserted where elitism cannot hold it up: (1) on its calibration windows
+    it finds a schedule strictly better than the uniform one it was seeded with (a GA that only
+    returns its best seed fails); (2) on windows it never saw (the train split, other articles) that
+    schedule beats the median of random schedules of the same overall sparsity (a GA that returns
+    an arbitrary member fails). It is not asserted that the searched schedule beats uniform on
+    held-out windows: at this budget (4 windows of 256 tokens) it does not reliably (measured:
+    -0.132 vs -0.072 on 4 train-split windows, -0.111 vs -0.122 on 4 eval windows), which is why the
+    fit budgets search on 8 windows of 512 tokens; docs/training.md has the held-out tables."""
+    import numpy as np
 
-    calib = windows(smollm2.tokenizer, "calib", None, 128, 2)
-    st = SearchSettings(target=0.3, population=4, generations=1, seed=0)
-    res = search_schedule(smollm2.model, StaticRouter(), calib, 16, st, progress=False)
+    from tokenskip.routers import StaticRouter
+    from tokenskip.schedule import Schedule
+    from tokenskip.train.common import windows
+    from tokenskip.train.search import Genome, SearchSettings, kl_fitness, search_schedule
+
+    calib = windows(smollm2.tokenizer, "calib", None, 256, 4)
+    held_out = windows(smollm2.tokenizer, "train", None, 256, 4, seed=1)
+    st = SearchSettings(target=0.3, population=6, generations=2, seed=0)
+    res = search_schedule(smollm2.model, StaticRouter(), calib, 32, st, progress=False)
     assert res.schedule.num_layers == 30 and abs(res.schedule.overall() - 0.3) < 1e-9
-    assert res.history[-1]["best"] >= res.history[0]["best"]
+    uniform = Schedule.uniform(30, 0.3)
+    on_calib = kl_fitness(smollm2.model, StaticRouter(), calib, 32, "skip")
+    assert res.fitness > on_calib(uniform) + 1e-4, (res.fitness, on_calib(uniform))  # fitness = -KL
+    genome, rng = Genome(30, st), np.random.default_rng(0)
+    on_held = kl_fitness(smollm2.model, StaticRouter(), held_out, 32, "skip")
+    rand = [on_held(genome.to_schedule(genome.repair(rng.uniform(0, genome.max_units, 30)))) for _ in range(3)]
+    assert on_held(res.schedule) > float(np.median(rand)), (on_held(res.schedule), rand)
 
 
 @pytest.mark.slow
