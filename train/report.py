@@ -120,6 +120,33 @@ def _methods(lm, fit_dir: Path, sparsity: float, names: tuple[str, ...], seq_len
     return out, info
 
 
+def router_provenance(fit_dir: Path) -> str | None:
+    """One paragraph on where the shipped learned router came from (its start and which validated
+    training step shipped), from the fit's tokenskip.json files: a table row says how good the
+    router is, this says whether training or the start made it so."""
+    from tokenskip.fileio import read_json
+
+    parts = []
+    for stage, label in (("router-1", "training"), ("routers", "final training")):
+        f = fit_dir / stage / "tokenskip.json"
+        try:
+            tr = (read_json(f, "tokenskip.json").get("extra") or {}).get("training") or {}
+        except (UserError, AttributeError):
+            continue
+        start = tr.get("start") or {}
+        if stage == "router-1" and tr.get("init") == "static" and start.get("val_kl"):
+            kls = ", ".join(f"{k} -> {v:.4f}" for k, v in start["val_kl"].items())
+            parts.append(f"started as the static sink + recency router with sink fraction {start.get('chosen')} "
+                         f"(chosen by calibration KL among {kls})")
+        best, steps, kl = tr.get("best_step"), tr.get("steps"), tr.get("best_val_kl")
+        if isinstance(best, int) and best >= 0 and isinstance(kl, (int, float)):
+            what = ("no step improved on its start, so the start shipped" if best == 0
+                    else f"step {best} of {steps} shipped")
+            parts.append(f"{label}: validated every {tr.get('validate_every')} steps, {what} "
+                         f"(calibration KL {kl:.4f})")
+    return ("Learned router: " + "; ".join(parts) + ".") if parts else None
+
+
 def comparisons(results: list, seed: int = 0) -> list[dict]:
     """Paired bootstrap comparisons of COMPARISONS among the evaluated methods."""
     from tokenskip.evaluate import compare
@@ -179,12 +206,15 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
                               "markdown": md, "windows": int(ids.shape[0])}
         texts.append(md)
     first = per_domain[sources[0][0]]
+    provenance = router_provenance(fit_dir) if "learned" in methods else None
+    if provenance:
+        texts[0] += "\n\n" + provenance
     obj = {"model": model_name, "sparsity": sparsity, "seed": seed,
            "settings": {"seq_len": seq_len, "cont_len": cont_len, "windows": first["windows"], "seed": seed,
                         "kv_policy": kv_policy, "tasks": tasks or [], "task_examples": task_examples,
                         "domains": [d for d, _ in sources], "free_run": free_run, "free_run_tokens": free_run_tokens},
            "shortgpt": info, "domains": per_domain, "results": first["results"], "rows": first["rows"],
-           "comparisons": first["comparisons"], "tasks": {}, "free_running": []}
+           "comparisons": first["comparisons"], "provenance": provenance, "tasks": {}, "free_running": []}
     if free_run:
         from tokenskip.freerun import format_free_running, free_running
 
@@ -204,7 +234,8 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
         obj["tasks"] = task_results
         T.attach_retention(obj["rows"], task_results, seed)
         texts[0] = markdown(obj["rows"], texts[0].splitlines()[0].strip("*")) + "\n\n" + \
-            "\n".join(f"- {comparison_line(c)}" for c in first["comparisons"])
+            "\n".join(f"- {comparison_line(c)}" for c in first["comparisons"]) + \
+            (f"\n\n{provenance}" if provenance else "")
         texts.append(T.format_tasks(task_results))
     obj["markdown"] = "\n\n".join(texts)
     return obj
