@@ -79,7 +79,7 @@ def _gpu_can_run_engine() -> bool:
               help="Held-out windows for the quality table, sampled across every article (64 x 64 = 4096 scored tokens).")
 @click.option("--domains", default="eval", show_default=True,
               help="Held-out text of the quality table: eval (Wikipedia) and/or news (a second domain).")
-@click.option("--free-run", default=16, show_default=True,
+@click.option("--free-run", default=8, show_default=True,
               help="Prompts generated greedily for the free-running check (agreement with dense, repetition).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt for the generation stage.")
 @click.option("--bench-seq-len", default=1024, show_default=True, help="Prompt length of the speed stage.")
