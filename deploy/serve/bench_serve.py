@@ -87,7 +87,8 @@ async def _level(url: str, prompts: list[list[int]], max_tokens: list[int], conc
 
 
 def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: int, say):
-    """-> {side: (serve flags, ModelInfo)} for dense and routed."""
+    """-> ({side: (serve flags, ModelInfo)} for dense and routed, the routed side's router kind:
+    "static" unless a given routed export says otherwise)."""
     from tokenskip.config import build_routed
 
     from tokenskip.export.sidecar import read_export
@@ -101,16 +102,19 @@ def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: 
     if backend == "torch":
         return {name: (["--model", lm.name, "--router", "dense" if name == "dense" else "static"]
                        + ([] if name == "dense" else ["--sparsity", str(sparsity)]),
-                       model_info(TorchBackend(routed), name)) for name, (routed, _) in built.items()}
-    out = {}
+                       model_info(TorchBackend(routed), name)) for name, (routed, _) in built.items()}, "static"
+    out, router = {}, "static"
     for name, given in (("dense", onnx_dense_dir), ("routed", onnx_dir)):
         folder = Path(given) if given else None
         if folder is None:
             say(f"exporting the {name} model to ONNX (once; minutes for a real model) ...")
             routed, cfg = built[name]
             folder = export_dir_for(lm, routed, cfg, tmp / name, max_len)
-        out[name] = (["--onnx", str(folder)], from_sidecar(name, read_export(folder), None))
-    return out
+        side = read_export(folder)
+        if name == "routed" and given:
+            router = str(side.get("router") or "static")
+        out[name] = (["--onnx", str(folder)], from_sidecar(name, side, None))
+    return out, router
 
 
 def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_dir, onnx_dense_dir, concurrency: str,
@@ -135,8 +139,8 @@ def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_di
     modes = ["continuous", "dynamic"] if batching == "both" else [batching]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tokenskip-bench-serve-") as tmp:
-        sides = _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, Path(tmp), max(512, prompt_len + max_tokens),
-                       say)
+        sides, router = _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, Path(tmp),
+                               max(512, prompt_len + max_tokens), say)
         del lm  # the servers load their own copies
         common = ["--device", device, "--max-batch", str(max_batch), "--max-queue", str(4 * max(levels) + 16),
                   "--log-level", "warning", *(["--threads", str(threads)] if threads else [])]
@@ -169,13 +173,14 @@ def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_di
         kv[name] = {"bytes_per_sequence": per_seq, "admitted": budget // per_seq if per_seq else None,
                     "routed_blocks": len(info.routed_layers), "kv_policy": info.kv_policy, "dtype": info.dtype}
     kv["routed_over_dense_bytes"] = kv["routed"]["bytes_per_sequence"] / kv["dense"]["bytes_per_sequence"]
-    return {"model": model or DEFAULT_MODEL, "backend": backend, "sparsity": sparsity, "machine": _machine(threads),
+    return {"model": model or DEFAULT_MODEL, "backend": backend, "router": router, "sparsity": sparsity,
+            "machine": _machine(threads),
             "prompt_len": prompt_len, "max_tokens": max_tokens, "mixed_lengths": mixed_lengths, "max_batch": max_batch,
             "rows": rows, "kv": kv}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"model {result['model']}, {result['backend']}, routed = static router at sparsity {result['sparsity']}, "
+    lines = [f"model {result['model']}, {result['backend']}, routed = {result.get('router', 'static')} router at sparsity {result['sparsity']}, "
              f"prompt {result['prompt_len']} tokens, {result['max_tokens']} generated"
              f"{' on average (mixed lengths)' if result.get('mixed_lengths') else ''}, max batch {result['max_batch']}",
              "", "| batching | concurrency | side | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | ms/token p50 | "
