@@ -161,18 +161,26 @@ class Usage(OpenAIModel):
     total_tokens: int
 
 
-class CompletionChoice(OpenAIModel):
+class Choice(OpenAIModel):
+    """What every choice carries; the subclasses add its content (text, message or delta)."""
     index: int = 0
-    text: str
     logprobs: None = None
     finish_reason: Optional[str] = None
 
 
-class CompletionResponse(OpenAIModel):
+class Response(OpenAIModel):
+    """What every response and stream chunk carries; the subclasses fix `object` and the choices."""
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
+
+
+class CompletionChoice(Choice):
+    text: str
+
+
+class CompletionResponse(Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -182,18 +190,12 @@ class AssistantMessage(OpenAIModel):
     content: str
 
 
-class ChatChoice(OpenAIModel):
-    index: int = 0
+class ChatChoice(Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Optional[str] = None
 
 
-class ChatCompletionResponse(OpenAIModel):
-    id: str
+class ChatCompletionResponse(Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -203,18 +205,12 @@ class DeltaMessage(OpenAIModel):
     content: Optional[str] = None
 
 
-class ChatChunkChoice(OpenAIModel):
-    index: int = 0
+class ChatChunkChoice(Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: Optional[str] = None
 
 
-class ChatCompletionChunk(OpenAIModel):
-    id: str
+class ChatCompletionChunk(Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatChunkChoice]
     usage: Optional[Usage] = None
 

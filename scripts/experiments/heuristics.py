@@ -43,17 +43,15 @@ class Sinks(Router):
         return pos + (ctx.positions < self.m).float() * 1e6
 
 
-if __name__ == "__main__":
-    out, sp, kv, nwin = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    alphas = [float(a) for a in sys.argv[5:] if not a.startswith("sink")]
-    sinks = [int(a[4:]) for a in sys.argv[5:] if a.startswith("sink")]
+def run(out: str, sp: float, kv: str, nwin: int, variants) -> None:
+    """Score static and variants(model, schedule) -> [(name, RoutedModel)] on nwin held-out
+    windows (uniform schedule at sp), each paired against static; one JSON line per variant."""
     lm = load_model("smollm2-135m")
     sched = Schedule.uniform(lm.model.config.num_hidden_layers, sp)
     ids = windows(lm.tokenizer, "eval", None, 512, nwin, seed=0)
     methods = [("static", RoutedModel(lm.model, sched, StaticRouter(), kv_policy=kv))]
-    methods += [(f"mix{a}", RoutedModel(lm.model, sched, Mix(a), kv_policy=kv)) for a in alphas]
-    methods += [(f"sink{m}", RoutedModel(lm.model, sched, Sinks(m), kv_policy=kv)) for m in sinks]
-    res = evaluate_methods(methods, ids, 64, batch_size=4, progress=False)
+    methods += variants(lm.model, sched)
+    res = evaluate_methods(methods, ids, 64, batch_size=4, progress=False)  # res[0] is dense
     with open(out, "a") as f:
         for r in res[1:]:
             c = compare(r, res[1])
@@ -61,3 +59,12 @@ if __name__ == "__main__":
                    "flops": r.flops, "diff_vs_static": c["kl_diff"], "diff_ci": c["kl_diff_ci"]}
             print(json.dumps(rec), flush=True)
             f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    out, sp, kv, nwin = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    alphas = [float(a) for a in sys.argv[5:] if not a.startswith("sink")]
+    sinks = [int(a[4:]) for a in sys.argv[5:] if a.startswith("sink")]
+    run(out, sp, kv, nwin, lambda model, sched: (
+        [(f"mix{a}", RoutedModel(model, sched, Mix(a), kv_policy=kv)) for a in alphas]
+        + [(f"sink{m}", RoutedModel(model, sched, Sinks(m), kv_policy=kv)) for m in sinks]))
