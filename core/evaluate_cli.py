@@ -63,6 +63,22 @@ def check_lengths(seq_len: int, cont_len: int) -> None:
         raise UserError(f"--cont-len {cont_len}: must be in [1, {seq_len // 2}] for --seq-len {seq_len}")
 
 
+def quality_options(domains: str, free_run: int):
+    """--windows / --domains / --free-run of the quality table (`report`, `pipeline`): one
+    definition, each command with its own defaults."""
+    def wrap(f):
+        f = click.option("--free-run", default=free_run, show_default=True, type=click.IntRange(min=0),
+                         help="Also generate greedily from this many held-out prompts: agreement with dense and "
+                              "repetition.")(f)
+        f = click.option("--domains", default=domains, show_default=True,
+                         help="Held-out text: eval (Wikipedia eval split) and/or news (the Lee news corpus, a "
+                              "second domain).")(f)
+        return click.option("--windows", default=64, show_default=True, type=click.IntRange(min=1),
+                            help="Held-out windows per domain, sampled by --seed across every article "
+                                 "(64 x 64 = 4096 scored tokens).")(f)
+    return wrap
+
+
 def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
     """Options shared by every command that builds a routed model (`extra_routers`: more --router
     choices a command handles itself, e.g. eval's shortgpt baseline)."""

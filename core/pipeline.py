@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .models import DEFAULT_MODEL
+from .evaluate_cli import quality_options
 from .precision import device_options
 
 STAGES = ("fit", "quality", "export", "engine", "generate", "speed")
@@ -75,12 +76,7 @@ def _gpu_can_run_engine() -> bool:
 @click.option("--sparsity", default=0.3, show_default=True, help="Overall sparsity the router is fitted for.")
 @click.option("--budget", type=click.Choice(["tiny", "small", "default"]), default="small", show_default=True,
               help="Search/training budget of the fit stage (small: a few minutes on 2 CPU cores).")
-@click.option("--windows", default=64, show_default=True,
-              help="Held-out windows for the quality table, sampled across every article (64 x 64 = 4096 scored tokens).")
-@click.option("--domains", default="eval", show_default=True,
-              help="Held-out text of the quality table: eval (Wikipedia) and/or news (a second domain).")
-@click.option("--free-run", default=8, show_default=True,
-              help="Prompts generated greedily for the free-running check (agreement with dense, repetition).")
+@quality_options(domains="eval", free_run=8)
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt for the generation stage.")
 @click.option("--bench-seq-len", default=1024, show_default=True, help="Prompt length of the speed stage.")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to run.")
@@ -108,8 +104,6 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
 
     check_sparsity(sparsity)
     domain_list = parse_domains(domains)
-    if windows < 1 or free_run < 0:
-        raise UserError("--windows must be >= 1 and --free-run >= 0")
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown or not chosen:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from tokenskip.errors import UserError, parse_list
+from tokenskip.evaluate_cli import quality_options
 from tokenskip.models import DEFAULT_MODEL
 from tokenskip.precision import device_options
 
@@ -269,12 +270,7 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 @click.option("--model", default=None, help="Model for `fit` folders (default: the one they were fitted on).")
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--cont-len", default=64, show_default=True)
-@click.option("--windows", default=64, show_default=True,
-              help="Held-out windows per domain, sampled by --seed across every article (64 x 64 = 4096 scored tokens).")
-@click.option("--domains", default="eval,news", show_default=True,
-              help="Held-out text: eval (Wikipedia eval split) and/or news (the Lee news corpus, a second domain).")
-@click.option("--free-run", default=0, show_default=True,
-              help="Also generate greedily from this many held-out prompts: agreement with dense and repetition.")
+@quality_options(domains="eval,news", free_run=0)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--tasks", default=None, help="Multiple-choice tasks for fit folders (comma list or `default`).")
 @click.option("--task-examples", default=100, show_default=True)
@@ -310,8 +306,6 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
     from .report import collect, markdown, parse_domains, quality_table
 
     domain_list = parse_domains(domains)
-    if windows < 1 or free_run < 0:
-        raise UserError("--windows must be >= 1 and --free-run >= 0")
     if plots_out:
         from .plots import check_plots_out
 
