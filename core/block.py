@@ -72,10 +72,13 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
                             scaling: float) -> tuple[Tensor, Tensor]:
     """Attention each key received from the last `window` usable query rows, without a q x T matrix.
 
-    q [B,nh,q,d] (post-RoPE), k [B,nh,T,d] (expanded), allowed [B,q,T], row_ok [B,q] (rows that are
-    real, kept tokens). Returns (score [B,T], seen [B,T]): the mean over heads of the attention
-    probability, averaged over the window queries that may see the key; `seen` is False for keys
-    no window query can see (the caller keeps their previous score). Cost: window x T per head.
+    q [B,nh,q,d] (post-RoPE), k [B,nkv,T,d] (GQA: not expanded; nh = nkv x groups), allowed [B,q,T],
+    row_ok [B,q] (rows that are real, kept tokens). Returns (score [B,T], seen [B,T]): the mean over
+    heads of the attention probability, averaged over the window queries that may see the key;
+    `seen` is False for keys no window query can see (the caller keeps their previous score).
+    Cost: window x T per head. The groups' queries share their KV head's matmul (query heads
+    kv*groups .. kv*groups+groups-1 read KV head kv, as HF's repeat_kv), so the keys are never
+    copied to nh heads: a decode step would otherwise copy the whole cache once per block.
     """
     nrows = q.shape[2]
     w = min(window, nrows)
@@ -86,10 +89,14 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
     qw = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B,nh,w,d]
     mask = allowed.gather(1, rows.unsqueeze(-1).expand(-1, -1, allowed.shape[2]))  # [B,w,T]
     mask = mask & rows_ok.unsqueeze(-1)
+    bsz, nh, _, d = qw.shape
+    nkv, nkeys = k.shape[1], k.shape[2]
     with fp32_region(q):  # the score is a router feature: fp32 even when the LLM runs in bf16/fp16
-        logits = torch.matmul(qw.float(), k.float().transpose(2, 3)) * scaling  # [B,nh,w,T]
+        qg = qw.float().reshape(bsz, nkv, -1, d)  # [B,nkv,groups*w,d]
+        logits = torch.matmul(qg, k.float().transpose(2, 3)).reshape(bsz, nh, -1, nkeys) * scaling  # [B,nh,w,T]
         logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
+        probs = torch.softmax(logits, dim=-1)
+        probs = probs.masked_fill(probs.isnan(), 0.0)  # rows with no key -> 0
         total = probs.sum(dim=2).mean(dim=1)  # [B,T]
         count = mask.sum(dim=1)  # [B,T] window queries that see each key
         score = total / count.clamp(min=1).to(total.dtype)
@@ -100,6 +107,7 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
 class BlockResult:
     out: Tensor  # [B,q,H] the block's output for the query rows
     kv: LayerKV  # what the rows attended over (this call's keys, past included)
+    new_kv: LayerKV  # this call's keys only (kv without the past): the rows a cache appends
     attn_score: Tensor | None = None  # [B,T] window attention score per key
     attn_seen: Tensor | None = None  # [B,T] bool
 
@@ -143,9 +151,9 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
         q, k = attn.q_norm(q), attn.k_norm(k)
     q = apply_rope(q, *cos_sin)
     k = apply_rope(k, *kv_cos_sin)
-    kv = LayerKV(k, v, kv_pos, kv_valid)
+    kv = new_kv = LayerKV(k, v, kv_pos, kv_valid)
     if past is not None:
-        kv = past.append(kv)
+        kv = past.append(new_kv)
         if k_active is not None:
             k_active = torch.cat([torch.ones_like(past.valid), k_active], 1)
     kernel = attention.choose(causal=causal and kv_x is None and past is None, q_rows=nq, device=q.device,
@@ -166,10 +174,9 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
     o = attn.o_proj(o.transpose(1, 2).reshape(bsz, nq, -1))  # [B,q,H]
     h = residual + o
     out = h + layer.mlp(layer.post_attention_layernorm(h))  # [B,q,H]
-    result = BlockResult(out=out, kv=kv)
+    result = BlockResult(out=out, kv=kv, new_kv=new_kv)
     if score_window > 0:
         row_ok = q_valid if q_active is None else (q_valid & q_active)
-        keys = expand_kv(kv.key, q.shape[1] // kv.key.shape[1])  # [B,nh,T,d]
-        result.attn_score, result.attn_seen = window_attention_scores(q, keys, allowed, row_ok, score_window,
+        result.attn_score, result.attn_seen = window_attention_scores(q, kv.key, allowed, row_ok, score_window,
                                                                       attn.scaling)
     return result

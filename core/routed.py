@@ -43,7 +43,8 @@ class LayerTrace:
 class RoutedOutput:
     logits: Tensor  # [B,S,V] or [B,1,V] (last position)
     traces: list[LayerTrace] = field(default_factory=list)
-    cache: list[LayerKV] | None = None  # per-layer KV (prefill)
+    cache: list[LayerKV] | None = None  # per-layer KV (prefill): past + this call's rows
+    new_cache: list[LayerKV] | None = None  # per-layer KV of this call's rows only (what a cache appends)
 
 
 def default_positions(valid: Tensor) -> Tensor:
@@ -214,9 +215,11 @@ class RoutedModel(nn.Module):
         table = torch.zeros(bsz, seq, dtype=torch.float32, device=h.device)  # latest attention score
         traces: list[LayerTrace] = []
         cache: list[LayerKV] = []
+        new_cache: list[LayerKV] = []
         for li, layer in enumerate(self.layers):
             if li in self.removed_layers:
                 cache.append(None)
+                new_cache.append(None)
                 if trace:
                     traces.append(LayerTrace(k=0))
                 continue
@@ -229,6 +232,7 @@ class RoutedModel(nn.Module):
                 if want_scores:
                     table = torch.where(res.attn_seen, res.attn_score, table)
                 cache.append(res.kv)
+                new_cache.append(res.new_kv)
                 if trace:
                     traces.append(LayerTrace(k=seq))
                 continue
@@ -240,12 +244,13 @@ class RoutedModel(nn.Module):
             # an int k here would specialise the exported graph to the example length
             k = block_keep_count(self.schedule, li, seq, n_tail) if (mode == "mask" or n_tail) else None
             if mode == "gather":
-                h, table, kv, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable,
+                h, table, res, tr = self._gather_block(li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable,
                                                       table, unpadded, lp)
             else:
-                h, table, kv, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table,
+                h, table, res, tr = self._mask_block(li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table,
                                                     ste, n_tail=n_tail)
-            cache.append(kv)
+            cache.append(res.kv)
+            new_cache.append(res.new_kv)
             if trace:
                 tr.logits, tr.forced = raw, forced
                 traces.append(tr)
@@ -254,7 +259,8 @@ class RoutedModel(nn.Module):
         elif num_logits is not None:
             h = h[:, -num_logits:]  # [B,n,H] only the positions the caller scores
         logits = self.model.lm_head(self.model.model.norm(h))
-        return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None)
+        return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None,
+                            new_cache=new_cache if return_cache else None)
 
     def _gather_block(self, li, layer, h, sel, k, n_tail, cos_sin, positions, valid, routable, table, unpadded=False,
                       past=None):
@@ -292,7 +298,7 @@ class RoutedModel(nn.Module):
                 table = table.scatter(1, index, torch.where(res.attn_seen, res.attn_score, old))
             else:
                 table = torch.where(res.attn_seen, res.attn_score, table)
-        return h, table, res.kv, LayerTrace(k=index.shape[1], index=index)
+        return h, table, res, LayerTrace(k=index.shape[1], index=index)
 
     def _mask_block(self, li, layer, h, sel, raw, k, cos_sin, positions, valid, routable, table, ste, *, n_tail: int):
         counts = block_keep_counts(self.schedule, li, valid, n_tail)  # [B] real tokens each row keeps
@@ -317,8 +323,7 @@ class RoutedModel(nn.Module):
         if window:
             seen = res.attn_seen & keep if self.kv_policy == "skip" else res.attn_seen
             table = torch.where(seen, res.attn_score, table)
-        kv = res.kv
-        return h, table, kv, LayerTrace(k=k, index=index, keep_mask=keep)
+        return h, table, res, LayerTrace(k=k, index=index, keep_mask=keep)
 
     def dense_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kw) -> RoutedOutput:
         """The unrouted model through the same block code (bit-identical to HF's forward)."""

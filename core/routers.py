@@ -70,11 +70,14 @@ class RandomRouter(Router):
 def normalized_rank(values: Tensor, valid: Tensor) -> Tensor:
     """values [B,S] -> rank among the valid tokens of each row (0 = largest), divided by (L-1).
 
-    A double argsort; padding sorts last. Ties are broken by position (stable sort), as everywhere.
+    A sort, then its inverse permutation by a scatter (the second argsort of a double argsort, in
+    O(S) and with ops every backend translates directly); padding sorts last. Ties are broken by
+    position (stable sort), as everywhere.
     """
     masked = values.masked_fill(~valid, float("-inf"))  # [B,S]
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices  # [B,S]
-    rank = torch.argsort(order, dim=-1).to(torch.float32)  # [B,S] rank of each position
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices  # [B,S] position of rank r
+    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)  # [B,S]
+    rank = torch.zeros_like(order).scatter(-1, order, ranks).to(torch.float32)  # [B,S] rank of each position
     denom = (valid.sum(-1, keepdim=True) - 1).clamp(min=1).to(torch.float32)  # [B,1]
     return rank / denom
 

@@ -157,6 +157,9 @@ def validate(export_dir, atol, rtol, batch, decode_tokens, samples, window, seed
               help="Instead of --model: a random-weight LLaMA-shaped model built from a config (no download).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--sparsity", type=float, default=0.3, show_default=True, help="Static router, uniform schedule.")
+@click.option("--routers", "routers_dir", type=click.Path(path_type=Path), default=None,
+              help="Export this routers folder (written by `tokenskip fit` / `train`, e.g. the learned router) "
+                   "instead of the static router.")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Keep the export here (default: a temporary folder, deleted).")
@@ -166,8 +169,8 @@ def validate(export_dir, atol, rtol, batch, decode_tokens, samples, window, seed
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
-def bench_export(model_name, random_llama, dtype, sparsity, max_seq_len, out_dir, no_check, optimize, threads, seed,
-                 as_json, json_out):
+def bench_export(model_name, random_llama, dtype, sparsity, routers_dir, max_seq_len, out_dir, no_check, optimize,
+                 threads, seed, as_json, json_out):
     """Time an export stage by stage and measure its peak memory, in a fresh process.
 
     \b
@@ -175,11 +178,19 @@ def bench_export(model_name, random_llama, dtype, sparsity, max_seq_len, out_dir
       tokenskip bench-export                                   # smollm2-135m, fp32
       tokenskip bench-export --random-llama 1b --dtype fp16    # ~1.1B parameters, no download
       tokenskip bench-export --random-llama tiny --json
+      tokenskip bench-export --routers out/pipeline/fit/routers   # the pipeline's learned-router graph
     """
     from .bench_export import format_report, run
 
     if model_name and random_llama:
         raise UserError("give --model or --random-llama, not both")
+    if routers_dir is not None:
+        if random_llama:
+            raise UserError("--routers: a routers folder belongs to a real model; use it with --model, "
+                            "not --random-llama")
+        if not (routers_dir / "tokenskip.json").is_file():
+            raise UserError(f"--routers {routers_dir}: no tokenskip.json there (a folder written by "
+                            "`tokenskip fit` or `tokenskip train`)")
     if not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity {sparsity}: must be in [0, 1)")
     if max_seq_len < 2:
@@ -189,7 +200,8 @@ def bench_export(model_name, random_llama, dtype, sparsity, max_seq_len, out_dir
 
         check_out_dir(out_dir, force=False)
     report = run(model=model_name or (None if random_llama else "smollm2-135m"), random_llama=random_llama,
-                 dtype=dtype, sparsity=sparsity, max_seq_len=max_seq_len, out=str(out_dir) if out_dir else None,
+                 dtype=dtype, sparsity=sparsity, routers=str(routers_dir) if routers_dir else None,
+                 max_seq_len=max_seq_len, out=str(out_dir) if out_dir else None,
                  check=not no_check, optimize=optimize, threads=threads, seed=seed)
     if json_out:
         from tokenskip.fileio import write_json_atomic

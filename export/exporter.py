@@ -1,8 +1,9 @@
 """Export a RoutedModel to ONNX: ONE graph (model.onnx + model.onnx.data) that serves prefill and
 decode, the sidecar (export.json), the tokenizer and the routers next to it.
 
-Route: `torch.onnx.export(dynamo=True)` of the RoutedModel's own forward with a past cache
-(wrapped to flat tensors by `tokenskip.export.wrappers.StepGraph`). The `tokenskip::topk_gather`
+Route: `torch.export` of the RoutedModel's own forward with a past cache (wrapped to flat tensors
+by `tokenskip.export.wrappers.StepGraph`), translated by `torch.onnx.export(dynamo=True)` without
+its second trace (tokenskip.export.trace). The `tokenskip::topk_gather`
 / `tokenskip::scatter_tokens` torch custom ops stay single nodes through torch.export and become
 `tokenskip::TopKGather` / `tokenskip::ScatterTokens` through a custom translation table.
 
@@ -34,6 +35,7 @@ from tokenskip.routed import RoutedModel, default_positions
 from tokenskip.schedule import MIN_KEEP
 
 from . import onnx_ops
+from .trace import trace_to_onnx
 from .sidecar import CACHE_LAYOUT, FORMAT, MODEL_FILE, ROUTING_DIR, SIDECAR, TOKENIZER_DIR, VERSION
 from .wrappers import CACHE_FIELDS, StepGraph
 
@@ -110,14 +112,12 @@ def _quiet():
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
             dynamic_shapes, opset: int, optimize: bool, path: Path, timings: dict) -> None:
-    """torch.export + ONNX translation, then the weights streamed to `path`.data: the ONNXProgram
-    (which references the model's own tensors) is dropped before anything else is loaded."""
-    t0 = time.perf_counter()
+    """torch.export + ONNX translation (one trace: tokenskip.export.trace), then the weights
+    streamed to `path`.data: the ONNXProgram (which references the model's own tensors) is dropped
+    before anything else is loaded."""
     with _quiet():
-        prog = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                 dynamic_shapes=dynamic_shapes, custom_translation_table=onnx_ops.translation_table(),
-                                 opset_version=opset, optimize=False, verbose=False)
-    timings["trace_s"] = time.perf_counter() - t0
+        prog = trace_to_onnx(module, args, dynamic_shapes, input_names=input_names, output_names=output_names,
+                             opset=opset, translation_table=onnx_ops.translation_table(), timings=timings)
     t0 = time.perf_counter()
     with _quiet():
         if optimize:
@@ -286,7 +286,7 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
         del proto
         timings["total_s"] = time.perf_counter() - t0
         sidecar["optimized"] = optimize
-        sidecar["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        sidecar["timings"] = {k: v if isinstance(v, bool) else round(v, 2) for k, v in timings.items()}
         write_json_atomic(tmp / SIDECAR, sidecar)
         _move_into_place(tmp, out_dir)
     except BaseException:

@@ -59,8 +59,6 @@ class StepGraph(nn.Module):
                                   return_cache=True, trace=True, past=cache)
         flat = [out.logits[:, -1]]  # [B,V]
         for li in self.layers:
-            n = cache[li].length  # the returned cache is past + new: keep the new rows
-            kv = out.cache[li]
-            flat += to_seq_major(LayerKV(kv.key[:, :, n:], kv.value[:, :, n:], kv.pos[:, n:], kv.valid[:, n:]))
+            flat += to_seq_major(out.new_cache[li])  # this call's rows (no slice of past + new to trace)
         flat += [out.traces[li].index for li in self.routed_layers]
         return tuple(flat)

@@ -101,18 +101,10 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-def full_tests_enabled() -> bool:
-    """The longest real-model checks (a second smollm2 export) run only with TOKENSKIP_FULL_TESTS=1,
-    to keep CI under 30 minutes on 2 cores; their figures are recorded in docs/export.md."""
-    import os
-
-    return os.environ.get("TOKENSKIP_FULL_TESTS") == "1"
-
-
 @pytest.fixture(scope="session")
 def smol_export(smollm2, tmp_path_factory):
     """ONE real export of smollm2-135m (static router, overall 0.3, kv_policy=skip) shared by the
-    export, engine-build and deploy tests: tracing a 30-layer model takes minutes on 2 cores."""
+    export, engine-build and deploy tests (about 30 s on 2 cores)."""
     from tokenskip.config import build_routed
     from tokenskip.export.exporter import export_model
 

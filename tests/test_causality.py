@@ -135,6 +135,29 @@ def test_window_scores_equal_brute_force_softmax():
                 assert score[bi, key].item() == pytest.approx(want, abs=1e-6)
 
 
+def test_window_scores_with_gqa_keys_equal_expanded_keys():
+    """GQA: keys [B,nkv,T,d] shared by groups of query heads give the scores of the keys expanded to
+    every head (HF's repeat_kv order: query head h reads KV head h // groups), without the copy."""
+    from tokenskip.attention import expand_kv
+
+    torch.manual_seed(4)
+    b, nkv, groups, q, d, w = 2, 2, 3, 9, 4, 5
+    qs = torch.randn(b, nkv * groups, q, d, dtype=torch.float64)
+    ks = torch.randn(b, nkv, q, d, dtype=torch.float64)
+    pos = torch.arange(q).expand(b, -1)
+    valid = torch.ones(b, q, dtype=torch.bool)
+    valid[0, :3] = False
+    allowed = attention_allowed(pos, pos, valid)
+    got, got_seen = window_attention_scores(qs, ks, allowed, valid, w, 0.5)
+    want, want_seen = window_attention_scores(qs, expand_kv(ks, groups), allowed, valid, w, 0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the feature is computed in fp32
+    assert torch.equal(got_seen, want_seen)
+    # and not the wrong pairing (query head h with KV head h % nkv): the check can fail
+    wrong = ks.repeat(1, groups, 1, 1)  # [B,nh,T,d] KV heads tiled, not repeated per group
+    other, _ = window_attention_scores(qs, wrong, allowed, valid, w, 0.5)
+    assert not torch.allclose(other, want)
+
+
 def test_key_straight_through_keeps_the_forward_and_reaches_skipped_keys(tiny_llama):
     """run_block(k_soft=...): the output is exactly the hard-masked one, and a skipped key's soft
     weight gets a gradient (with the hard mask alone it gets none)."""

@@ -1,8 +1,8 @@
 """Export (LLM + routers to ONE ONNX graph for prefill and decode, with tokenskip custom ops,
 validated with ONNX Runtime).
 
-Slow tests use the session's smollm2-135m export (static router at 0.3, kv_policy skip; kv_policy
-dense only with TOKENSKIP_FULL_TESTS=1) and validate it in ONNX Runtime (CPU EP, no custom-op
+Slow tests use the session's smollm2-135m export (static router at 0.3, kv_policy skip) and a
+second one with kv_policy dense (about 30 s each since the one-trace exporter) and validate them in ONNX Runtime (CPU EP, no custom-op
 library) against the PyTorch routed model. Fast tests cover the CLI's input errors, atomicity, a
 learned router (random weights) on a tiny random Llama, fp16/bf16 exports, the weights stored
 once, and the export benchmark on a tiny shape.
@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 ort = pytest.importorskip("onnxruntime")
 
-from tokenskip.config import RoutingConfig, build_routed, save_routing  # noqa: E402
+from tokenskip.config import RoutingConfig, build_routed, load_routing, save_routing  # noqa: E402
 from tokenskip.export import exporter, onnx_ops  # noqa: E402
 from tokenskip.export.cli import export as export_cmd  # noqa: E402
 from tokenskip.export.cli import validate as validate_cmd  # noqa: E402
@@ -195,6 +195,70 @@ def test_tiny_learned_router_export_matches_pytorch(tiny_learned):
                 assert np.abs(got[n] - ref[n].numpy()).max() <= 1e-4, (bsz, seq, n)
 
 
+def test_one_trace_equals_torch_onnx_own_route(tiny_learned, tmp_path, monkeypatch):
+    """The exporter skips torch.onnx's decomposition retrace and re-runs no node for type promotion
+    (tokenskip.export.trace); forcing torch.onnx's own route gives a graph with the same outputs in
+    ONNX Runtime, prefill and a decode step, and the sidecar says which route ran."""
+    from tokenskip.export import trace
+
+    routed, fast_out, side = tiny_learned
+    assert side["timings"]["retraced"] is False
+    monkeypatch.setattr(trace, "lower_in_place", lambda gm, translated: False)  # "an op needs the retrace"
+    monkeypatch.setattr(trace, "_recorded_promotion", lambda: (_ for _ in ()).throw(ImportError("moved")))
+    loaded = types.SimpleNamespace(model=routed.model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
+                                   name="tiny")
+    cfg, _ = load_routing(fast_out / "routing")
+    slow_side = exporter.export_model(loaded, routed, cfg, tmp_path / "slow")
+    assert slow_side["timings"]["retraced"] is True
+    graph = StepGraph(routed)
+    fast, slow = _session(fast_out), _session(tmp_path / "slow")
+    names = [o.name for o in fast.get_outputs()]
+    ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    feeds = dict(zip(graph.input_names(), [t.numpy() for t in (ids, mask, default_positions(mask.bool()),
+                                                                *empty_past(graph, 2))]))
+    a, b = dict(zip(names, fast.run(None, feeds))), dict(zip(names, slow.run(None, feeds)))
+    step = {"input_ids": a["logits"].argmax(-1)[:, None], "attention_mask": np.ones((2, 1), np.int64),
+            "position_ids": mask.sum(-1, keepdim=True).numpy(),
+            **{f"past.{n[4:]}": v for n, v in a.items() if n.startswith("new.")}}
+    a2, b2 = dict(zip(names, fast.run(None, step))), dict(zip(names, slow.run(None, step)))
+    for x, y in ((a, b), (a2, b2)):
+        for n in names:
+            assert x[n].dtype == y[n].dtype and x[n].shape == y[n].shape, n
+            assert np.allclose(x[n], y[n], rtol=0, atol=1e-5), n
+
+
+def test_lower_in_place_rewrites_known_spellings_and_refuses_the_rest():
+    """The in-place lowering handles `&`, `|` and `.to(dtype)`; an op torch.onnx would decompose
+    (argsort) leaves the graph untouched and asks for the retrace."""
+    from torch.onnx._internal.exporter import _decomp, _registration
+
+    from tokenskip.export.trace import lower_in_place
+
+    translated = set(_decomp.get_onnx_implemented_overloads(_registration.ONNXRegistry.from_torchlib()))
+
+    class Known(torch.nn.Module):
+        def forward(self, a, b):
+            return ((a > 0) & (b > 0) | (a < b)).to(torch.float32)
+
+    class Unknown(torch.nn.Module):
+        def forward(self, a):
+            return torch.argsort(a, dim=-1)
+
+    x, y = torch.randn(2, 5), torch.randn(2, 5)
+    ep = torch.export.export(Known(), (x, y))
+    assert lower_in_place(ep.graph_module, translated)
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.bitwise_and.Tensor in targets and torch.ops.aten.__and__.Tensor not in targets
+    assert torch.ops.aten.to.dtype not in targets
+    assert torch.equal(ep.module()(x, y), Known()(x, y))  # the rewritten graph computes the same
+    ep = torch.export.export(Unknown(), (x,))
+    before = [n.target for n in ep.graph.nodes]
+    assert not lower_in_place(ep.graph_module, translated)
+    assert [n.target for n in ep.graph.nodes] == before
+
+
 def test_tiny_graph_decodes_against_its_own_cache(tiny_learned):
     """The same graph with S = 1 and the cache as past equals RoutedModel.decode_step, step by step
     (per-layer caches of different lengths: kv_policy=skip)."""
@@ -244,7 +308,8 @@ def test_tiny_sidecar_and_checker(tiny_learned):
     assert outs["new.1.key"]["shape"] == ["kept_1", "batch", 2, 16] and outs["new.0.key"]["shape"][0] == "seq"
     assert outs["index.1"]["shape"] == ["batch", "kept_1"]
     assert side["cache"] == {"layout": "seq-major", "fields": list(CACHE_FIELDS), "layers": [0, 1, 2, 3]}
-    assert set(side["timings"]) >= {"trace_s", "simplify_s", "save_s", "total_s"}
+    assert set(side["timings"]) >= {"export_s", "translate_s", "simplify_s", "save_s", "total_s"}
+    assert side["timings"]["retraced"] is False  # one trace: torch.onnx's decomposition retrace skipped
     onnx_ops.register_schemas()
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     assert oct(os.stat(out).st_mode & 0o777) != "0o700"  # not mkdtemp's private mode
@@ -302,25 +367,12 @@ def test_half_precision_export(tiny_llama, tmp_path, dtype):
 # ------------------------------------------------------------------------ smollm2-135m (slow)
 @pytest.fixture(scope="module")
 def smol_exports(smollm2, smol_export, tmp_path_factory):
-    """Static router at 0.3: kv_policy skip (the session's shared export) and, with
-    TOKENSKIP_FULL_TESTS=1, kv_policy dense."""
-    from conftest import full_tests_enabled
-
-    outs = {"skip": smol_export}
-    if full_tests_enabled():
-        root = tmp_path_factory.mktemp("smol-export-dense")
-        routed, cfg = build_routed(smollm2.model, router="static", sparsity=0.3, kv_policy="dense",
-                                   model_name="smollm2-135m")
-        exporter.export_model(smollm2, routed, cfg, root / "dense")
-        outs["dense"] = root / "dense"
-    return outs
-
-
-def need(exports: dict, kv: str):
-    if kv not in exports:
-        pytest.skip(f"kv_policy={kv} smollm2 export runs only with TOKENSKIP_FULL_TESTS=1 (a second 30-layer "
-                    "export takes minutes on 2 cores); measured figures are in docs/export.md")
-    return exports[kv]
+    """Static router at 0.3: kv_policy skip (the session's shared export) and kv_policy dense."""
+    root = tmp_path_factory.mktemp("smol-export-dense")
+    routed, cfg = build_routed(smollm2.model, router="static", sparsity=0.3, kv_policy="dense",
+                               model_name="smollm2-135m")
+    exporter.export_model(smollm2, routed, cfg, root / "dense")
+    return {"skip": smol_export, "dense": root / "dense"}
 
 
 @pytest.mark.slow
@@ -345,16 +397,15 @@ def test_smol_graph_has_custom_ops_and_functions(smol_exports):
     assert sorted(p.name for p in out.glob("*.onnx*")) == ["model.onnx", "model.onnx.data"]
     assert 134e6 * 4 <= (out / "model.onnx.data").stat().st_size <= 136e6 * 4
     assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "tokenizer_config.json").is_file()
-    if "dense" in smol_exports:
-        dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
-        assert dense_side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["seq", "batch", 3, 64]
+    dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
+    assert dense_side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["seq", "batch", 3, 64]
     assert side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["kept_5", "batch", 3, 64]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv", ["skip", "dense"])
 def test_smol_validate_against_pytorch(smollm2, smol_exports, kv):
-    report = run_validation(need(smol_exports, kv), atol=ATOL, batches=[1, 4], decode_tokens=32, samples=1,
+    report = run_validation(smol_exports[kv], atol=ATOL, batches=[1, 4], decode_tokens=32, samples=1,
                             loaded=smollm2)
     print("\n" + format_report(report))
     assert report["passed"], report["failures"]
@@ -408,6 +459,7 @@ def test_bench_export_on_a_tiny_random_llama(tmp_path):
     assert 0 < r["rss_after_load_bytes"] <= r["peak_rss_bytes"] <= r["rss_budget_bytes"]
     assert r["weight_bytes"] == 2 * r["parameters"]
     assert r["weight_bytes"] * 0.98 <= r["files"]["model.onnx.data"] <= r["weight_bytes"] * 1.02 + 65536
-    assert r["stages"]["trace_s"] > 0 and r["export_s"] >= r["stages"]["trace_s"]
+    assert r["stages"]["export_s"] > 0 and r["export_s"] >= r["stages"]["export_s"] + r["stages"]["translate_s"]
+    assert r["stages"]["retraced"] is False
     res = CliRunner().invoke(bench_export, ["--random-llama", "tiny", "--model", "x"])
     assert res.exit_code != 0 and "not both" in res.output
