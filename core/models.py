@@ -127,11 +127,17 @@ def check_supported(config) -> None:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
-               device: torch.device | str = "cpu") -> LoadedModel:
+               device: torch.device | str = "cpu", device_map: str | dict | None = None,
+               offload_folder: str | os.PathLike | None = None) -> LoadedModel:
     """Load a frozen causal LM and its tokenizer, from safetensors only.
 
     The weights are loaded once, directly in `dtype` (a torch dtype or fp32/bf16/fp16) onto `device`
     (cpu/cuda/auto or a torch.device): a 7B model in bf16 never exists as an fp32 copy.
+
+    device_map (instead of `device`): accelerate's placement for a model that does not fit one
+    device: "auto" / "balanced" over the visible GPUs (then CPU RAM, then disk in
+    `offload_folder`), or a dict {module name: device | "cpu" | "disk"}. The routed model runs
+    each block where it was placed (tokenskip.placement); docs/gpu.md has the 70B recipe.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -152,9 +158,12 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
         raise UserError(f"--model {name}: cannot read its config: {first}") from None
     check_supported(config)
     try:
+        if device_map is not None:
+            placed = dict(device_map=device_map, offload_folder=None if offload_folder is None else str(offload_folder))
+        else:
+            placed = dict(device_map=None if device.type == "cpu" else str(device))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
-                                                     attn_implementation="sdpa",
-                                                     device_map=None if device.type == "cpu" else str(device))
+                                                     attn_implementation="sdpa", **placed)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -14,12 +14,13 @@ Two execution modes share every line that decides *which* tokens run:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from . import attention, fused, ops
+from . import attention, fused, ops, placement
 from .block import LayerKV, run_block
 from .routers import RouteContext, Router
 from .schedule import MIN_KEEP, Schedule
@@ -135,6 +136,12 @@ def keep_mask(sel: Tensor, k: int, valid: Tensor | None = None, counts: Tensor |
     return index, torch.zeros_like(sel).scatter(1, index, 1.0)
 
 
+def _home(logits: Tensor, inputs: Tensor) -> Tensor:
+    """Logits on the inputs' device: a model split over devices (tokenskip.placement) ends on its
+    last block's device; callers get them where they sent the tokens, as from HF's own forward."""
+    return logits if logits.device == inputs.device else logits.to(inputs.device)
+
+
 def _own_scores(res, past: LayerKV | None):
     """With a past cache, keep the window attention scores of this call's keys only ([B,T] -> [B,new])."""
     if past is not None and res.attn_score is not None:
@@ -172,6 +179,18 @@ class RoutedModel(nn.Module):
 
     def _rope(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.model.rotary_emb(h, positions)  # cos, sin [B,S,d]
+
+    def _router_scores(self, ctx: RouteContext) -> Tensor:
+        """The router's scores [B,S] on the block's device. The router lives on one device; with a
+        model split over several (accelerate device_map) its inputs go there and the scores come
+        back. Never a copy in a normal (one-device) run."""
+        here = ctx.positions.device
+        there = placement.module_device(self.router, here)
+        if there == here:
+            return self.router.scores(ctx)
+        moved = dataclasses.replace(ctx, positions=ctx.positions.to(there), valid=ctx.valid.to(there),
+                                    attn=None if ctx.attn is None else ctx.attn.to(there))
+        return self.router.scores(moved).to(here)
 
     def _needs_scores(self) -> bool:
         return self.router is not None and self.router.needs_attention
@@ -224,6 +243,9 @@ class RoutedModel(nn.Module):
                     traces.append(LayerTrace(k=0))
                 continue
             lp = None if past is None else past[li]
+            # accelerate-dispatched models (device_map / offload): this block's weights in, tensors on its device
+            h, cos_sin, positions, valid, routable, forced, table = placement.enter(
+                layer, h, cos_sin, positions, valid, routable, forced, table)
             if not self.layer_is_routed(li):
                 res = _own_scores(run_block(layer, h, cos_sin, positions, valid, q_active=routable, past=lp,
                                             score_window=self.score_window if want_scores else 0, causal=unpadded),
@@ -233,12 +255,13 @@ class RoutedModel(nn.Module):
                     table = torch.where(res.attn_seen, res.attn_score, table)
                 cache.append(res.kv)
                 new_cache.append(res.new_kv)
+                placement.leave(layer)
                 if trace:
                     traces.append(LayerTrace(k=seq))
                 continue
             ctx = RouteContext(layer=li, sparsity=self.schedule.sparsity[li], positions=positions, valid=routable,
                                attn=table if want_scores else None)
-            raw = self.router.scores(ctx)  # [B,S]
+            raw = self._router_scores(ctx)  # [B,S]
             sel = routing_scores(raw.detach(), valid, forced)  # [B,S]
             # gather with n_tail = 0 takes k from the op itself (a SymInt expression of S when traced);
             # an int k here would specialise the exported graph to the example length
@@ -251,6 +274,7 @@ class RoutedModel(nn.Module):
                                                     ste, n_tail=n_tail)
             cache.append(res.kv)
             new_cache.append(res.new_kv)
+            placement.leave(layer)
             if trace:
                 tr.logits, tr.forced = raw, forced
                 traces.append(tr)
@@ -258,7 +282,7 @@ class RoutedModel(nn.Module):
             h = h[:, -1:]  # [B,1,H] (callers left-pad so the last position is real)
         elif num_logits is not None:
             h = h[:, -num_logits:]  # [B,n,H] only the positions the caller scores
-        logits = self.model.lm_head(self.model.model.norm(h))
+        logits = _home(self.model.lm_head(self.model.model.norm(h)), input_ids)
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None,
                             new_cache=new_cache if return_cache else None)
 
@@ -363,8 +387,10 @@ class RoutedModel(nn.Module):
             if li in self.removed_layers:
                 new_cache.append(None)
                 continue
+            h, cos_sin, position, valid = placement.enter(layer, h, cos_sin, position, valid)
             res = run_block(layer, h, cos_sin, position, valid, past=past)
+            placement.leave(layer)
             h = res.out
             new_cache.append(res.kv)
-        logits = self.model.lm_head(self.model.model.norm(h))  # [B,n,V]
+        logits = _home(self.model.lm_head(self.model.model.norm(h)), token)  # [B,n,V]
         return (logits if all_logits else logits[:, -1]), new_cache

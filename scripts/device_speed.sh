@@ -2,7 +2,8 @@
 # GPU speed check of the routed model in ONE device call (planned for under 8 minutes on an H200):
 #   1. the CUDA tests of the fast paths: compiled FlexAttention and the causal kernel against the
 #      explicit-mask reference, real CUDA graphs (prefill, generation's graphed decode) against eager
-#      (tests/test_attention_paths.py, tests/test_kv_cache.py -k cuda; at most 150 s);
+#      and a model split by device_map between cuda:0 and the CPU (tests/test_attention_paths.py,
+#      tests/test_kv_cache.py, tests/test_placement.py -k cuda; at most 150 s);
 #   2. deploy/bench_gpu.py: LLaMA-2-7B shape, random bf16 weights, batch 1 and 8, S = 1024 and 2048,
 #      sparsity 0.3 and 0.4, kv_policy skip and dense, eager and CUDA graphs, against HF's own
 #      forward (sdpa, is_causal) in the same capture mode; numeric checks of the fast paths in bf16;
@@ -41,7 +42,7 @@ step environment
   git log --oneline -1 2>/dev/null; } 2>&1 | tee "$OUT/env.log"
 
 step "CUDA tests of the fast paths"
-timeout 150 "$PY" -m pytest tests/test_attention_paths.py tests/test_kv_cache.py -k cuda -q -rs -p no:cacheprovider \
+timeout 150 "$PY" -m pytest tests/test_attention_paths.py tests/test_kv_cache.py tests/test_placement.py -k cuda -q -rs -p no:cacheprovider \
   --durations=5 --junitxml="$OUT/speed_tests.xml" 2>&1 | tee "$OUT/speed_tests.log" | tail -15
 RC_TESTS=${PIPESTATUS[0]}
 
