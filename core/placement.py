@@ -15,6 +15,7 @@ block still has its weights for the backward pass (tested, tests/test_placement.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -46,12 +47,8 @@ def leave(layer: nn.Module) -> None:
 def module_device(module: nn.Module, default: torch.device) -> torch.device:
     """Where `module` computes: its hook's execution device, else its first parameter's or
     buffer's device, else `default` (a module without tensors, e.g. the static router)."""
-    h = hook(module)
-    dev = getattr(h, "execution_device", None)
+    dev = getattr(hook(module), "execution_device", None)
     if dev is not None:
-        return torch.device(dev) if not isinstance(dev, torch.device) else dev
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return default
+        return torch.device(dev)
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return default if first is None else first.device

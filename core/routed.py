@@ -382,15 +382,15 @@ class RoutedModel(nn.Module):
         h = self.model.model.embed_tokens(token)  # [B,1,H]
         cos_sin = self._rope(h, position)
         valid = torch.ones_like(token, dtype=torch.bool)
-        new_cache = []
+        extended = []  # past + this step's rows, per layer
         for li, (layer, past) in enumerate(zip(self.layers, cache)):
             if li in self.removed_layers:
-                new_cache.append(None)
+                extended.append(None)
                 continue
             h, cos_sin, position, valid = placement.enter(layer, h, cos_sin, position, valid)
             res = run_block(layer, h, cos_sin, position, valid, past=past)
             placement.leave(layer)
             h = res.out
-            new_cache.append(res.kv)
+            extended.append(res.kv)
         logits = _home(self.model.lm_head(self.model.model.norm(h)), token)  # [B,n,V]
-        return (logits if all_logits else logits[:, -1]), new_cache
+        return (logits if all_logits else logits[:, -1]), extended

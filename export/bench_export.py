@@ -96,8 +96,7 @@ def child(args: dict) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     budget = 1.5 * weights + 2 * GIB
     return {"model": side["model"], "router": side["router"], "dtype": side["dtype"], "layers": len(side["layers"]),
-            "parameters": params,
-            "weight_bytes": weights, "load_s": round(load_s, 1), "export_s": round(export_s, 1),
+            "parameters": params, "weight_bytes": weights, "load_s": round(load_s, 1), "export_s": round(export_s, 1),
             "cpu_s": round(time.process_time() - c0, 1), "stages": side.get("timings", {}),
             "peak_rss_bytes": peak, "rss_after_load_bytes": rss_loaded, "rss_budget_bytes": int(budget),
             "within_budget": peak <= budget, "files": files, "optimized": side.get("optimized"),
@@ -131,7 +130,7 @@ def format_report(r: dict) -> str:
     gb = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     st = r["stages"]
     lines = [f"tokenskip bench-export: {r['model']} ({r['parameters'] / 1e6:.0f}M parameters, {r['layers']} layers, "
-             f"{r['dtype']}, {r.get('router', 'static')} router), {r['cpus']} CPUs, {r['torch_threads']} torch threads",
+             f"{r['dtype']}, {r['router']} router), {r['cpus']} CPUs, {r['torch_threads']} torch threads",
              "| stage | seconds |", "|---|---|",
              f"| load / build the model | {r['load_s']} |",
              f"| torch.export (the one trace) | {st.get('export_s', 0):.1f} |",

@@ -128,20 +128,20 @@ def fast_decompositions(record: dict):
 
 def trace_to_onnx(module: torch.nn.Module, args: tuple, dynamic_shapes, *, input_names: list[str],
                   output_names: list[str], opset: int, translation_table: dict, timings: dict):
-    """torch.export (non-strict, with the settings of torch.onnx's first capture strategy) then the ONNX translation;
-    returns the ONNXProgram. timings gets export_s, translate_s and retraced."""
-    t0 = time.perf_counter()
-    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False), \
-            torch.fx.experimental._config.patch(backed_size_oblivious=True):
-        # guards the symbolic reasoning cannot prove (min(window, S) <= S) become runtime asserts,
-        # which the translation drops, as torch.onnx's own capture does by default
-        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
-                                      prefer_deferred_runtime_asserts_over_guards=True)
-    timings["export_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False), fast_decompositions(timings):
-        onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=input_names,
-                                         output_names=output_names, custom_translation_table=translation_table,
-                                         opset_version=opset, optimize=False, verbose=False)
-    timings["translate_s"] = time.perf_counter() - t0
+    """torch.export (non-strict, with the settings of torch.onnx's first capture strategy), then
+    the ONNX translation; returns the ONNXProgram. timings gets export_s, translate_s, retraced."""
+    with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        t0 = time.perf_counter()
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            # guards the symbolic reasoning cannot prove (min(window, S) <= S) become runtime asserts,
+            # which the translation drops, as torch.onnx's own capture does by default
+            program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+        timings["export_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with fast_decompositions(timings):
+            onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=input_names,
+                                             output_names=output_names, custom_translation_table=translation_table,
+                                             opset_version=opset, optimize=False, verbose=False)
+        timings["translate_s"] = time.perf_counter() - t0
     return onnx_program

@@ -18,14 +18,19 @@ from tokenskip.schedule import Schedule  # noqa: E402
 OFFLOADED = (1, 3)
 
 
+def offload_map(layers: int) -> dict:
+    """Blocks OFFLOADED on disk, everything else in CPU RAM."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i in OFFLOADED else "cpu" for i in range(layers)})
+    return device_map
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_deploy, tmp_path_factory):
     _, folder = tiny_deploy
     plain = load_model(str(folder))
-    n = plain.model.config.num_hidden_layers
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    device_map.update({f"model.layers.{i}": "disk" if i in OFFLOADED else "cpu" for i in range(n)})
-    placed = load_model(str(folder), device_map=device_map, offload_folder=tmp_path_factory.mktemp("offload"))
+    placed = load_model(str(folder), device_map=offload_map(plain.model.config.num_hidden_layers),
+                        offload_folder=tmp_path_factory.mktemp("offload"))
     torch.manual_seed(0)
     router = LearnedRouter()
     for p in router.parameters():
@@ -152,10 +157,9 @@ def test_fit_on_an_offloaded_model_matches_the_loaded_model(tiny_deploy, tmp_pat
     from tokenskip.train.fit import run_fit
 
     _, folder = tiny_deploy
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    device_map.update({f"model.layers.{i}": "disk" if i in OFFLOADED else "cpu" for i in range(4)})
-    models = {"plain": load_model(str(folder)),
-              "placed": load_model(str(folder), device_map=device_map, offload_folder=tmp_path / "offload")}
+    plain = load_model(str(folder))
+    models = {"plain": plain, "placed": load_model(str(folder), device_map=offload_map(
+        plain.model.config.num_hidden_layers), offload_folder=tmp_path / "offload")}
     for name, lm in models.items():
         run_fit(str(folder), 0.3, tmp_path / name, budget="tiny", lm=lm, progress=False, log=lambda msg: None)
     (cfg_a, router_a), (cfg_b, router_b) = (load_routing(tmp_path / name / "routers") for name in models)
