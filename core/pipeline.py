@@ -57,7 +57,7 @@ def _figures(ctx: click.Context, out: Path, stage: str, **explain) -> None:
     if stage == "quality":
         from .deploy.explain import SAMPLE_PROMPT
 
-        _invoke(ctx, "tokenskip.deploy.explain:explain", prompt=SAMPLE_PROMPT, out_file=str(out / "explain.json"),
+        _invoke(ctx, "tokenskip.deploy.quality.explain:explain", prompt=SAMPLE_PROMPT, out_file=str(out / "explain.json"),
                 **explain)
     for f in pipeline_figures(out, stage):
         if f.suffix == ".png":
@@ -151,7 +151,7 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
     if "engine" in chosen:
         t0 = _stage(4, "TensorRT: plugin library + engines")
         _invoke(ctx, "tokenskip.plugins.cli:build_cmd")
-        _invoke(ctx, "tokenskip.deploy.build_cli:build", export_dir=str(export_dir), out_dir=str(engine_dir),
+        _invoke(ctx, "tokenskip.deploy.engine.cli:build", export_dir=str(export_dir), out_dir=str(engine_dir),
                 force=False)
         _done(t0)
 

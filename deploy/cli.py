@@ -83,7 +83,7 @@ def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]
 def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, threshold_skip, model, router,
                  sparsity, schedule, routers_dir, kv_policy, seed, dtype="fp32"):
     """-> (backend, tokenizer, description dict)."""
-    from .backends import OrtBackend, TorchBackend, load_trt_backend
+    from .runtime.torch_backend import OrtBackend, TorchBackend, load_trt_backend
 
     if onnx_dir and engine_dir:
         raise UserError("give either --onnx DIR or --engine DIR, not both")
@@ -103,7 +103,7 @@ def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, t
         return backend, load_tokenizer(tok_dir, "--onnx"), {"backend": "ort", "onnx": str(onnx_dir),
                                                            "routing": backend.meta.get("routing")}
     if engine_dir:
-        from .trt_runtime import read_engine_dir
+        from .runtime.trt_backend import read_engine_dir
 
         meta, _ = read_engine_dir(engine_dir)  # a bad folder fails before the GPU checks
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / str(meta.get("tokenizer") or "tokenizer")
@@ -163,7 +163,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
       tokenskip generate --onnx out/export --prompts-file prompts.txt --json
       tokenskip generate --engine out/engine --prompt "Hello" --temperature 0.8 --top-p 0.9 --seed 1
     """
-    from .generation import Sampling, generate_tokens
+    from .runtime.generation import Sampling, generate_tokens
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed).check()
     if batch_size < 1:
@@ -268,7 +268,7 @@ def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_d
       tokenskip bench --backend ort --seq-lens 512,1024,2048 --batch 1,8 --json
       tokenskip bench --backend ort --onnx out/export --onnx-dense out/export-dense --seq-lens 1024
     """
-    from .bench_run import run_bench
+    from .bench.run import run_bench
 
     if repeats < 1 or warmup < 0 or decode_steps < 0:
         raise UserError("--repeats must be >= 1, --warmup and --decode-steps >= 0")
@@ -286,7 +286,7 @@ def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_d
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        from .bench import BenchRow, format_table
+        from .bench.latency import BenchRow, format_table
 
         click.echo(format_table([BenchRow(**r) for r in result["rows"]]))
         ov = result.get("overhead")
@@ -321,7 +321,7 @@ def decode_eval(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, 
       tokenskip decode-eval --routers out/fit --prompt-len 448 --new-tokens 64 --json
       tokenskip decode-eval --routers out/fit --device cuda --dtype bf16
     """
-    from .decode_eval import decode_quality
+    from .quality.decode_eval import decode_quality
 
     if prompt_len < 2 or new_tokens < 1:
         raise UserError("--prompt-len must be >= 2 and --new-tokens >= 1")

@@ -15,7 +15,7 @@ def export_model(*args, **kwargs):
 
 
 def run_validation(*args, **kwargs):
-    """See tokenskip.export.validate.run_validation."""
+    """See tokenskip.deploy.runtime.validate.run_validation."""
     from .validate import run_validation as _run_validation
 
     return _run_validation(*args, **kwargs)

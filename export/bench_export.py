@@ -57,7 +57,7 @@ def _load(args: dict):
 
     dtype = resolve_dtype(args["dtype"])
     if args.get("random_llama"):
-        from tokenskip.deploy.bench_gpu import build_model
+        from tokenskip.deploy.bench.gpu import build_model
 
         torch.manual_seed(args["seed"])
         model = build_model(RANDOM_LLAMAS[args["random_llama"]], "cpu", dtype)

@@ -132,7 +132,7 @@ def _parse_batches(value: str) -> list[int]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def validate(export_dir, atol, rtol, batch, decode_tokens, samples, window, seed, as_json):
-    from .validate import format_report, run_validation
+    from tokenskip.deploy.runtime.validate import format_report, run_validation
 
     batches = _parse_batches(batch)
     if samples < 0:

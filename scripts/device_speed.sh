@@ -4,7 +4,7 @@
 #      explicit-mask reference, real CUDA graphs (prefill, generation's graphed decode) against eager
 #      and a model split by device_map between cuda:0 and the CPU (tests/test_attention_paths.py,
 #      tests/test_kv_cache.py, tests/test_placement.py -k cuda; at most 150 s);
-#   2. deploy/bench_gpu.py: LLaMA-2-7B shape, random bf16 weights, batch 1 and 8, S = 1024 and 2048,
+#   2. deploy/bench/gpu.py: LLaMA-2-7B shape, random bf16 weights, batch 1 and 8, S = 1024 and 2048,
 #      sparsity 0.3 and 0.4, kv_policy skip and dense, eager and CUDA graphs, against HF's own
 #      forward (sdpa, is_causal) in the same capture mode; numeric checks of the fast paths in bf16;
 #      router + feature overhead; decode over the preallocated cache (eager / graphed) vs the old
@@ -47,7 +47,7 @@ timeout 150 "$PY" -m pytest tests/test_attention_paths.py tests/test_kv_cache.py
 RC_TESTS=${PIPESTATUS[0]}
 
 step "prefill / decode benchmark"
-timeout 330 "$PY" -m tokenskip.deploy.bench_gpu "${BENCH_ARGS[@]}" --json "$OUT/bench_gpu.json" \
+timeout 330 "$PY" -m tokenskip.deploy.bench.gpu "${BENCH_ARGS[@]}" --json "$OUT/bench_gpu.json" \
   > "$OUT/bench_gpu.md" 2> "$OUT/bench_gpu.log"
 RC_BENCH=$?
 tail -20 "$OUT/bench_gpu.log"

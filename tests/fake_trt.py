@@ -1,4 +1,4 @@
-"""A stand-in for the TensorRT 10 Python API (the calls deploy/trt_runtime.py makes), for testing the
+"""A stand-in for the TensorRT 10 Python API (the calls deploy/runtime/trt_backend.py makes), for testing the
 runtime on a machine with no GPU.
 
 The fake engine really runs: `execute_async_v3` reads its inputs and writes its outputs through the

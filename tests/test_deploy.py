@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from tokenskip.config import RoutingConfig, build_routed, save_routing
-from tokenskip.deploy.backends import TorchBackend
-from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad, sample
+from tokenskip.deploy.runtime.torch_backend import TorchBackend
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens, left_pad, sample
 from tokenskip.flops import flops_ratio
 from tokenskip.routers import LearnedRouter
 
@@ -273,7 +273,7 @@ def test_generate_in_bf16(tiny):
 def test_engine_without_compute_capabilities_is_refused(tmp_path, monkeypatch):
     """An engine.json that records no target GPUs (older builds) cannot be checked: rebuild. The
     positive and negative checks against a build-written engine.json are in test_engine_build.py."""
-    from tokenskip.deploy import trt_runtime
+    from tokenskip.deploy.runtime import trt_backend as trt_runtime
     from tokenskip.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -285,7 +285,7 @@ def test_engine_without_compute_capabilities_is_refused(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ decode quality
 def test_decode_quality_matches_one_pass_evaluation(tiny):
     """Teacher forcing through decode_step == the evaluation's one-pass continuation scoring."""
-    from tokenskip.deploy.decode_eval import decode_quality, teacher_forced_logprobs
+    from tokenskip.deploy.quality.decode_eval import decode_quality, teacher_forced_logprobs
     from tokenskip.evaluate import continuation_logprobs
 
     model, _ = tiny
@@ -337,7 +337,7 @@ def test_bench_runs_on_tiny_model(tiny):
 
 
 def test_bench_gpu_tiny_runs_on_cpu(tmp_path):
-    from tokenskip.deploy import bench_gpu
+    from tokenskip.deploy.bench import gpu as bench_gpu
 
     out = tmp_path / "gpu.json"
     bench_gpu.main(["--tiny", "--json", str(out)])
@@ -348,7 +348,7 @@ def test_bench_gpu_tiny_runs_on_cpu(tmp_path):
 # ----------------------------------------------------------------------------------- ONNX Runtime
 def test_ort_generation_equals_torch(tiny_export):
     """Greedy tokens and logits from ONNX Runtime equal PyTorch's, left-padded batch included."""
-    from tokenskip.deploy.backends import OrtBackend
+    from tokenskip.deploy.runtime.torch_backend import OrtBackend
 
     routed, out = tiny_export
     t_rec, o_rec = Recorder(TorchBackend(routed)), Recorder(OrtBackend(out, threads=1))
@@ -388,7 +388,7 @@ def test_bench_ort_on_given_exports(tiny_export):
 @pytest.mark.slow
 def test_smollm2_decode_quality_at_0_3(smollm2):
     """Decode with prefill routing stays within 10% of dense prefill + dense decode (static router, 0.3)."""
-    from tokenskip.deploy.decode_eval import decode_quality
+    from tokenskip.deploy.quality.decode_eval import decode_quality
     from tokenskip.windows import load_windows
 
     torch.set_num_threads(2)
@@ -402,7 +402,7 @@ def test_smollm2_decode_quality_at_0_3(smollm2):
 def test_smollm2_torch_and_ort_agree_for_32_tokens(smollm2, smol_export):
     """Greedy generation from PyTorch and ONNX Runtime agree token for token on the same routed model."""
     pytest.importorskip("onnxruntime")
-    from tokenskip.deploy.backends import OrtBackend
+    from tokenskip.deploy.runtime.torch_backend import OrtBackend
 
     torch.set_num_threads(2)
     routed, _ = build_routed(smollm2.model, router="static", sparsity=0.3, model_name="smollm2-135m")

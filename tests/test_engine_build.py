@@ -17,8 +17,8 @@ from tokenskip.errors import UserError
 pytest.importorskip("onnx")
 trt_rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX extra not installed")
 
-from tokenskip.deploy import engine_build  # noqa: E402
-from tokenskip.deploy.build_cli import build as build_cmd  # noqa: E402
+from tokenskip.deploy.engine import build as engine_build  # noqa: E402
+from tokenskip.deploy.engine.cli import build as build_cmd  # noqa: E402
 from tokenskip.plugins import testing  # noqa: E402
 
 
@@ -225,7 +225,7 @@ def test_engine_folder_is_self_contained_and_records_its_gpus(lib, tmp_path, mon
     capabilities it targets; the runtime's GPU check reads that very file."""
     import torch
 
-    from tokenskip.deploy import trt_runtime
+    from tokenskip.deploy.runtime import trt_backend as trt_runtime
 
     export = write_export(tmp_path / "export", hidden=32)
     for sub, name in (("tokenizer", "tokenizer.json"), ("routing", "tokenskip.json")):

@@ -12,7 +12,7 @@ from tokenskip.errors import UserError
 
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX extra not installed")
 
-from tokenskip.deploy import engine_build  # noqa: E402
+from tokenskip.deploy.engine import build as engine_build  # noqa: E402
 from tokenskip.plugins import testing  # noqa: E402
 
 

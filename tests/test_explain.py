@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from tokenskip.cli import main
 from tokenskip.config import build_routed
-from tokenskip.deploy.backends import TorchBackend
-from tokenskip.deploy.generation import Sampling, generate_tokens
+from tokenskip.deploy.runtime.torch_backend import TorchBackend
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens
 from tokenskip.routed import block_keep_count
 
 from conftest import make_tiny_llama

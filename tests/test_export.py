@@ -27,8 +27,8 @@ from tokenskip.config import RoutingConfig, build_routed, load_routing, save_rou
 from tokenskip.export import exporter, onnx_ops  # noqa: E402
 from tokenskip.export.cli import export as export_cmd  # noqa: E402
 from tokenskip.export.cli import validate as validate_cmd  # noqa: E402
-from tokenskip.export.validate import format_report, run_validation  # noqa: E402
-from tokenskip.export.validate import empty_past  # noqa: E402
+from tokenskip.deploy.runtime.validate import format_report, run_validation  # noqa: E402
+from tokenskip.deploy.runtime.validate import empty_past  # noqa: E402
 from tokenskip.export.wrappers import CACHE_FIELDS, StepGraph, to_seq_major  # noqa: E402
 from tokenskip.routed import default_positions  # noqa: E402
 from tokenskip.routers import LearnedRouter  # noqa: E402
@@ -355,7 +355,7 @@ def test_half_precision_export(tiny_llama, tmp_path, dtype):
     data = (tmp_path / "out" / "model.onnx.data").stat().st_size
     assert data < sum(p.numel() for p in lm.model.parameters()) * 2.1  # 2 bytes per weight
     if dtype == "fp16":
-        from tokenskip.deploy.backends import OrtBackend, TorchBackend
+        from tokenskip.deploy.runtime.torch_backend import OrtBackend, TorchBackend
 
         ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)

@@ -25,8 +25,8 @@ def test_repetition_rate_counts_repeated_ngrams():
 def test_greedy_tokens_are_what_generate_produces(tiny_llama):
     """The free-running check decodes exactly as deployment: same tokens as the TorchBackend's
     generation loop for a routed model."""
-    from tokenskip.deploy.backends import TorchBackend
-    from tokenskip.deploy.generation import Sampling, generate_tokens
+    from tokenskip.deploy.runtime.torch_backend import TorchBackend
+    from tokenskip.deploy.runtime.generation import Sampling, generate_tokens
 
     model, _ = tiny_llama
     routed = RoutedModel(model, Schedule((0.0, 0.5, 0.5, 0.0)), StaticRouter())

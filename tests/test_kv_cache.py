@@ -14,8 +14,8 @@ import torch
 
 from tokenskip.block import LayerKV
 from tokenskip.cuda_graphs import Graph, GraphedDecodeCache, GraphedPrefill
-from tokenskip.deploy.backends import TorchBackend
-from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad
+from tokenskip.deploy.runtime.torch_backend import TorchBackend
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens, left_pad
 from tokenskip.kv_buffer import KVBuffer, preallocate, stores
 from tokenskip.routed import RoutedModel
 from tokenskip.routers import StaticRouter

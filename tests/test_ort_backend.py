@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from tokenskip.deploy.backends import OrtBackend, TorchBackend  # noqa: E402
-from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad  # noqa: E402
-from tokenskip.deploy.kv_cache import KVCache  # noqa: E402
+from tokenskip.deploy.runtime.torch_backend import OrtBackend, TorchBackend  # noqa: E402
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens, left_pad  # noqa: E402
+from tokenskip.deploy.runtime.kv_cache import KVCache  # noqa: E402
 from tokenskip.export.wrappers import to_seq_major  # noqa: E402
 
 PROMPTS = [[5, 9, 17, 3, 44, 8, 21, 60, 2, 7, 19, 33, 12, 4, 80, 6, 11, 70, 25, 9],

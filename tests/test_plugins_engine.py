@@ -17,7 +17,7 @@ from tokenskip.errors import UserError
 pytest.importorskip("onnx")
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX extra not installed")
 
-from tokenskip.deploy.tensorrt_backend import get_backend  # noqa: E402
+from tokenskip.deploy.engine.flavour import get_flavour  # noqa: E402
 from tokenskip.plugins import aliasing, testing  # noqa: E402
 
 
@@ -30,14 +30,14 @@ def lib():
             print(f"SKIP REASON: {exc}")
             pytest.skip(f"CUDA compiler extra not installed: {exc}")
         raise
-    get_backend("tensorrt-rtx").load_plugins(path)
+    get_flavour("tensorrt-rtx").load_plugins(path)
     return path
 
 
 def _build(lib, dtype="float16", in_place=None, raw_switch=False):
     """Parse the mini routed block (with a real mask input) and build it; returns (engine or None,
     plugin layer types, whether the alias was offered)."""
-    backend = get_backend("tensorrt-rtx")
+    backend = get_flavour("tensorrt-rtx")
     trt = backend.trt
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
@@ -64,7 +64,7 @@ def _build(lib, dtype="float16", in_place=None, raw_switch=False):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_in_place_scatter_is_accepted(lib, dtype):
-    assert aliasing.library_supports(lib) and aliasing.tensorrt_supports(get_backend("tensorrt-rtx").trt)
+    assert aliasing.library_supports(lib) and aliasing.tensorrt_supports(get_flavour("tensorrt-rtx").trt)
     before = aliasing.aliases_granted(lib)
     engine, plugins, on = _build(lib, dtype, in_place=True)
     assert on and engine is not None and len(bytes(engine)) > 0

@@ -30,7 +30,7 @@ def one_line_error(res) -> str:
 # ------------------------------------------------------------------------------- engine folders
 def engine_folder(path, **meta):
     """An engine folder as `tokenskip build` lays it out (the engine bytes are never read here)."""
-    from tokenskip.deploy.engine_build import ENGINE_SIDECAR
+    from tokenskip.deploy.engine.build import ENGINE_SIDECAR
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.engine").write_bytes(b"engine")
@@ -42,7 +42,7 @@ def engine_folder(path, **meta):
 
 
 def test_corrupt_engine_json_is_one_line(tmp_path):
-    from tokenskip.deploy import trt_runtime
+    from tokenskip.deploy.runtime import trt_backend as trt_runtime
 
     d = engine_folder(tmp_path / "eng")
     (d / "engine.json").write_text("{not json")
@@ -55,7 +55,7 @@ def test_corrupt_engine_json_is_one_line(tmp_path):
 
 def test_engine_json_is_the_commit_marker(tmp_path):
     """Engine files without engine.json are an unfinished build: refused, never globbed."""
-    from tokenskip.deploy import trt_runtime
+    from tokenskip.deploy.runtime import trt_backend as trt_runtime
 
     d = tmp_path / "eng"
     d.mkdir()
@@ -67,7 +67,8 @@ def test_engine_json_is_the_commit_marker(tmp_path):
 
 def test_runtime_imports_the_flavour_recorded_in_engine_json(tmp_path, monkeypatch):
     """An RTX engine is opened with TensorRT-RTX even where full TensorRT is installed."""
-    from tokenskip.deploy import tensorrt_backend, trt_runtime
+    from tokenskip.deploy.engine import flavour
+    from tokenskip.deploy.runtime import trt_backend as trt_runtime
 
     d = engine_folder(tmp_path / "eng", backend="tensorrt-rtx")
     asked = []
@@ -77,14 +78,14 @@ def test_runtime_imports_the_flavour_recorded_in_engine_json(tmp_path, monkeypat
         raise UserError("stop here")
 
     monkeypatch.setattr(trt_runtime, "check_gpu", lambda meta, where: None)
-    monkeypatch.setattr(tensorrt_backend, "get_backend", fake_get_backend)
+    monkeypatch.setattr(flavour, "get_flavour", fake_get_backend)
     with pytest.raises(UserError, match="stop here"):
         trt_runtime.TrtBackend(d)
     assert asked == ["tensorrt-rtx"]
 
 
 def test_engine_json_without_backend_is_refused(tmp_path):
-    from tokenskip.deploy import trt_runtime
+    from tokenskip.deploy.runtime import trt_backend as trt_runtime
 
     d = engine_folder(tmp_path / "eng", backend=None)
     with pytest.raises(UserError, match="backend"):
@@ -155,12 +156,12 @@ def test_malformed_export_sidecar_is_one_line(tmp_path, what, mutate, field):
 
 
 def test_malformed_sidecar_for_build_and_validate(tmp_path):
-    from tokenskip.export.validate import run_validation
+    from tokenskip.deploy.runtime.validate import run_validation
 
     d = export_folder(tmp_path / "exp", MALFORMED[1][1])
     with pytest.raises(UserError, match="export.json"):
         run_validation(d)
-    from tokenskip.deploy import engine_build
+    from tokenskip.deploy.engine import build as engine_build
 
     with pytest.raises(UserError, match="export.json"):
         engine_build.read_export_graphs(d)
@@ -178,8 +179,8 @@ def test_missing_onnx_extra_is_named(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- bench --backend trt
 def test_bench_trt_without_routers_uses_the_engine_routing(tmp_path, monkeypatch):
     """--backend trt with only --engine/--engine-dense: the schedule comes from the engine folders."""
-    from tokenskip.deploy import backends
-    from tokenskip.deploy.bench import DenseTorch, RoutedTorch
+    from tokenskip.deploy.runtime import torch_backend as backends
+    from tokenskip.deploy.bench.latency import DenseTorch, RoutedTorch
     from tokenskip.deploy.cli import bench
 
     from conftest import make_char_tokenizer

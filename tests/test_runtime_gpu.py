@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenskip.deploy.backends import TorchBackend
-from tokenskip.deploy.generation import Sampling, generate_tokens
+from tokenskip.deploy.runtime.torch_backend import TorchBackend
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens
 
 PROMPTS = [[5, 9, 17, 3, 44, 8, 21, 60, 2, 7, 19, 33, 12], [40, 2, 77, 31, 9, 10, 58]]
 
@@ -24,7 +24,7 @@ def test_ort_cuda_generation_equals_torch(tiny_export):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider: install the onnx-gpu extra (onnxruntime-gpu)")
-    from tokenskip.deploy.ort_backend import OrtBackend
+    from tokenskip.deploy.runtime.ort_backend import OrtBackend
 
     routed, out = tiny_export
     got = generate_tokens(OrtBackend(out, device="cuda"), PROMPTS, Sampling(12), pad_id=0).tokens
@@ -36,8 +36,8 @@ def test_tensorrt_engine_generation_equals_torch(tiny_export, tmp_path, monkeypa
     need_gpu()
     pytest.importorskip("tensorrt", reason="the full tensorrt package is not installed (TensorRT-RTX does not run "
                                            "on sm_90; docs/plugins.md)")
-    from tokenskip.deploy import engine_build
-    from tokenskip.deploy.trt_runtime import TrtBackend
+    from tokenskip.deploy.engine import build as engine_build
+    from tokenskip.deploy.runtime.trt_backend import TrtBackend
     from tokenskip.plugins import testing
 
     major, minor = torch.cuda.get_device_capability()

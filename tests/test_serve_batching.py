@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tokenskip.config import build_routed
-from tokenskip.deploy.backends import TorchBackend
-from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad
-from tokenskip.deploy.kv_cache import KVCache
+from tokenskip.deploy.runtime.torch_backend import TorchBackend
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens, left_pad
+from tokenskip.deploy.runtime.kv_cache import KVCache
 from tokenskip.deploy.serve.kv_rows import cache_ops
 from tokenskip.export.wrappers import from_seq_major, to_seq_major
 from tokenskip.kv_buffer import KVBuffer

@@ -20,8 +20,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from tokenskip.config import build_routed  # noqa: E402
-from tokenskip.deploy.backends import TorchBackend  # noqa: E402
-from tokenskip.deploy.generation import Sampling, generate_tokens  # noqa: E402
+from tokenskip.deploy.runtime.torch_backend import TorchBackend  # noqa: E402
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens  # noqa: E402
 from tokenskip.deploy.serve.api_server import build_app  # noqa: E402
 from tokenskip.deploy.serve.engine import AsyncEngine, EngineSettings  # noqa: E402
 from tokenskip.deploy.serve.model_info import model_info  # noqa: E402

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 openai = pytest.importorskip("openai")
 
-from tokenskip.deploy.generation import Sampling, generate_tokens, left_pad  # noqa: E402
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens, left_pad  # noqa: E402
 
 from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402
 
@@ -45,7 +45,7 @@ def tiny_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ort(tiny_onnx):
-    from tokenskip.deploy.backends import OrtBackend
+    from tokenskip.deploy.runtime.torch_backend import OrtBackend
     from transformers import AutoTokenizer
 
     return OrtBackend(tiny_onnx, threads=1), AutoTokenizer.from_pretrained(str(tiny_onnx / "tokenizer"))
@@ -136,7 +136,7 @@ def test_triton_repository_holds_loadable_graphs_matching_its_configs(tiny_onnx,
 
     import numpy as np
 
-    from tokenskip.deploy.backends import ort_session
+    from tokenskip.deploy.runtime.torch_backend import ort_session
     from tokenskip.deploy.serve.cli import triton_repo
 
     from click.testing import CliRunner

@@ -19,8 +19,8 @@ serve = pytest.importorskip("ray.serve")
 from click.testing import CliRunner  # noqa: E402
 
 from tokenskip.config import build_routed  # noqa: E402
-from tokenskip.deploy.backends import TorchBackend  # noqa: E402
-from tokenskip.deploy.generation import Sampling, generate_tokens  # noqa: E402
+from tokenskip.deploy.runtime.torch_backend import TorchBackend  # noqa: E402
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens  # noqa: E402
 
 from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402
 

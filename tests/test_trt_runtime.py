@@ -1,4 +1,4 @@
-"""The TensorRT runtime (deploy/trt_runtime.py) against a fake TensorRT module (tests/fake_trt.py)
+"""The TensorRT runtime (deploy/runtime/trt_backend.py) against a fake TensorRT module (tests/fake_trt.py)
 on the CPU: profile selection, the KV cache written in place, output buffers reused across steps,
 every copy and execution on the one stream, and the checks that guard it. The real TensorRT path
 needs a GPU; what the fake cannot show is in the GPU device script (docs/deploy.md)."""
@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from tokenskip.deploy import trt_runtime
-from tokenskip.deploy.generation import Sampling, generate_tokens
+from tokenskip.deploy.runtime import trt_backend as trt_runtime
+from tokenskip.deploy.runtime.generation import Sampling, generate_tokens
 from tokenskip.errors import UserError
 
 from fake_trt import FakeDevice, Spec, ToyReference, fake_trt_module
@@ -125,6 +125,6 @@ def test_gpu_is_checked_before_anything_else(tmp_path, monkeypatch):
 
 
 def _batch():
-    from tokenskip.deploy.generation import left_pad
+    from tokenskip.deploy.runtime.generation import left_pad
 
     return left_pad(PROMPTS, 0)

@@ -93,8 +93,8 @@ def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: 
 
     from tokenskip.export.sidecar import read_export
 
-    from ..backends import TorchBackend
-    from ..bench_run import export_dir_for
+    from ..runtime.torch_backend import TorchBackend
+    from ..bench.run import export_dir_for
     from .model_info import from_sidecar, model_info
 
     built = {name: build_routed(lm.model, router=kind, sparsity=sp, model_name=lm.name)
@@ -124,7 +124,7 @@ def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_di
     from tokenskip.models import DEFAULT_MODEL, load_model
     from tokenskip.schedule import check_sparsity
 
-    from ..bench_run import _machine
+    from ..bench.run import _machine
 
     levels = parse_list(concurrency, int, "--concurrency")
     if any(c < 1 for c in levels) or prompt_len < 1 or max_tokens < 1 or max_batch < 1:

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..generation import Sampling
+from ..runtime.generation import Sampling
 from .metrics import PromStats
 from .model_info import ModelInfo
 from .scheduler import Event, Scheduler, Sequence

@@ -35,7 +35,7 @@ from torch import Tensor
 from tokenskip.block import LayerKV
 from tokenskip.kv_buffer import KVBuffer, KVStore
 
-from ..kv_cache import FIELDS, KVCache
+from ..runtime.kv_cache import FIELDS, KVCache
 
 
 class CacheOps:

@@ -1,7 +1,7 @@
 """The batching scheduler: many requests, one backend, one thread.
 
 Every request becomes a `Sequence`. The scheduler owns the backend (prefill/decode through the
-interface of deploy/backends.py) and runs on a single engine thread; other threads only `submit`
+interface of deploy/runtime/torch_backend.py) and runs on a single engine thread; other threads only `submit`
 and `abort`. Two modes share every line but the admission rule:
 
 - dynamic batching (`continuous=False`): when no batch is running, the waiting sequences (up to
@@ -14,10 +14,10 @@ and `abort`. Two modes share every line but the admission rule:
 
 Continuous batching needs the cache row operations of kv_rows.py (PyTorch's LayerKV list, the
 ONNX Runtime / TensorRT KVCache); for a cache it does not understand it falls back to dynamic
-batching, and finished rows then decode padding until their batch ends (as deploy/generation.py
+batching, and finished rows then decode padding until their batch ends (as deploy/runtime/generation.py
 does). Every regrouping (a join, a row leaving, a fresh prefill) leaves a preallocated cache with
 room for the longest remaining generation in the batch (`Sequence.decode_room`), so the decode
-steps in between write in place and allocate nothing. Sampling is deploy/generation.py's (`sample`,
+steps in between write in place and allocate nothing. Sampling is deploy/runtime/generation.py's (`sample`,
 `row_generators`, `left_pad`): a greedy request gives the same tokens batched or alone.
 
 Admission is against a KV budget: each sequence reserves the analytic bytes of its cache at its
@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from ..generation import Sampling, left_pad, row_generators, sample
+from ..runtime.generation import Sampling, left_pad, row_generators, sample
 from .kv_rows import CacheOps, cache_ops
 
 

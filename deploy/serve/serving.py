@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from tokenskip.errors import UserError
 
-from ..generation import Sampling
+from ..runtime.generation import Sampling
 from .engine import AsyncEngine
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,

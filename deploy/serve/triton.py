@@ -13,7 +13,7 @@ length 0 for a prefill); outputs logits, new.{l}.* (the cache rows the call adds
 
 The model is stateless (max_batch_size 0, every dim as the graph declares it, -1 where dynamic):
 the client runs the generation loop and appends each call's `new.*` rows to the `past.*` it sends
-next, as deploy/ort_backend.py OrtBackend does in process. Shapes and dtypes come from the export
+next, as deploy/runtime/ort_backend.py OrtBackend does in process. Shapes and dtypes come from the export
 sidecar (export.json, read by tokenskip.export.sidecar.read_export), the same description the
 runtimes read.
 """
@@ -56,7 +56,7 @@ def _engine(engine_dir: Path, export_dir: Path) -> tuple[Path, Path | None, int]
     to be full TensorRT and built from this export."""
     from tokenskip.fileio import read_json
 
-    from ..trt_runtime import ENGINE_SIDECAR, read_engine_dir
+    from ..runtime.trt_backend import ENGINE_SIDECAR, read_engine_dir
 
     sidecar = engine_dir / ENGINE_SIDECAR
     raw = read_json(sidecar, "engine sidecar") if sidecar.is_file() else {}
@@ -77,7 +77,7 @@ def _engine(engine_dir: Path, export_dir: Path) -> tuple[Path, Path | None, int]
 def write_triton_repo(export_dir: str | Path, out_dir: str | Path, *, engine_dir: str | Path | None = None,
                       name: str | None = None, kind: str = "KIND_GPU", force: bool = False) -> dict:
     """Write the repository into out_dir (atomically: a temporary folder renamed into place)."""
-    from tokenskip.deploy.engine_build import _place
+    from tokenskip.deploy.engine.build import _place
     from tokenskip.export.exporter import _move_into_place
     from tokenskip.export.sidecar import read_export
 

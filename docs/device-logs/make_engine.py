@@ -1,7 +1,7 @@
 import json, sys, numpy as np, onnx
 # run from the repository root with the venv active
 from tokenskip.plugins.testing import routed_block_model
-from tokenskip.deploy.tensorrt_backend import get_backend
+from tokenskip.deploy.engine.flavour import get_backend
 be = get_backend("tensorrt-rtx"); trt = be.trt
 lib = sys.argv[1]
 be.load_plugins(lib)

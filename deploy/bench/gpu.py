@@ -1,7 +1,7 @@
 """GPU prefill benchmark: routed vs the fastest dense, on a LLaMA-2-7B-shaped model with random weights.
 
-    python -m tokenskip.deploy.bench_gpu --json bench_gpu.json            # H200: about 4 minutes
-    python -m tokenskip.deploy.bench_gpu --tiny --device cpu --json t.json  # dry run of the same logic
+    python -m tokenskip.deploy.bench.gpu --json bench_gpu.json            # H200: about 4 minutes
+    python -m tokenskip.deploy.bench.gpu --tiny --device cpu --json t.json  # dry run of the same logic
 
 Model speed does not depend on weight values, so the model is built from a LlamaConfig with random
 bf16 weights directly on the GPU. Routing: the static router with the uniform schedule (two dense
@@ -245,7 +245,7 @@ def prefill_group(model, sides, mode, seq, batch, args, timer, device, emulate) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m tokenskip.deploy.bench_gpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tokenskip.deploy.bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", dest="json_out", default=None, help="write the results here")
     p.add_argument("--tiny", action="store_true", help="tiny model and lengths (CPU dry run)")
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args, save=lambda partial: None) -> dict:
     """The whole benchmark; `save` gets the partial result after every step (a killed run keeps
     what it measured)."""
-    from .bench_gpu_checks import decode_bench, numeric_checks, op_counts, verdicts
+    from .gpu_checks import decode_bench, numeric_checks, op_counts, verdicts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

@@ -23,7 +23,7 @@ import torch
 
 from tokenskip.flops import flops_ratio
 
-from .decode_eval import as_dense
+from ..quality.decode_eval import as_dense
 
 
 def percentile(values: list[float], q: float) -> float:

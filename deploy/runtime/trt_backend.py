@@ -31,7 +31,7 @@ from tokenskip.fileio import read_json
 from tokenskip.routed import default_positions
 
 from .kv_cache import FIELDS, KVCache, PreallocatedBackend, host_logits
-from .tensorrt_backend import BACKENDS
+from ..engine.flavour import FLAVOURS
 
 PHASES = ("prefill", "decode")
 PROFILE_SETS = (["shared"], ["prefill", "decode"])  # engine.json's profiles, in engine order
@@ -41,10 +41,10 @@ ENGINE_SIDECAR = "engine.json"
 
 def import_tensorrt(flavour: str):
     """The TensorRT module the engine was built with (engine.json's backend), never another one."""
-    from . import tensorrt_backend
+    from ..engine import flavour as flavours
 
     try:
-        return tensorrt_backend.get_backend(flavour).trt
+        return flavours.get_flavour(flavour).trt
     except UserError as exc:
         raise UserError(f"this engine was built with {flavour} (engine.json), which cannot be imported here: "
                         f"{exc.message}") from None
@@ -73,8 +73,8 @@ def read_engine_dir(engine_dir: str | Path) -> tuple[dict, dict[str, Path]]:
     listed = meta.get("engines") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != "tokenskip-engines" or not isinstance(listed, dict):
         raise UserError(f"{path}: not a tokenskip engine folder sidecar (rebuild with `tokenskip build`)")
-    if meta.get("backend") not in BACKENDS:
-        raise UserError(f"{path}: 'backend' is {meta.get('backend')!r}, expected one of {', '.join(BACKENDS)} "
+    if meta.get("backend") not in FLAVOURS:
+        raise UserError(f"{path}: 'backend' is {meta.get('backend')!r}, expected one of {', '.join(FLAVOURS)} "
                         "(rebuild with `tokenskip build`)")
     files: dict[str, Path] = {}
     for part, entry in listed.items():

@@ -28,11 +28,11 @@ from tokenskip.errors import UserError
 from tokenskip.export.sidecar import read_export
 from tokenskip.fileio import atomic_path, cache_dir, write_bytes_atomic, write_json_atomic
 
-from . import tensorrt_backend
-from .engine_plan import (BuildSettings, build_targets, parse_compute_capabilities,  # noqa: F401 (re-exported)
+from . import flavour
+from .plan import (BuildSettings, build_targets, parse_compute_capabilities,  # noqa: F401 (re-exported)
                           phase_profiles, profile_shapes, set_targets)
 
-ENGINE_SIDECAR = "engine.json"  # read by deploy/trt_runtime.py; written last: the folder's commit marker
+ENGINE_SIDECAR = "engine.json"  # read by deploy/runtime/trt_backend.py; written last: the folder's commit marker
 ENGINE_FORMAT, ENGINE_VERSION = "tokenskip-engines", 1
 TOKENSKIP_DOMAIN = "tokenskip"
 TOKENSKIP_OPS = ("TopKGather", "ScatterTokens")
@@ -262,14 +262,14 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
     s = s0.resolve(sidecar)
     if s.precision is not None:
         exported = sidecar.get("dtype")
-        backend_probe = tensorrt_backend.get_backend(s.backend)
+        backend_probe = flavour.get_flavour(s.backend)
         if backend_probe.always_strongly_typed and exported not in (None, s.precision):
             raise UserError(f"--{s.precision}: TensorRT-RTX builds strongly typed networks, so the precision is the "
                             f"export's ({exported}): re-export with --dtype {s.precision}, or drop --{s.precision}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    backend = tensorrt_backend.get_backend(s.backend)
+    backend = flavour.get_flavour(s.backend)
     if s.timing_cache and backend.is_rtx:
         log("--timing-cache ignored: TensorRT-RTX tunes at run time (timing caches are no-ops there)")
     lib = None

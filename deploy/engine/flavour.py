@@ -19,7 +19,7 @@ from typing import Any
 
 from tokenskip.errors import UserError
 
-BACKENDS = ("tensorrt", "tensorrt-rtx")
+FLAVOURS = ("tensorrt", "tensorrt-rtx")
 PLUGIN_NAMESPACE = "tokenskip"
 _MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
 _INSTALL = {"tensorrt": "pip install tensorrt (on a CUDA machine)",
@@ -28,8 +28,8 @@ _loaded: dict[str, Any] = {}  # plugin library path -> registry handle (per proc
 
 
 @dataclasses.dataclass
-class Backend:
-    """An imported TensorRT flavour: `trt` is the module, `name` one of BACKENDS."""
+class Flavour:
+    """An imported TensorRT flavour: `trt` is the module, `name` one of FLAVOURS."""
 
     name: str
     trt: ModuleType
@@ -96,14 +96,14 @@ def _import_first(names: tuple[str, ...]) -> ModuleType | None:
     return None
 
 
-def get_backend(name: str | None = None) -> Backend:
-    """Import TensorRT: `name` in BACKENDS, or None for the full package if installed, else RTX."""
-    if name is not None and name not in BACKENDS:
-        raise UserError(f"--backend {name}: choose from {', '.join(BACKENDS)}")
-    for candidate in ([name] if name else list(BACKENDS)):
+def get_flavour(name: str | None = None) -> Flavour:
+    """Import TensorRT: `name` in FLAVOURS, or None for the full package if installed, else RTX."""
+    if name is not None and name not in FLAVOURS:
+        raise UserError(f"--backend {name}: choose from {', '.join(FLAVOURS)}")
+    for candidate in ([name] if name else list(FLAVOURS)):
         module = _import_first(_MODULES[candidate])
         if module is not None:
-            backend = Backend(candidate, module)
+            backend = Flavour(candidate, module)
             if backend.is_rtx:
                 ensure_rtx_parser_symlink()
             return backend

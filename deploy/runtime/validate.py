@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenskip.deploy.generation import left_pad
+from tokenskip.deploy.runtime.generation import left_pad
 from tokenskip.errors import UserError
 from tokenskip.routed import default_positions
 
-from .sidecar import ROUTING_DIR, read_export
-from .wrappers import StepGraph
+from tokenskip.export.sidecar import ROUTING_DIR, read_export
+from tokenskip.export.wrappers import StepGraph
 
 FALLBACK_TEXT = (
     "The history of the city begins with a small settlement on the river, where traders exchanged "
@@ -208,7 +208,7 @@ def run_validation(export_dir: str | os.PathLike, *, atol: float = 1e-3, rtol: f
                    seed: int = 0, loaded=None, log=None) -> dict:
     """Compare the ONNX graph of `export_dir` with the PyTorch routed model. Returns a report dict
     with `passed` and `failures` (each naming the case and the output)."""
-    from tokenskip.deploy.ort_backend import OrtBackend
+    from tokenskip.deploy.runtime.ort_backend import OrtBackend
 
     log = log or (lambda msg: None)
     export_dir = Path(export_dir)

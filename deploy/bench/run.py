@@ -12,7 +12,7 @@ import torch
 
 from tokenskip.errors import UserError
 
-from .bench import BenchRow, DenseTorch, RoutedTorch, measure, router_overhead
+from .latency import BenchRow, DenseTorch, RoutedTorch, measure, router_overhead
 
 
 def _machine(threads: int | None) -> dict:
@@ -74,7 +74,7 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
         routers_dir = str(Path(onnx_dir) / str(side.get("routers") or "routing"))
     if backend == "trt" and not routers_dir:
         # so does an engine folder (`tokenskip build` copies the export's routing folder in)
-        from .trt_runtime import read_engine_dir
+        from ..runtime.trt_backend import read_engine_dir
 
         meta, _ = read_engine_dir(engine_dir)
         if not meta.get("routers"):
@@ -101,7 +101,7 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
             if backend == "torch":
                 dense_side, routed_side = DenseTorch(routed), RoutedTorch(routed)
             elif backend == "ort":
-                from .backends import OrtBackend
+                from ..runtime.ort_backend import OrtBackend
 
                 if dense_side is None:
                     ddir = Path(onnx_dense_dir) if onnx_dense_dir else None
@@ -118,7 +118,7 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
                     rdir = export_dir_for(lm, routed, cfg, tmp / f"routed-{s}", max_len)
                 routed_side = OrtBackend(rdir, device=device, threads=threads)
             else:
-                from . import backends
+                from ..runtime import torch_backend as backends
 
                 dense_side, routed_side = backends.load_trt_backend(engine_dense_dir), backends.load_trt_backend(engine_dir)
             label = s if s is not None else routed.schedule.overall()

@@ -1,4 +1,4 @@
-"""Parts of the GPU benchmark (deploy/bench_gpu.py) beside the prefill sweep: numeric checks of the
+"""Parts of the GPU benchmark (deploy/bench/gpu.py) beside the prefill sweep: numeric checks of the
 fast attention paths on the device, the decode benchmark over the KV caches, and the verdicts
 against issue 14's targets (computed from the measured rows, never assumed)."""
 

@@ -155,7 +155,7 @@ def explain(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed
       tokenskip explain --routers out/fit/routers --prompt "..." --out explain.json
       tokenskip report out/fit --plots figs --plot-json explain.json
     """
-    from .cli import build_torch_routed
+    from ..cli import build_torch_routed
 
     if not as_json:
         try:

@@ -1,7 +1,7 @@
 """The one generation loop: routed prefill, then cached decode (method.md section 5).
 
 Every backend (PyTorch, ONNX Runtime, TensorRT) plugs into the same loop through the small
-`Backend` interface of `backends.py`: prefill(ids, mask) -> (logits [B,V], cache) and
+`Backend` interface of `torch_backend.py`: prefill(ids, mask) -> (logits [B,V], cache) and
 decode(token [B,1], position [B,1], cache) -> (logits [B,V], cache). The cache is opaque to the
 loop, so sampling, stopping, batching and streaming are written once and behave the same on every
 backend.

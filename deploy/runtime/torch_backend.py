@@ -81,6 +81,6 @@ class TorchBackend:
 
 def load_trt_backend(engine_dir: str | Path):
     """TensorRT runtime, imported only here (it needs a GPU and the tensorrt package)."""
-    from .trt_runtime import TrtBackend
+    from .trt_backend import TrtBackend
 
     return TrtBackend(engine_dir)

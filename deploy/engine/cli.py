@@ -45,7 +45,7 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
       tokenskip build out/export --out out/engine --max-batch 8 --opt-batch 4 --json
       tokenskip build out/export --out out/engine --profiles phases   # a decode profile of its own
     """
-    from tokenskip.deploy.engine_build import build_engines, parse_compute_capabilities
+    from tokenskip.deploy.engine.build import build_engines, parse_compute_capabilities
 
     report = build_engines(export_dir, out_dir, backend=backend, precision=precision, min_seq_len=min_seq_len,
                            opt_seq_len=opt_seq_len, max_seq_len=max_seq_len, max_batch=max_batch, opt_batch=opt_batch,

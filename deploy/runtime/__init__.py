@@ -1,0 +1,1 @@
+"""Runtimes behind one Backend interface (PyTorch, ONNX Runtime, TensorRT), their KV caches and the one generation loop."""
