@@ -55,7 +55,7 @@ def _figures(ctx: click.Context, out: Path, stage: str, **explain) -> None:
         click.echo("   (figures skipped: pip install 'tokenskip[plots]' to draw them)")
         return
     if stage == "quality":
-        from .deploy.explain import SAMPLE_PROMPT
+        from .deploy.quality.explain import SAMPLE_PROMPT
 
         _invoke(ctx, "tokenskip.deploy.quality.explain:explain", prompt=SAMPLE_PROMPT, out_file=str(out / "explain.json"),
                 **explain)
@@ -118,22 +118,22 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
     lm = load_model(model, dtype=dtype, device=device)
 
     if "fit" in chosen:
-        from .train.fit import run_fit
+        from .train.fit import FitSettings, run_fit
 
         t0 = _stage(1, f"fit the router ({budget} budget): search -> train -> re-search -> train")
-        routers = run_fit(model, sparsity, fit_dir, budget=budget, seed=seed, lm=lm)
+        routers = run_fit(model, sparsity, fit_dir, FitSettings(budget=budget, seed=seed), lm=lm)
         click.echo(f"routers: {routers}")
         _done(t0)
     routers_dir = fit_dir / "routers"
 
     if "quality" in chosen:
-        from .train.report import quality_table
+        from .train.report import QualitySettings, quality_table
 
         t0 = _stage(2, "quality at equal FLOPs (continuation after a routed prompt, held-out text)")
         if not (routers_dir / "tokenskip.json").is_file():
             raise UserError(f"no fitted routers in {routers_dir}: run the fit stage first")
-        table = quality_table(model, sparsity, fit_dir, windows=windows, seed=seed, lm=lm, domains=domain_list,
-                              free_run=free_run)
+        table = quality_table(model, sparsity, fit_dir,
+                              QualitySettings(windows=windows, seed=seed, domains=domain_list, free_run=free_run), lm=lm)
         click.echo(table["markdown"])
         write_json_atomic(out / "quality.json", table)
         _figures(ctx, out, "quality", model=model, routers_dir=str(routers_dir))
