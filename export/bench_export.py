@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 from tokenskip.errors import UserError
+from tokenskip.synthetic import LLAMA_1B
+from tokenskip.timing import Timer, stopwatch
 
 RANDOM_LLAMAS = {
-    "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-               intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "1b": LLAMA_1B,
     "tiny": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=256, max_position_embeddings=512),
 }
@@ -57,7 +58,7 @@ def _load(args: dict):
 
     dtype = resolve_dtype(args["dtype"])
     if args.get("random_llama"):
-        from tokenskip.deploy.bench.gpu import build_model
+        from tokenskip.synthetic import build_model
 
         torch.manual_seed(args["seed"])
         model = build_model(RANDOM_LLAMAS[args["random_llama"]], "cpu", dtype)
@@ -81,16 +82,14 @@ def child(args: dict) -> dict:
     from .exporter import export_model
 
     torch.set_num_threads(args.get("threads") or torch.get_num_threads())
-    t0, c0 = time.perf_counter(), time.process_time()
-    loaded, routed, cfg = _load(args)
-    load_s = time.perf_counter() - t0
+    timer, c0 = Timer(), time.process_time()
+    (loaded, routed, cfg), load_s = timer.measure(lambda: _load(args))
     weights = sum({p.data_ptr(): p.nbytes for p in loaded.model.parameters()}.values())
     params = sum({p.data_ptr(): p.numel() for p in loaded.model.parameters()}.values())
     rss_loaded = peak_rss_bytes()
-    t1 = time.perf_counter()
-    side = export_model(loaded, routed, cfg, args["out"], max_seq_len=args["max_seq_len"], check=args["check"],
-                        optimize=args["optimize"], force=True)
-    export_s = time.perf_counter() - t1
+    side, export_s = timer.measure(lambda: export_model(loaded, routed, cfg, args["out"], force=True,
+                                                       max_seq_len=args["max_seq_len"], check=args["check"],
+                                                       optimize=args["optimize"]))
     peak = peak_rss_bytes()
     out = Path(args["out"])
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
@@ -113,10 +112,10 @@ def run(*, model: str | None, random_llama: str | None, dtype: str, sparsity: fl
         args = {"model": model, "random_llama": random_llama, "dtype": dtype, "sparsity": sparsity, "routers": routers,
                 "max_seq_len": max_seq_len, "out": out or str(Path(tmp) / "export"), "check": check,
                 "optimize": optimize, "threads": threads, "seed": seed}
-        t0 = time.perf_counter()
+        since = stopwatch()
         proc = subprocess.run([sys.executable, "-m", "tokenskip.export.bench_export", "--child", json.dumps(args)],
                               capture_output=True, text=True)
-        wall = time.perf_counter() - t0
+        wall = since()
         if proc.returncode != 0:
             lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()] or ["no output"]
             raise UserError(f"the export failed: {lines[-1]}")

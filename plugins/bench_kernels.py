@@ -5,8 +5,9 @@
     tokenskip plugins bench --json OUT.json ...                     (the same)
 
 Timing: every variant is captured `--reps` times back to back in one CUDA graph (outputs and
-workspace allocated beforehand), and the graph replay is timed with CUDA events: kernels only, no
-allocation, no Python/ctypes time. Median of `--replays` replays, divided by reps. PyTorch
+workspace allocated beforehand), and the graph replay is timed with CUDA events (tokenskip.timing's
+Timer): kernels only, no allocation, no Python/ctypes time. Median of `--replays` replays after
+one untimed replay, divided by reps. PyTorch
 baselines are captured and timed the same way. Each case is checked against the numpy reference
 first (keep ratio 0.6, left padding on half the rows when B > 1, forced first/last tokens).
 
@@ -20,11 +21,12 @@ device-to-device copy bandwidth measured in the same run, read + write):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from tokenskip.timing import Timer, alternate
 
 KEEP = (3, 5, 2)  # keep ratio 0.6 as an exact fraction, min_keep 2 (the routed model's)
 
@@ -34,7 +36,9 @@ def _ints(text: str) -> list[int]:
 
 
 def _graph_time_us(fn, reps: int, replays: int) -> float:
-    """Per-call GPU time of fn() in microseconds: `reps` calls captured in one CUDA graph, replayed."""
+    """Per-call GPU time of fn() in microseconds: `reps` calls captured in one CUDA graph, replayed
+    `replays` times after one untimed replay, each timed with CUDA events (tokenskip.timing); the
+    median replay divided by reps."""
     import torch
 
     fn()  # warm up outside capture (lazy init, autotuning)
@@ -48,18 +52,9 @@ def _graph_time_us(fn, reps: int, replays: int) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
+    times = alternate({"replay": graph.replay}, replays, 1, Timer(cuda_events=True))
     del graph
-    return statistics.median(times)
+    return times.median("replay") * 1e6 / reps
 
 
 def copy_bandwidth_gbs(replays: int) -> float:

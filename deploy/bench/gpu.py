@@ -13,9 +13,9 @@ is captured in a CUDA graph exactly like the routed side. Every speed-up is HF d
 Our own dense path (the routed model with no router) is timed beside it, to show it matches.
 
 Protocol: per (mode, S, batch) every side (HF dense, our dense, each routed config, the learned
-router) runs once per round, in a rotating order, after warm-up; CUDA events; medians. `eager` =
-plain PyTorch calls; `graph` = each side captured once (tokenskip.cuda_graphs.GraphedPrefill) and
-replayed. The ideal speed-up is given twice: `ideal` counts what the kernels compute (causal
+router) runs once per round, in a rotating order, after warm-up (tokenskip.timing.alternate);
+CUDA events; medians and p90 (tokenskip.timing.percentile). `eager` = plain PyTorch calls;
+`graph` = each side captured once (tokenskip.cuda_graphs.GraphedPrefill) and replayed. The ideal speed-up is given twice: `ideal` counts what the kernels compute (causal
 attention: the pairs a query may see; tokenskip.flops' block cost with the attended pairs) and
 `ideal_rect` the full q x T rectangle (tokenskip.flops, the historical figure). Router + feature
 overhead = (learned-router routed - static-router routed) / HF dense, same schedule and capture
@@ -29,71 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
-LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+from tokenskip.synthetic import LLAMA2_7B, build_model
+from tokenskip.timing import Timer, alternate, stopwatch
+
 TINY = dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=512)
 TARGETS = {"graph_efficiency": 0.9, "eager_speedup_1024": 1.0, "router_overhead": 0.03}
-
-
-def build_model(shape: dict, device: str, dtype: torch.dtype):
-    """Random-weight LlamaForCausalLM created directly on `device` in `dtype`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**shape, attn_implementation="sdpa")
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    model.to(dtype).eval().requires_grad_(False)
-    return model
-
-
-class Timer:
-    """CUDA events on a GPU, perf_counter on the CPU; seconds."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
-def rounds(fns: dict, timer: Timer, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Every side once per round, the order rotating each round, after `warmup` untimed rounds."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            times[n].append(timer(fns[n]))
-    return times
-
-
-def p90(values: list[float]) -> float:
-    s = sorted(values)
-    return s[int(0.9 * (len(s) - 1))]
 
 
 # ----------------------------------------------------------------------------------------- ideals
@@ -164,19 +109,21 @@ def side_fns(model, sides: dict, ids, mask, mode: str, emulate: bool) -> tuple[d
     """Callables per side for one (S, batch). Returns (fns, first-call seconds incl. capture and
     compile, errors): a side that cannot run (capture refused, compile failed) is reported, not fatal."""
     fns, first, errors = {}, {}, {}
+    timer = Timer(torch.cuda.synchronize if ids.is_cuda else None)
+
+    def first_call(routed):
+        with torch.no_grad():
+            call = make_call(model, routed, ids, mask, mode, emulate)
+            call()
+        return call
+
     for name, routed in sides.items():
-        t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                call = make_call(model, routed, ids, mask, mode, emulate)
-                call()
-            if ids.is_cuda:
-                torch.cuda.synchronize()
+            call, first[name] = timer.measure(lambda: first_call(routed))
         except Exception as exc:  # noqa: BLE001 - any failure of one side is data, not a crash
             lines = str(exc).strip().splitlines()
             errors[name] = f"{type(exc).__name__}: {lines[0] if lines else ''}"
             continue
-        first[name] = time.perf_counter() - t0
         fns[name] = torch.no_grad()(call)
     return fns, first, errors
 
@@ -207,8 +154,8 @@ def prefill_group(model, sides, mode, seq, batch, args, timer, device, emulate) 
                         generator=torch.Generator(device=device).manual_seed(seq + batch))  # [B,S]
     mask = torch.ones_like(ids)
     fns, first, errors = side_fns(model, sides, ids, mask, mode, emulate)
-    times = rounds(fns, timer, args.repeats, args.warmup)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    times = alternate(fns, args.repeats, args.warmup, timer) if fns else None
+    med = {n: times.median(n) for n in fns}
     group = {"mode": mode, "seq": seq, "batch": batch, "first_call_s": first, "errors": errors,
              "hf_dense_ms": 1e3 * med.get("hf_dense", float("nan")),
              "ours_dense_ms": 1e3 * med.get("ours_dense", float("nan"))}
@@ -222,8 +169,8 @@ def prefill_group(model, sides, mode, seq, batch, args, timer, device, emulate) 
         r = med[name]
         rows.append({"mode": mode, "seq": seq, "batch": batch, "kv_policy": kv, "sparsity": float(s),
                      "achieved": routed.schedule.overall(seq), "hf_dense_ms": 1e3 * base,
-                     "hf_dense_p90_ms": 1e3 * p90(times["hf_dense"]), "ours_dense_ms": group["ours_dense_ms"],
-                     "routed_ms": 1e3 * r, "routed_p90_ms": 1e3 * p90(times[name]), "speedup": base / r,
+                     "hf_dense_p90_ms": 1e3 * times.p90("hf_dense"), "ours_dense_ms": group["ours_dense_ms"],
+                     "routed_ms": 1e3 * r, "routed_p90_ms": 1e3 * times.p90(name), "speedup": base / r,
                      "ideal": ideal, "efficiency": base / r / ideal, "ideal_rect": ideal_rect,
                      "efficiency_rect": base / r / ideal_rect, "tok_s_dense": batch * seq / base,
                      "tok_s_routed": batch * seq / r})
@@ -290,12 +237,12 @@ def run(args, save=lambda partial: None) -> dict:
     emulate = not cuda
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = TINY if args.tiny else LLAMA2_7B
-    t0 = time.perf_counter()
+    since = stopwatch()
     torch.manual_seed(0)
     model = build_model(shape, device, dtype)
     info = {"device": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-            "model": "tiny" if args.tiny else "llama-2-7b-shaped (random weights)", "build_s": time.perf_counter() - t0,
+            "model": "tiny" if args.tiny else "llama-2-7b-shaped (random weights)", "build_s": since(),
             "repeats": args.repeats, "warmup": args.warmup, "graphs": "cuda" if cuda else "emulated (dry run)",
             "baseline": "HF LlamaForCausalLM forward, sdpa, no mask (is_causal), same capture mode"}
     try:
@@ -304,8 +251,8 @@ def run(args, save=lambda partial: None) -> dict:
         info["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    timer = Timer(device)
-    say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    timer = Timer.for_device(device)
+    say = lambda msg: print(f"[{since():6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if cuda:  # each new (B, S, k) shape may recompile FlexAttention once before dynamic shapes take over
         from torch import _dynamo
 
@@ -324,7 +271,7 @@ def run(args, save=lambda partial: None) -> dict:
     save(result)
     order = [(m, s, b) for b in args.batches for s in args.seq_lens for m in args.modes]
     for mode, seq, batch in order:
-        if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+        if args.budget_s and since() > args.budget_s:
             skipped.append({"mode": mode, "seq": seq, "batch": batch, "why": "time budget"})
             continue
         got, over, group = prefill_group(model, sides, mode, seq, batch, args, timer, device, emulate)
@@ -340,7 +287,7 @@ def run(args, save=lambda partial: None) -> dict:
         save(result)
         if cuda:
             torch.cuda.empty_cache()
-    info["total_s"] = time.perf_counter() - t0
+    info["total_s"] = since()
     result["partial"] = False
     result["targets"] = verdicts(result, TARGETS)
     return result

@@ -4,11 +4,12 @@ against issue 14's targets (computed from the measured rows, never assumed)."""
 
 from __future__ import annotations
 
-import statistics
-import time
+import math
 from collections import Counter
 
 import torch
+
+from tokenskip.timing import alternate, median, self_timed, stopwatch
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -144,26 +145,34 @@ def decode_bench(model, sides: dict, args, device: str, timer, emulate: bool) ->
             routed = sides[name]
             logits, cache = routed.prefill(ids, mask, padded=False)
             row = {"side": name, "batch": bsz, "prompt": seq, "steps": steps}
-            times: dict[str, list[float]] = {"concat": [], "prealloc": [], "graph": []}
-            for rep in range(2):
-                for variant in (("concat", "prealloc", "graph") if rep == 0 else ("graph", "prealloc", "concat")):
+
+            def variant(kind: str):
+                """One round of a cache variant: untimed setup (preallocation, capture), then the
+                timed steps; seconds per token, or nan with the error recorded in the row."""
+                def run() -> float:
                     try:
                         c = cache
-                        if variant != "concat":
+                        if kind != "concat":
                             c = preallocate(cache, steps + 1)
-                        if variant == "graph":
-                            t0 = time.perf_counter()
+                        if kind == "graph":
+                            capture = stopwatch()
                             c = GraphedDecodeCache(routed, c, emulate=emulate)
-                            row["graph_capture_s"] = time.perf_counter() - t0
-                        times[variant].append(timer(lambda: _steps(routed, logits, c, seq, steps)) / steps)
-                        if variant != "concat":
-                            row[f"{variant}_cache_bytes"] = sum(kv.nbytes for kv in c if kv is not None)
+                            row["graph_capture_s"] = capture()
+                        seconds = timer(lambda: _steps(routed, logits, c, seq, steps)) / steps
+                        if kind != "concat":
+                            row[f"{kind}_cache_bytes"] = sum(kv.nbytes for kv in c if kv is not None)
                         del c
+                        return seconds
                     except Exception as exc:  # noqa: BLE001
-                        row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            for variant, t in times.items():
-                if t:
-                    row[f"{variant}_ms"] = 1e3 * statistics.median(t)
+                        row[f"{kind}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        return float("nan")
+                return run
+
+            times = alternate({kind: variant(kind) for kind in ("concat", "prealloc", "graph")}, 2, 0, self_timed)
+            for kind, t in times.samples.items():
+                ok = [x for x in t if math.isfinite(x)]
+                if ok:
+                    row[f"{kind}_ms"] = 1e3 * median(ok)
             rows.append(row)
             del logits, cache
     return rows

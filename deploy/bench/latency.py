@@ -1,7 +1,8 @@
 """Routed vs dense speed, measured side by side in one process (benchmarks.md, Speed).
 
 For every (sequence length, batch, sparsity): dense and routed prefill are timed alternately
-(dense, routed, routed, dense, ...) after warm-up, so drift and noise hit both alike. Reported:
+(dense, routed, routed, dense, ...) after warm-up (tokenskip.timing.alternate), so drift and noise
+hit both alike. Reported:
 median and p90 latency, tokens/s, measured speed-up (dense / routed), the ideal speed-up from the
 FLOP count (tokenskip.flops, prefill, no scored tail) and efficiency = measured / ideal. Decode:
 time per output token through the KV cache after a dense or a routed prefill.
@@ -14,54 +15,15 @@ routed prefills, and reported as a fraction of dense prefill time.
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from tokenskip.flops import flops_ratio
+from tokenskip.timing import Timer, alternate, median, self_timed
 
 from ..quality.decode_eval import as_dense
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    pos = (len(s) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def wall_timer(sync: Callable[[], None] = lambda: None) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call takes by the wall clock, with `sync` (e.g. cuda synchronize) around it."""
-    def timer(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-    return timer
-
-
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-              sync: Callable[[], None] = lambda: None,
-              timer: Callable[[Callable[[], object]], float] | None = None) -> dict[str, list[float]]:
-    """Time each callable `repeats` times, interleaved (ABBA order), after `warmup` untimed rounds.
-    `timer(fn) -> seconds` defaults to the wall clock with `sync` around each call."""
-    timer = timer or wall_timer(sync)
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    sync()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            times[n].append(timer(fns[n]))
-    return times
 
 
 @dataclass
@@ -102,46 +64,48 @@ def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> tuple[torch
     return ids, torch.ones_like(ids)
 
 
-def _decode_loop(backend, ids, mask, steps: int) -> Callable[[], float]:
+def _decode_loop(backend, ids, mask, steps: int, timer: Timer) -> Callable[[], float]:
     """A callable that prefills once (untimed), then returns the mean time of `steps` decode steps."""
     def run() -> float:
         logits, cache = backend.prefill(ids, mask)
         bsz, seq = ids.shape
-        t0 = time.perf_counter()
-        for i in range(steps):
-            token = logits.argmax(-1).view(bsz, 1)
-            position = torch.full((bsz, 1), seq + i, dtype=torch.int64)
-            logits, cache = backend.decode(token, position, cache)
-        return (time.perf_counter() - t0) / steps
+
+        def decode():
+            nonlocal logits, cache
+            for i in range(steps):
+                token = logits.argmax(-1).view(bsz, 1)
+                position = torch.full((bsz, 1), seq + i, dtype=torch.int64)
+                logits, cache = backend.decode(token, position, cache)
+
+        return timer(decode) / steps
     return run
 
 
 def measure(backend_name: str, dense, routed, routed_model, seq: int, batch: int, sparsity: float, repeats: int,
-            warmup: int, decode_steps: int = 8, sync=lambda: None) -> BenchRow:
-    """Time dense vs routed `backends` (objects with prefill/decode) at one shape."""
+            warmup: int, decode_steps: int = 8, sync: Callable[[], None] | None = None) -> BenchRow:
+    """Time dense vs routed `backends` (objects with prefill/decode) at one shape. `sync` drains the
+    device around every timed call (torch.cuda.synchronize on a GPU)."""
     vocab = routed_model.model.config.vocab_size
     ids, mask = random_batch(vocab, batch, seq)
+    timer = Timer(sync)
     times = alternate({"dense": lambda: dense.prefill(ids, mask), "routed": lambda: routed.prefill(ids, mask)},
-                      repeats, warmup, sync)
-    d, r = statistics.median(times["dense"]), statistics.median(times["routed"])
+                      repeats, warmup, timer)
+    d, r = times.median("dense"), times.median("routed")
     ideal = ideal_speedup(routed_model, seq)
     row = BenchRow(backend=backend_name, seq=seq, batch=batch, sparsity=sparsity,
                    achieved=routed_model.schedule.overall(seq) if routed_model.router is not None else 0.0,
                    kv_policy=routed_model.kv_policy,
                    router=type(routed_model.router).__name__.replace("Router", "").lower() or "dense",
-                   dense_ms=1e3 * d, dense_p90_ms=1e3 * percentile(times["dense"], 0.9), routed_ms=1e3 * r,
-                   routed_p90_ms=1e3 * percentile(times["routed"], 0.9), dense_tok_s=batch * seq / d,
+                   dense_ms=1e3 * d, dense_p90_ms=1e3 * times.p90("dense"), routed_ms=1e3 * r,
+                   routed_p90_ms=1e3 * times.p90("routed"), dense_tok_s=batch * seq / d,
                    routed_tok_s=batch * seq / r, speedup=d / r, ideal=ideal, efficiency=(d / r) / ideal,
                    repeats=repeats)
-    if decode_steps > 0:
-        dec = {"dense": [], "routed": []}
-        loops = {"dense": _decode_loop(dense, ids, mask, decode_steps),
-                 "routed": _decode_loop(routed, ids, mask, decode_steps)}
-        for rep in range(max(1, min(3, repeats))):
-            for n in (("dense", "routed") if rep % 2 == 0 else ("routed", "dense")):
-                dec[n].append(loops[n]())
-        row.dense_decode_ms = 1e3 * statistics.median(dec["dense"])
-        row.routed_decode_ms = 1e3 * statistics.median(dec["routed"])
+    if decode_steps > 0:  # each round prefills (untimed) and times its decode steps itself
+        loops = {"dense": _decode_loop(dense, ids, mask, decode_steps, timer),
+                 "routed": _decode_loop(routed, ids, mask, decode_steps, timer)}
+        dec = alternate(loops, max(1, min(3, repeats)), 0, self_timed)
+        row.dense_decode_ms = 1e3 * dec.median("dense")
+        row.routed_decode_ms = 1e3 * dec.median("routed")
     return row
 
 
@@ -175,7 +139,7 @@ class RoutedTorch(DenseTorch):
 
 # -------------------------------------------------------------------- router + feature overhead
 @contextlib.contextmanager
-def time_router_calls(routed, sync=lambda: None):
+def time_router_calls(routed, sync: Callable[[], None] | None = None):
     """Accumulate wall time spent in router.scores (features + MLP) and in the attention-score
     window of executed blocks, while the block is active. Yields a dict of seconds."""
     import tokenskip.block as block
@@ -183,21 +147,16 @@ def time_router_calls(routed, sync=lambda: None):
     spent = {"router": 0.0, "window": 0.0}
     orig_scores = routed.router.scores
     orig_window = block.window_attention_scores
+    timer = Timer(sync)
 
     def scores(ctx):
-        sync()
-        t0 = time.perf_counter()
-        out = orig_scores(ctx)
-        sync()
-        spent["router"] += time.perf_counter() - t0
+        out, seconds = timer.measure(lambda: orig_scores(ctx))
+        spent["router"] += seconds
         return out
 
     def window(*args, **kw):
-        sync()
-        t0 = time.perf_counter()
-        out = orig_window(*args, **kw)
-        sync()
-        spent["window"] += time.perf_counter() - t0
+        out, seconds = timer.measure(lambda: orig_window(*args, **kw))
+        spent["window"] += seconds
         return out
 
     routed.router.scores = scores
@@ -210,7 +169,8 @@ def time_router_calls(routed, sync=lambda: None):
 
 
 @torch.no_grad()
-def router_overhead(routed, seq: int, batch: int = 1, repeats: int = 5, warmup: int = 1, sync=lambda: None) -> dict:
+def router_overhead(routed, seq: int, batch: int = 1, repeats: int = 5, warmup: int = 1,
+                    sync: Callable[[], None] | None = None) -> dict:
     """Router + feature time per routed prefill, as a fraction of the dense prefill median.
 
     `routed` should carry the learned router (its cost does not depend on the weights)."""
@@ -219,17 +179,17 @@ def router_overhead(routed, seq: int, batch: int = 1, repeats: int = 5, warmup: 
     ids, mask = ids.to(device), mask.to(device)
     dense, rt = DenseTorch(routed), RoutedTorch(routed)
     times = alternate({"dense": lambda: dense.prefill(ids, mask), "routed": lambda: rt.prefill(ids, mask)},
-                      repeats, warmup, sync)
+                      repeats, warmup, Timer(sync))
     parts = {"router": [], "window": []}
     for _ in range(repeats):
         with time_router_calls(routed, sync) as spent:
             rt.prefill(ids, mask)
         for k in parts:
             parts[k].append(spent[k])
-    d = statistics.median(times["dense"])
-    router_s, window_s = statistics.median(parts["router"]), statistics.median(parts["window"])
+    d = times.median("dense")
+    router_s, window_s = median(parts["router"]), median(parts["window"])
     return {"seq": seq, "batch": batch, "router": type(routed.router).__name__, "dense_ms": 1e3 * d,
-            "routed_ms": 1e3 * statistics.median(times["routed"]), "router_ms": 1e3 * router_s,
+            "routed_ms": 1e3 * times.median("routed"), "router_ms": 1e3 * router_s,
             "window_ms": 1e3 * window_s, "overhead": (router_s + window_s) / d,
             "router_only": router_s / d, "window_only": window_s / d}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -51,20 +52,59 @@ def export_dir_for(lm, routed, cfg, out_dir: Path, max_seq_len: int) -> Path:
     return out_dir
 
 
-def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_dir, onnx_dense_dir, engine_dir,
-              engine_dense_dir, seq_lens, batches, sparsities, repeats, warmup, decode_steps, threads, device,
-              overhead_seq, seed, dtype: str = "fp32", progress: bool = True) -> dict:
-    from tokenskip.models import load_model
-    from tokenskip.schedule import check_sparsity
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one `tokenskip bench` run measures: one field per flag (the command builds it)."""
 
-    for s in sparsities:
-        check_sparsity(s)
-    if any(n < 2 for n in seq_lens) or any(b < 1 for b in batches):
-        raise UserError("--seq-lens must be >= 2 and --batch >= 1")
+    backend: str  # torch | ort | trt
+    model: str  # built-in name, local folder or Hub id (an export / engine folder's own wins)
+    router: str | None  # the routed side's router; None: learned with routers_dir, else static
+    routers_dir: str | None  # trained routers folder: its schedule replaces `sparsities`
+    kv_policy: str | None
+    onnx_dir: str | None  # ort: routed export (None: exported per sparsity to a temp folder)
+    onnx_dense_dir: str | None  # ort: dense export (None: exported to a temp folder)
+    engine_dir: str | None  # trt: routed engine folder
+    engine_dense_dir: str | None  # trt: dense engine folder
+    seq_lens: list[int]
+    batches: list[int]
+    sparsities: list[float]  # overall sparsities, uniform schedule
+    repeats: int  # timed runs of each side per shape
+    warmup: int  # untimed runs of each side first
+    decode_steps: int  # decode steps timed per shape (0: skip)
+    threads: int | None  # CPU threads (None: torch's default)
+    device: str  # auto | cpu | cuda
+    dtype: str
+    overhead_seq: int  # S of the learned-router overhead measurement (0: skip)
+    seed: int
+
+    def check(self) -> None:
+        """A UserError naming the flag at fault, before anything is loaded."""
+        from tokenskip.schedule import check_sparsity
+
+        if self.repeats < 1 or self.warmup < 0 or self.decode_steps < 0:
+            raise UserError("--repeats must be >= 1, --warmup and --decode-steps >= 0")
+        for s in self.sparsities:
+            check_sparsity(s)
+        if any(n < 2 for n in self.seq_lens) or any(b < 1 for b in self.batches):
+            raise UserError("--seq-lens must be >= 2 and --batch >= 1")
+        if self.backend == "trt" and not (self.engine_dir and self.engine_dense_dir):
+            raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
+
+
+def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
+    """Dense vs routed at every (sparsity, S, batch) of `settings`; the JSON `tokenskip bench` prints."""
+    from tokenskip.models import load_model
+
+    settings.check()
+    backend, router, kv_policy, seed = settings.backend, settings.router, settings.kv_policy, settings.seed
+    onnx_dir, onnx_dense_dir = settings.onnx_dir, settings.onnx_dense_dir
+    engine_dir, engine_dense_dir = settings.engine_dir, settings.engine_dense_dir
+    seq_lens, batches, sparsities = settings.seq_lens, settings.batches, settings.sparsities
+    repeats, warmup, decode_steps = settings.repeats, settings.warmup, settings.decode_steps
+    threads, overhead_seq = settings.threads, settings.overhead_seq
+    model, routers_dir = settings.model, settings.routers_dir  # an export or engine folder may name its own
     if threads:
         torch.set_num_threads(threads)
-    if backend == "trt" and not (engine_dir and engine_dense_dir):
-        raise UserError("--backend trt needs --engine DIR and --engine-dense DIR (from `tokenskip build`)")
     if backend == "ort" and onnx_dir and not routers_dir:
         # the export carries its model name and routing (tokenskip.json under routers/)
         from tokenskip.export.sidecar import read_export
@@ -86,9 +126,9 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
     torch.manual_seed(seed)
     from tokenskip.precision import resolve_device
 
-    device = resolve_device(device).type
-    lm = load_model(model, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    device = resolve_device(settings.device).type
+    lm = load_model(model, dtype=settings.dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
     if routers_dir or engine_dir or (onnx_dir and backend == "ort"):
         sparsities = [None]  # the artefact carries its own schedule
     rows: list[BenchRow] = []
@@ -101,7 +141,7 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
             if backend == "torch":
                 dense_side, routed_side = DenseTorch(routed), RoutedTorch(routed)
             elif backend == "ort":
-                from ..runtime.ort_backend import OrtBackend
+                from ..runtime.base import open_backend
 
                 if dense_side is None:
                     ddir = Path(onnx_dense_dir) if onnx_dense_dir else None
@@ -111,16 +151,17 @@ def run_bench(*, backend: str, model: str, router, routers_dir, kv_policy, onnx_
                         say("exporting the dense model to ONNX ...", err=True)
                         drouted, dcfg = build_routed(lm.model, router="dense", model_name=lm.name)
                         ddir = export_dir_for(lm, drouted, dcfg, tmp / "dense", max_len)
-                    dense_side = OrtBackend(ddir, device=device, threads=threads)
+                    dense_side = open_backend("ort", onnx_dir=ddir, device=device, threads=threads)
                 rdir = Path(onnx_dir) if onnx_dir else None
                 if rdir is None:
                     say(f"exporting the routed model (sparsity {s}) to ONNX ...", err=True)
                     rdir = export_dir_for(lm, routed, cfg, tmp / f"routed-{s}", max_len)
-                routed_side = OrtBackend(rdir, device=device, threads=threads)
+                routed_side = open_backend("ort", onnx_dir=rdir, device=device, threads=threads)
             else:
-                from ..runtime import torch_backend as backends
+                from ..runtime.base import open_backend
 
-                dense_side, routed_side = backends.load_trt_backend(engine_dense_dir), backends.load_trt_backend(engine_dir)
+                dense_side = open_backend("trt", engine_dir=engine_dense_dir)
+                routed_side = open_backend("trt", engine_dir=engine_dir)
             label = s if s is not None else routed.schedule.overall()
             for seq in seq_lens:
                 for batch in batches:

@@ -19,28 +19,24 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
-from tokenskip.errors import UserError
+from tokenskip.errors import UserError, parse_list
+from tokenskip.timing import percentile, round_order, stopwatch
 
-from ..cli import parse_list
 from .runner import ServerProcess
 
 WARMUP_REQUESTS = 4
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
+    clock = stopwatch()  # seconds since the request was sent
     stamps: list[float] = []
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -56,11 +52,10 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
             elif obj.get("choices"):
-                stamps.append(time.perf_counter())
-    end = time.perf_counter()
+                stamps.append(clock())
+    end = clock()
     gaps = np.diff(stamps).tolist() if len(stamps) > 1 else []
-    return {"ttft": (stamps[0] - t0) if stamps else float("nan"), "latency": end - t0, "tokens": tokens,
-            "gaps": gaps}
+    return {"ttft": stamps[0] if stamps else float("nan"), "latency": end, "tokens": tokens, "gaps": gaps}
 
 
 async def _level(url: str, prompts: list[list[int]], max_tokens: list[int], concurrency: int) -> dict:
@@ -75,15 +70,15 @@ async def _level(url: str, prompts: list[list[int]], max_tokens: list[int], conc
                 i = queue.pop()
                 results.append(await _one(client, url, prompts[i], max_tokens[i]))
 
-        t0 = time.perf_counter()
+        since = stopwatch()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
-        wall = time.perf_counter() - t0
+        wall = since()
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)
     return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_ms": 1e3 * _percentile(ttft, 50), "ttft_p99_ms": 1e3 * _percentile(ttft, 99),
-            "tpot_p50_ms": 1e3 * _percentile(gaps, 50), "tpot_p99_ms": 1e3 * _percentile(gaps, 99)}
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+            "tpot_p50_ms": 1e3 * percentile(gaps, 50), "tpot_p99_ms": 1e3 * percentile(gaps, 99)}
 
 
 def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: int, say):
@@ -117,21 +112,52 @@ def _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, tmp: Path, max_len: 
     return out, router
 
 
-def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_dir, onnx_dense_dir, concurrency: str,
-                    num_requests: int | None, prompt_len: int, max_tokens: int, mixed_lengths: bool, max_batch: int,
-                    batching: str, device: str, kv_cache_gb: float, threads: int | None, seed: int,
-                    progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class ServeBenchSettings:
+    """What one `tokenskip bench-serve` run measures: one field per flag (the command builds it)."""
+
+    backend: str  # torch | ort
+    model: str | None  # None: the built-in default model
+    sparsity: float  # routed side: static router, uniform schedule
+    onnx_dir: str | None  # ort: routed export (None: exported here)
+    onnx_dense_dir: str | None  # ort: dense export (None: exported here)
+    concurrency: str  # comma-separated levels, e.g. "1,8,32"
+    num_requests: int | None  # per level (None: 2 x level, at least 8)
+    prompt_len: int
+    max_tokens: int  # generated per request, EOS ignored (the mean with mixed_lengths)
+    mixed_lengths: bool  # per-request max_tokens uniform in [m/4, 7m/4]
+    max_batch: int
+    batching: str  # continuous | dynamic | both
+    device: str  # cpu | cuda, for both servers
+    kv_cache_gb: float  # budget of the admitted-sequences comparison
+    threads: int | None
+    seed: int
+
+    def levels(self) -> list[int]:
+        """The concurrency levels; a UserError naming the flag at fault for any bad value."""
+        from tokenskip.schedule import check_sparsity
+
+        levels = parse_list(self.concurrency, int, "--concurrency")
+        if any(c < 1 for c in levels) or self.prompt_len < 1 or self.max_tokens < 1 or self.max_batch < 1:
+            raise UserError("--concurrency, --prompt-len, --max-tokens and --max-batch must be >= 1")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise UserError("--requests must be >= 1")
+        check_sparsity(self.sparsity)
+        return levels
+
+
+def run_bench_serve(settings: ServeBenchSettings, progress: bool = True) -> dict:
+    """Dense and routed servers side by side at every concurrency level; the JSON `bench-serve` prints."""
     from tokenskip.models import DEFAULT_MODEL, load_model
-    from tokenskip.schedule import check_sparsity
 
     from ..bench.run import _machine
 
-    levels = parse_list(concurrency, int, "--concurrency")
-    if any(c < 1 for c in levels) or prompt_len < 1 or max_tokens < 1 or max_batch < 1:
-        raise UserError("--concurrency, --prompt-len, --max-tokens and --max-batch must be >= 1")
-    if num_requests is not None and num_requests < 1:
-        raise UserError("--requests must be >= 1")
-    check_sparsity(sparsity)
+    levels = settings.levels()
+    backend, model, sparsity, seed = settings.backend, settings.model, settings.sparsity, settings.seed
+    onnx_dir, onnx_dense_dir = settings.onnx_dir, settings.onnx_dense_dir
+    num_requests, prompt_len, max_tokens = settings.num_requests, settings.prompt_len, settings.max_tokens
+    mixed_lengths, max_batch, batching = settings.mixed_lengths, settings.max_batch, settings.batching
+    device, kv_cache_gb, threads = settings.device, settings.kv_cache_gb, settings.threads
     say = (lambda msg: click.echo(msg, err=True)) if progress else (lambda msg: None)
     lm = load_model(model or DEFAULT_MODEL)
     vocab = lm.model.config.vocab_size
@@ -159,7 +185,7 @@ def run_bench_serve(*, backend: str, model: str | None, sparsity: float, onnx_di
                     # mixed: uniform in [m/4, 7m/4] (mean m), so rows finish at different steps
                     lengths = (rng.integers(max(1, max_tokens // 4), max_tokens * 7 // 4 + 1, n).tolist()
                                if mixed_lengths else [max_tokens] * n)
-                    for name in (("dense", "routed") if i % 2 == 0 else ("routed", "dense")):
+                    for name in round_order(("dense", "routed"), i):  # tokenskip.timing's alternation
                         say(f"  {name}: concurrency {level}, {n} requests ...")
                         row = asyncio.run(_level(servers[name].url, prompts, lengths, level))
                         rows.append({"backend": backend, "batching": mode, "side": name, "concurrency": level, **row})
