@@ -1,8 +1,9 @@
-"""Run one Llama-family decoder block on a subset of the sequence's tokens.
+"""Run one Llama-shaped decoder block on a subset of the sequence's tokens.
 
 This is the only place a decoder block is executed, in every mode: dense, routed with real
 gather/scatter, routed by mask emulation (training), prefill and cached decode. We call the HF
-layer's own modules (norms, projections, MLP) but drive attention ourselves, because routing needs
+layer's own modules (norms, projections, MLP; tokenskip.families says where each family keeps
+them) but drive attention ourselves, because routing needs
 what HF's layer does not offer: queries and keys from different token sets (kv_policy=dense),
 per-layer ragged KV caches, and the attention-score window for the learned router.
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from . import attention
 from .attention import expand_kv
+from .families import Family, LayerParts
 from .precision import fp32_region
 
 
@@ -112,15 +114,54 @@ class BlockResult:
     attn_seen: Tensor | None = None  # [B,T] bool
 
 
-def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q_valid: Tensor, *,
-              kv_x: Tensor | None = None, kv_cos_sin: tuple[Tensor, Tensor] | None = None,
-              kv_pos: Tensor | None = None, kv_valid: Tensor | None = None, k_active: Tensor | None = None,
-              q_active: Tensor | None = None, past: LayerKV | None = None, score_window: int = 0,
-              k_soft: Tensor | None = None, causal: bool = False, x_norm: Tensor | None = None) -> BlockResult:
-    """One decoder block for the query rows x [B,q,H].
+@dataclass(frozen=True)
+class KeyRows:
+    """Rows that give a block its keys/values when they are not the query rows (kv_policy=dense:
+    the block input of every token, skipped ones included)."""
 
-    Keys/values come from `kv_x` [B,T,H] (the block input of other tokens: kv_policy=dense) or,
-    by default, from x itself; `past` (a cache) is prepended. `k_active` [B,T] removes keys by mask
+    x: Tensor  # [B,T,H] block input
+    cos_sin: tuple[Tensor, Tensor]  # [B,T,d] each, at the rows' original positions
+    pos: Tensor  # [B,T] int64 original positions
+    valid: Tensor  # [B,T] bool
+
+
+@dataclass(frozen=True)
+class BlockArgs:
+    """How one block call attends, beyond its query rows (run_block's docstring says what each does).
+    The default is a plain dense block: the rows are their own keys, no cache, no masks."""
+
+    keys: KeyRows | None = None  # None: keys/values from the query rows themselves
+    past: LayerKV | None = None  # a cache prepended to the keys
+    k_active: Tensor | None = None  # [B,T] bool keys removed by mask (training, kv_policy=skip)
+    k_soft: Tensor | None = None  # [B,T] soft key weights: straight-through gradient (training)
+    q_active: Tensor | None = None  # [B,q] bool rows that are real kept tokens (score window)
+    score_window: int = 0  # >0: return the window attention score per key
+    causal: bool = False  # the caller's promise that SDPA(is_causal=True) may run
+    x_norm: Tensor | None = None  # [B,q,H] the input norm of x, when the caller has it (tokenskip.fused)
+
+
+DENSE = BlockArgs()
+
+
+def project_kv(parts: LayerParts, src: Tensor, cos_sin: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Keys (per-head normed if the family has k_norm, then RoPE) and values [B,nkv,T,d] of the
+    normed block inputs src [B,T,H]: what a cache stores for these rows."""
+    bsz, nkv_tok, _ = src.shape
+    head_dim = parts.attn.head_dim
+    k = parts.k_proj(src).view(bsz, nkv_tok, -1, head_dim).transpose(1, 2)  # [B,nkv,T,d]
+    v = parts.v_proj(src).view(bsz, nkv_tok, -1, head_dim).transpose(1, 2)  # [B,nkv,T,d]
+    if parts.k_norm is not None:  # Qwen3-style per-head norms
+        k = parts.k_norm(k)
+    return apply_rope(k, *cos_sin), v
+
+
+def run_block(family: Family, layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q_valid: Tensor,
+              args: BlockArgs = DENSE) -> BlockResult:
+    """One decoder block (`layer`, of model family `family`) for the query rows x [B,q,H] at
+    positions q_pos [B,q], cos_sin [B,q,d] each, q_valid [B,q].
+
+    Keys/values come from `args.keys` (the block input of other tokens: kv_policy=dense) or, by
+    default, from x itself; `past` (a cache) is prepended. `k_active` [B,T] removes keys by mask
     (training emulation of kv_policy=skip); `q_active` [B,q] says which rows are real kept tokens
     (for the score window). RoPE uses each token's original position. `k_soft` [B,T] (training,
     with k_active): soft key weights in (0,1] whose gradient reaches the router through a
@@ -134,49 +175,49 @@ def run_block(layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], q_pos: Tensor, q
     used whenever the promise cannot apply or while exporting). x_norm: the input norm of x when
     the caller already has it (tokenskip.fused computes it together with the gather).
     """
-    attn = layer.self_attn
+    parts = family.layer_parts(layer)
+    attn = parts.attn
+    past, k_active = args.past, args.k_active
     bsz, nq, _ = x.shape
-    head_dim = attn.head_dim
     residual = x
-    xn = layer.input_layernorm(x) if x_norm is None else x_norm  # [B,q,H]
-    q = attn.q_proj(xn).view(bsz, nq, -1, head_dim).transpose(1, 2)  # [B,nh,q,d]
-    if kv_x is None:
-        kv_src, kv_cos_sin, kv_pos, kv_valid = xn, cos_sin, q_pos, q_valid
-    else:
-        kv_src = layer.input_layernorm(kv_x)  # [B,T,H]
-    nkv_tok = kv_src.shape[1]
-    k = attn.k_proj(kv_src).view(bsz, nkv_tok, -1, head_dim).transpose(1, 2)  # [B,nkv,T,d]
-    v = attn.v_proj(kv_src).view(bsz, nkv_tok, -1, head_dim).transpose(1, 2)  # [B,nkv,T,d]
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    xn = parts.input_norm(x) if args.x_norm is None else args.x_norm  # [B,q,H]
+    q = parts.q_proj(xn).view(bsz, nq, -1, attn.head_dim).transpose(1, 2)  # [B,nh,q,d]
+    if parts.q_norm is not None:  # Qwen3-style per-head norms
+        q = parts.q_norm(q)
     q = apply_rope(q, *cos_sin)
-    k = apply_rope(k, *kv_cos_sin)
+    if args.keys is None:
+        k, v = project_kv(parts, xn, cos_sin)  # [B,nkv,q,d]
+        kv_pos, kv_valid = q_pos, q_valid
+    else:
+        rows = args.keys
+        k, v = project_kv(parts, parts.input_norm(rows.x), rows.cos_sin)  # [B,nkv,T,d]
+        kv_pos, kv_valid = rows.pos, rows.valid
     kv = new_kv = LayerKV(k, v, kv_pos, kv_valid)
     if past is not None:
         kv = past.append(new_kv)
         if k_active is not None:
             k_active = torch.cat([torch.ones_like(past.valid), k_active], 1)
-    kernel = attention.choose(causal=causal and kv_x is None and past is None, q_rows=nq, device=q.device,
+    kernel = attention.choose(causal=args.causal and args.keys is None and past is None, q_rows=nq, device=q.device,
                               masked_keys=k_active is not None)
     allowed = None
-    if kernel == attention.REFERENCE or score_window > 0:
+    if kernel == attention.REFERENCE or args.score_window > 0:
         allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
     o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
                          k_pos=kv.pos, k_valid=kv.valid)  # [B,nh,q,d]
-    if k_soft is not None:  # straight-through over the key mask (training; the reference kernel ran)
+    if args.k_soft is not None:  # straight-through over the key mask (training; the reference kernel ran)
         groups = q.shape[1] // k.shape[1]
         keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]
         reach = attention_allowed(q_pos, kv.pos, kv.valid)  # [B,q,T] without the key mask
-        bias = torch.log(k_soft.clamp(min=1e-6)).to(q.dtype).unsqueeze(1).expand(-1, nq, -1)  # [B,q,T]
+        bias = torch.log(args.k_soft.clamp(min=1e-6)).to(q.dtype).unsqueeze(1).expand(-1, nq, -1)  # [B,q,T]
         bias = bias.masked_fill(~reach, float("-inf")).unsqueeze(1)  # [B,1,q,T]
         o_soft = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scaling)
         o = o + (o_soft - o_soft.detach())
-    o = attn.o_proj(o.transpose(1, 2).reshape(bsz, nq, -1))  # [B,q,H]
+    o = parts.o_proj(o.transpose(1, 2).reshape(bsz, nq, -1))  # [B,q,H]
     h = residual + o
-    out = h + layer.mlp(layer.post_attention_layernorm(h))  # [B,q,H]
+    out = h + parts.mlp(parts.post_attn_norm(h))  # [B,q,H]
     result = BlockResult(out=out, kv=kv, new_kv=new_kv)
-    if score_window > 0:
-        row_ok = q_valid if q_active is None else (q_valid & q_active)
-        result.attn_score, result.attn_seen = window_attention_scores(q, kv.key, allowed, row_ok, score_window,
+    if args.score_window > 0:
+        row_ok = q_valid if args.q_active is None else (q_valid & args.q_active)
+        result.attn_score, result.attn_seen = window_attention_scores(q, kv.key, allowed, row_ok, args.score_window,
                                                                       attn.scaling)
     return result

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .families import Family
 
 ENV = "TOKENSKIP_FUSED"
 
@@ -72,9 +73,9 @@ def scatter_delta_(hidden: Tensor, out: Tensor, kept: Tensor, index: Tensor) -> 
     return fn(hidden, out, kept, index)
 
 
-def gather_norm(hidden: Tensor, index: Tensor, norm) -> tuple[Tensor, Tensor | None]:
+def gather_norm(hidden: Tensor, index: Tensor, norm, family: Family) -> tuple[Tensor, Tensor | None]:
     """(kept rows, their input-norm output or None: the block normalises them itself). Fused only
-    for HF's LlamaRMSNorm (the formula above is exactly its forward)."""
-    if enabled(hidden) and type(norm).__name__ == "LlamaRMSNorm":
+    for the norm classes the model's family lists as HF's LlamaRMSNorm formula (rms_gather's)."""
+    if enabled(hidden) and family.is_llama_rms_norm(norm):
         return _compiled("gather")(hidden, index, norm.weight, float(norm.variance_epsilon))
     return ops.gather_rows(hidden, index), None

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .families import family_of
 from .fileio import cache_dir, sha256_file
 
 BUILTIN_MODELS = {
@@ -32,10 +33,6 @@ BUILTIN_MODELS = {
     },
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-# Decoder families whose layers have the shape routing relies on: input_layernorm, self_attn with
-# q/k/v/o projections and rotary embeddings, post_attention_layernorm, mlp.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -120,12 +117,6 @@ def resolve_model_source(name: str) -> str:
                     f"({', '.join(BUILTIN_MODELS)})")
 
 
-def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-
-
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu", device_map: str | dict | None = None,
                offload_folder: str | os.PathLike | None = None) -> LoadedModel:
@@ -156,7 +147,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {name}: cannot read its config: {first}") from None
-    check_supported(config)
+    family_of(config)  # supported families: tokenskip.families (before any weights are read)
     try:
         if device_map is not None:
             placed = dict(device_map=device_map, offload_folder=None if offload_folder is None else str(offload_folder))

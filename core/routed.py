@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from . import attention, fused, ops, placement
-from .block import LayerKV, run_block
+from .block import BlockArgs, KeyRows, LayerKV, run_block
+from .families import family_of
 from .routers import RouteContext, Router
 from .schedule import MIN_KEEP, Schedule
 
@@ -150,14 +151,15 @@ def _own_scores(res, past: LayerKV | None):
 
 
 class RoutedModel(nn.Module):
-    """Wraps a frozen Llama-family *ForCausalLM. `router=None` or an all-zero schedule is dense."""
+    """Wraps a frozen *ForCausalLM of a tokenskip.families family. `router=None` or an all-zero schedule is dense."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, router: Router | None, kv_policy: str = "skip",
                  score_window: int = DEFAULT_WINDOW, removed_layers: frozenset[int] = frozenset()) -> None:
         super().__init__()
         if kv_policy not in KV_POLICIES:
             raise ValueError(f"kv_policy must be one of {KV_POLICIES}, got {kv_policy!r}")
-        layers = model.model.layers
+        self.family = family_of(model)  # where this model keeps its modules (UserError if unsupported)
+        layers = self.family.model_parts(model).layers
         if schedule.num_layers != len(layers):
             raise ValueError(f"schedule has {schedule.num_layers} blocks, model has {len(layers)}")
         self.model = model
@@ -171,14 +173,15 @@ class RoutedModel(nn.Module):
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
+    def parts(self):  # the wrapped model's blocks, embedding, rotary embedding, final norm, LM head
+        return self.family.model_parts(self.model)
+
+    @property
     def layers(self):
-        return self.model.model.layers
+        return self.parts.layers
 
     def layer_is_routed(self, layer: int) -> bool:
         return self.router is not None and self.schedule.is_routed(layer)
-
-    def _rope(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.model.rotary_emb(h, positions)  # cos, sin [B,S,d]
 
     def _router_scores(self, ctx: RouteContext) -> Tensor:
         """The router's scores [B,S] on the block's device. The router lives on one device; with a
@@ -226,8 +229,9 @@ class RoutedModel(nn.Module):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = default_positions(valid) if position_ids is None else position_ids
         unpadded = position_ids is None and attention.rows_unpadded(attention_mask, padded)
-        h = self.model.model.embed_tokens(input_ids)  # [B,S,H]
-        cos_sin = self._rope(h, positions)
+        parts = self.parts
+        h = parts.embed_tokens(input_ids)  # [B,S,H]
+        cos_sin = parts.rotary_emb(h, positions)  # cos, sin [B,S,d]
         forced = forced_tokens(valid, n_tail)
         routable = valid & ~tail_tokens(valid, n_tail)  # [B,S] the routed part (the prompt)
         want_scores = self._needs_scores()
@@ -235,7 +239,7 @@ class RoutedModel(nn.Module):
         traces: list[LayerTrace] = []
         cache: list[LayerKV] = []
         new_cache: list[LayerKV] = []
-        for li, layer in enumerate(self.layers):
+        for li, layer in enumerate(parts.layers):
             if li in self.removed_layers:
                 cache.append(None)
                 new_cache.append(None)
@@ -247,9 +251,9 @@ class RoutedModel(nn.Module):
             h, cos_sin, positions, valid, routable, forced, table = placement.enter(
                 layer, h, cos_sin, positions, valid, routable, forced, table)
             if not self.layer_is_routed(li):
-                res = _own_scores(run_block(layer, h, cos_sin, positions, valid, q_active=routable, past=lp,
-                                            score_window=self.score_window if want_scores else 0, causal=unpadded),
-                                  lp)
+                args = BlockArgs(q_active=routable, past=lp, score_window=self.score_window if want_scores else 0,
+                                 causal=unpadded)
+                res = _own_scores(run_block(self.family, layer, h, cos_sin, positions, valid, args), lp)
                 h = res.out
                 if want_scores:
                     table = torch.where(res.attn_seen, res.attn_score, table)
@@ -282,7 +286,7 @@ class RoutedModel(nn.Module):
             h = h[:, -1:]  # [B,1,H] (callers left-pad so the last position is real)
         elif num_logits is not None:
             h = h[:, -num_logits:]  # [B,n,H] only the positions the caller scores
-        logits = _home(self.model.lm_head(self.model.model.norm(h)), input_ids)
+        logits = _home(parts.lm_head(parts.norm(h)), input_ids)
         return RoutedOutput(logits=logits, traces=traces, cache=cache if return_cache else None,
                             new_cache=new_cache if return_cache else None)
 
@@ -293,7 +297,7 @@ class RoutedModel(nn.Module):
         if lean:  # the ops' rule without padding (every row keeps k): fewer kernels than the padding-aware op
             k = block_keep_count(self.schedule, li, h.shape[1], n_tail) if k is None else k
             index = ops.select_topk(sel, k)  # [B,k]
-            kept, kept_norm = fused.gather_norm(h, index, layer.input_layernorm)  # [B,k,H], normed or None
+            kept, kept_norm = fused.gather_norm(h, index, self.family.layer_parts(layer).input_norm, self.family)
         elif n_tail == 0:  # exactly the exported op: k from the keep fraction and S, per-row counts from L_b
             num, den = self.schedule.keep_fraction(li)
             kept, index = ops.topk_gather(h, sel, valid, num, den, MIN_KEEP)  # [B,k,H], [B,k]
@@ -306,12 +310,11 @@ class RoutedModel(nn.Module):
         kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
         window = self.score_window if self._needs_scores() else 0
         if self.kv_policy == "skip":
-            res = run_block(layer, kept, kcos_sin, kpos, kvalid, q_active=krows, past=past, score_window=window,
-                            causal=unpadded, x_norm=kept_norm)
+            args = BlockArgs(q_active=krows, past=past, score_window=window, causal=unpadded, x_norm=kept_norm)
         else:  # skipped tokens stay keys, from their un-updated hidden state
-            res = run_block(layer, kept, kcos_sin, kpos, kvalid, kv_x=h, kv_cos_sin=cos_sin, kv_pos=positions,
-                            kv_valid=valid, q_active=krows, past=past, score_window=window, x_norm=kept_norm)
-        res = _own_scores(res, past)
+            args = BlockArgs(keys=KeyRows(h, cos_sin, positions, valid), q_active=krows, past=past,
+                             score_window=window, x_norm=kept_norm)
+        res = _own_scores(run_block(self.family, layer, kept, kcos_sin, kpos, kvalid, args), past)
         if lean:
             h = fused.scatter_delta_(h, res.out, kept, index)  # [B,S,H] in place
         else:
@@ -338,8 +341,8 @@ class RoutedModel(nn.Module):
         k_soft = None
         if soft is not None and self.ste_keys and k_active is not None:  # keys too (kv_policy=skip)
             k_soft = torch.where(free, soft, torch.ones_like(soft))  # forced/tail keys: weight 1
-        res = run_block(layer, h, cos_sin, positions, valid, k_active=k_active, q_active=keep & routable,
-                        score_window=window, k_soft=k_soft)
+        args = BlockArgs(k_active=k_active, q_active=keep & routable, score_window=window, k_soft=k_soft)
+        res = run_block(self.family, layer, h, cos_sin, positions, valid, args)
         gate = hard
         if soft is not None:
             gate = hard + soft - soft.detach()
@@ -379,18 +382,19 @@ class RoutedModel(nn.Module):
         graphed = getattr(cache, "graphed_step", None)  # a CUDA-graphed step bound to this cache (cuda_graphs)
         if graphed is not None and graphed.accepts(token, position, all_logits):
             return graphed(token, position)
-        h = self.model.model.embed_tokens(token)  # [B,1,H]
-        cos_sin = self._rope(h, position)
+        parts = self.parts
+        h = parts.embed_tokens(token)  # [B,1,H]
+        cos_sin = parts.rotary_emb(h, position)  # cos, sin [B,1,d]
         valid = torch.ones_like(token, dtype=torch.bool)
         extended = []  # past + this step's rows, per layer
-        for li, (layer, past) in enumerate(zip(self.layers, cache)):
+        for li, (layer, past) in enumerate(zip(parts.layers, cache)):
             if li in self.removed_layers:
                 extended.append(None)
                 continue
             h, cos_sin, position, valid = placement.enter(layer, h, cos_sin, position, valid)
-            res = run_block(layer, h, cos_sin, position, valid, past=past)
+            res = run_block(self.family, layer, h, cos_sin, position, valid, BlockArgs(past=past))
             placement.leave(layer)
             h = res.out
             extended.append(res.kv)
-        logits = _home(self.model.lm_head(self.model.model.norm(h)), token)  # [B,n,V]
+        logits = _home(parts.lm_head(parts.norm(h)), token)  # [B,n,V]
         return (logits if all_logits else logits[:, -1]), extended

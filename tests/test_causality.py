@@ -161,7 +161,8 @@ def test_window_scores_with_gqa_keys_equal_expanded_keys():
 def test_key_straight_through_keeps_the_forward_and_reaches_skipped_keys(tiny_llama):
     """run_block(k_soft=...): the output is exactly the hard-masked one, and a skipped key's soft
     weight gets a gradient (with the hard mask alone it gets none)."""
-    from tokenskip.block import run_block
+    from tokenskip.block import BlockArgs, run_block
+    from tokenskip.families import LLAMA
     from tokenskip.routed import default_positions
 
     model, _ = tiny_llama
@@ -174,8 +175,8 @@ def test_key_straight_through_keeps_the_forward_and_reaches_skipped_keys(tiny_ll
     keep = torch.ones(1, 12, dtype=torch.bool)
     keep[0, 3:6] = False
     soft = torch.full((1, 12), 0.7, requires_grad=True)
-    hard = run_block(layer, x, cs, pos, valid, k_active=keep).out
-    st = run_block(layer, x, cs, pos, valid, k_active=keep, k_soft=soft).out
+    hard = run_block(LLAMA, layer, x, cs, pos, valid, BlockArgs(k_active=keep)).out
+    st = run_block(LLAMA, layer, x, cs, pos, valid, BlockArgs(k_active=keep, k_soft=soft)).out
     torch.testing.assert_close(st, hard, rtol=0, atol=0)
     st[0, -1].sum().backward()
     assert soft.grad[0, 3:6].abs().sum() > 0

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenskip.block import run_block
+from tokenskip.families import family_of
 from tokenskip.flops import flops_ratio
 from tokenskip.routed import RoutedModel, default_positions
 from tokenskip.schedule import Schedule
@@ -23,16 +24,18 @@ CALIB_WINDOWS = 4  # calibration windows (of the evaluation length) for Block In
 def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """BI per block on windows [N,L] (dense forward through the same block code as routing)."""
     n_layers = model.config.num_hidden_layers
+    family = family_of(model)
     total = torch.zeros(n_layers, dtype=torch.float64)
     count = 0
     for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size].to(model.device)  # [B,L]
         valid = torch.ones_like(ids, dtype=torch.bool)
         positions = default_positions(valid)
-        h = model.model.embed_tokens(ids)  # [B,L,H]
-        cos_sin = model.model.rotary_emb(h, positions)
-        for li, layer in enumerate(model.model.layers):
-            out = run_block(layer, h, cos_sin, positions, valid).out  # [B,L,H]
+        parts = family.model_parts(model)
+        h = parts.embed_tokens(ids)  # [B,L,H]
+        cos_sin = parts.rotary_emb(h, positions)
+        for li, layer in enumerate(parts.layers):
+            out = run_block(family, layer, h, cos_sin, positions, valid).out  # [B,L,H]
             total[li] += float((1 - F.cosine_similarity(h.float(), out.float(), dim=-1)).double().sum())
             h = out
         count += ids.numel()

@@ -22,23 +22,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenskip.block import LayerKV, apply_rope, run_block
+from tokenskip.block import BlockArgs, LayerKV, project_kv, run_block
 from tokenskip.routed import RoutedModel
 from tokenskip.routers import LearnedRouter, normalized_rank
 
 THRESHOLD = 0.5
 
 
-def _kv_only(layer, h: Tensor, cos_sin: tuple[Tensor, Tensor], position: Tensor) -> LayerKV:
+def _kv_only(parts, h: Tensor, cos_sin: tuple[Tensor, Tensor], position: Tensor) -> LayerKV:
     """K/V of rows h [B,q,H] from their block input (what kv_policy=dense caches for a skipped token)."""
-    attn = layer.self_attn
-    bsz, nq, _ = h.shape
-    xn = layer.input_layernorm(h)  # [B,q,H]
-    k = attn.k_proj(xn).view(bsz, nq, -1, attn.head_dim).transpose(1, 2)  # [B,nkv,q,d]
-    v = attn.v_proj(xn).view(bsz, nq, -1, attn.head_dim).transpose(1, 2)  # [B,nkv,q,d]
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    k = apply_rope(k, *cos_sin)
+    k, v = project_kv(parts, parts.input_norm(h), cos_sin)  # [B,nkv,q,d]
     return LayerKV(k, v, position, torch.ones_like(position, dtype=torch.bool))
 
 
@@ -51,8 +44,9 @@ def threshold_decode_step(routed: RoutedModel, token: Tensor, position: Tensor, 
         raise ValueError("threshold-skip needs the learned router")
     if token.shape[0] != 1:
         raise ValueError("threshold-skip decodes one sequence at a time (batch 1)")
-    h = routed.model.model.embed_tokens(token)  # [1,1,H]
-    cos_sin = routed._rope(h, position)
+    parts = routed.parts
+    h = parts.embed_tokens(token)  # [1,1,H]
+    cos_sin = parts.rotary_emb(h, position)
     valid = torch.ones_like(token, dtype=torch.bool)  # [1,1]
     attn_self = torch.zeros(1, dtype=torch.float32, device=h.device)  # [1] before any block: zero table
     rank_self = torch.ones(1, dtype=torch.float32, device=h.device)  # ties -> the last token ranks last
@@ -69,15 +63,15 @@ def threshold_decode_step(routed: RoutedModel, token: Tensor, position: Tensor, 
             if bool(prob.item() < threshold):
                 skipped.append(li)
                 if routed.kv_policy == "dense":
-                    new_cache.append(past.append(_kv_only(layer, h, cos_sin, position)))
+                    new_cache.append(past.append(_kv_only(routed.family.layer_parts(layer), h, cos_sin, position)))
                 else:
                     new_cache.append(past)
                 continue
-        res = run_block(layer, h, cos_sin, position, valid, past=past, score_window=1)
+        res = run_block(routed.family, layer, h, cos_sin, position, valid, BlockArgs(past=past, score_window=1))
         h = res.out
         new_cache.append(res.kv)
         scores = res.attn_score  # [1,T] attention from the new query to every key (itself last)
         attn_self = scores[:, -1]
         rank_self = normalized_rank(scores, res.kv.valid)[:, -1]
-    logits = routed.model.lm_head(routed.model.model.norm(h))  # [1,1,V]
+    logits = parts.lm_head(parts.norm(h))  # [1,1,V]
     return logits[:, -1], new_cache, skipped
