@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .block import LayerKV
-from .kv_buffer import KVBuffer, stores
+from .kv_buffer import DEFAULT_NEW_TOKENS, KVBuffer, preallocate, stores
 
 ENV = "TOKENSKIP_CUDA_GRAPHS"  # "0": never capture (generation then decodes eagerly)
 GRAPH_MIN_TOKENS = 16  # a decode capture costs about three steps: worth it from this many tokens
@@ -195,3 +195,18 @@ def decode_graphs_wanted(buffers: list, new_tokens: int) -> bool:
     held = stores(buffers)
     return (bool(held) and held[0].key.is_cuda and graphs_enabled() and not _failures and new_tokens >= GRAPH_MIN_TOKENS
             and len(held) == sum(b is not None for b in buffers))
+
+
+def decode_cache(routed, cache: list[LayerKV | None], new_tokens: int | None, graphs: bool = True):
+    """The cache generation decodes through: `preallocate`d buffers (tokenskip.kv_buffer) with room
+    for `new_tokens` and, on CUDA when `graphs` and enough tokens follow to pay for a capture, a
+    CUDA-graphed decode step bound to them (RoutedModel.decode_step replays it). new_tokens None
+    (the caller did not say, e.g. a server that regroups rows between steps): the default room and
+    no capture. (Here, not in kv_buffer: the buffers know nothing of graphs.)"""
+    buffers = preallocate(cache, DEFAULT_NEW_TOKENS if new_tokens is None else new_tokens)
+    if graphs and new_tokens is not None and decode_graphs_wanted(buffers, new_tokens):
+        try:
+            return GraphedDecodeCache(routed, buffers)
+        except Exception as exc:  # noqa: BLE001 - eager decode is always correct
+            capture_failed(exc)
+    return buffers

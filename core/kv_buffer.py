@@ -133,20 +133,3 @@ def stores(cache) -> list[KVStore]:
     """The KVStores behind a cache (empty when it holds plain LayerKVs)."""
     return [kv.store for kv in cache if isinstance(kv, KVBuffer)]
 
-
-def decode_cache(routed, cache: list[LayerKV | None], new_tokens: int | None, graphs: bool = True):
-    """The cache generation decodes through: `preallocate`d buffers with room for `new_tokens`
-    and, on CUDA when `graphs` and enough tokens follow to pay for a capture, a CUDA-graphed decode
-    step bound to them (tokenskip.cuda_graphs; RoutedModel.decode_step replays it). new_tokens
-    None (the caller did not say, e.g. a server that regroups rows between steps): the default
-    room and no capture."""
-    buffers = preallocate(cache, DEFAULT_NEW_TOKENS if new_tokens is None else new_tokens)
-    if graphs and new_tokens is not None:
-        from . import cuda_graphs
-
-        if cuda_graphs.decode_graphs_wanted(buffers, new_tokens):
-            try:
-                return cuda_graphs.GraphedDecodeCache(routed, buffers)
-            except Exception as exc:  # noqa: BLE001 - eager decode is always correct
-                cuda_graphs.capture_failed(exc)
-    return buffers

@@ -132,8 +132,8 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
         t0 = _stage(2, "quality at equal FLOPs (continuation after a routed prompt, held-out text)")
         if not (routers_dir / "tokenskip.json").is_file():
             raise UserError(f"no fitted routers in {routers_dir}: run the fit stage first")
-        table = quality_table(model, sparsity, fit_dir,
-                              QualitySettings(windows=windows, seed=seed, domains=domain_list, free_run=free_run), lm=lm)
+        quality = QualitySettings(windows=windows, seed=seed, domains=domain_list, free_run=free_run)
+        table = quality_table(model, sparsity, fit_dir, quality, lm=lm)
         click.echo(table["markdown"])
         write_json_atomic(out / "quality.json", table)
         _figures(ctx, out, "quality", model=model, routers_dir=str(routers_dir))

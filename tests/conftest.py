@@ -54,6 +54,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def lib():
+    """The TensorRT plugin library, compiled once per session for sm_90 (tokenskip.plugins.testing);
+    skips with the reason when the `cuda` extra (nvcc) is not installed."""
+    from tokenskip.errors import UserError
+    from tokenskip.plugins.testing import compiled_library
+
+    try:
+        return compiled_library("90")
+    except UserError as exc:
+        if "nvcc" in str(exc):
+            print(f"SKIP REASON: {exc}")
+            pytest.skip(f"CUDA compiler extra not installed: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     model = make_tiny_llama(path)

@@ -27,13 +27,10 @@ ATOL = 2e-5  # float32 logits of the tiny model: the kernels sum in different or
 
 
 @pytest.fixture(autouse=True)
-def one_thread_quiet():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread_quiet(one_thread):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         yield
-    torch.set_num_threads(saved)
 
 
 class KernelSpy:

@@ -18,13 +18,7 @@ from tokenskip.routers import LearnedRouter
 from conftest import make_char_tokenizer, make_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to a busy shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +33,8 @@ class Recorder:
     def __init__(self, inner):
         self.inner, self.logits = inner, []
 
-    def check_length(self, *a):
-        self.inner.check_length(*a)
+    def __getattr__(self, name):  # check_length, expect_new_tokens, stats, ...
+        return getattr(self.inner, name)
 
     def prefill(self, ids, mask):
         logits, cache = self.inner.prefill(ids, mask)
@@ -348,7 +342,7 @@ def test_bench_gpu_tiny_runs_on_cpu(tmp_path):
 # ----------------------------------------------------------------------------------- ONNX Runtime
 def test_ort_generation_equals_torch(tiny_export):
     """Greedy tokens and logits from ONNX Runtime equal PyTorch's, left-padded batch included."""
-    from tokenskip.deploy.runtime.torch_backend import OrtBackend
+    from tokenskip.deploy.runtime.ort_backend import OrtBackend
 
     routed, out = tiny_export
     t_rec, o_rec = Recorder(TorchBackend(routed)), Recorder(OrtBackend(out, threads=1))
@@ -402,7 +396,7 @@ def test_smollm2_decode_quality_at_0_3(smollm2):
 def test_smollm2_torch_and_ort_agree_for_32_tokens(smollm2, smol_export):
     """Greedy generation from PyTorch and ONNX Runtime agree token for token on the same routed model."""
     pytest.importorskip("onnxruntime")
-    from tokenskip.deploy.runtime.torch_backend import OrtBackend
+    from tokenskip.deploy.runtime.ort_backend import OrtBackend
 
     torch.set_num_threads(2)
     routed, _ = build_routed(smollm2.model, router="static", sparsity=0.3, model_name="smollm2-135m")

@@ -8,22 +8,9 @@ import json
 
 import pytest
 
-from tokenskip.errors import UserError
-
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX extra not installed")
 
 from tokenskip.deploy.engine import build as engine_build  # noqa: E402
-from tokenskip.plugins import testing  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return testing.compiled_library("90")
-    except UserError as exc:
-        if "nvcc" in str(exc):
-            pytest.skip(f"CUDA compiler extra not installed: {exc}")
-        raise
 
 
 @pytest.mark.slow

@@ -29,12 +29,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (real CUDA graphs): run by scripts/device_speed.sh")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_routed(model, kind: str, kv_policy: str = "skip") -> RoutedModel:
@@ -58,7 +53,7 @@ class Recorder:
     def __init__(self, inner):
         self.inner, self.logits, self.caches = inner, [], []
 
-    def __getattr__(self, name):  # check_length, reserve
+    def __getattr__(self, name):  # check_length, expect_new_tokens, stats
         return getattr(self.inner, name)
 
     def prefill(self, ids, mask):
@@ -104,7 +99,7 @@ def test_preallocated_generation_equals_concatenation(tiny_llama, kind, kv_polic
     ref_gen = generate_tokens(ref, PROMPTS, Sampling(max_new_tokens=NEW), pad_id=0)
     fast_backend = TorchBackend(routed)
     if room == "grows":  # room for 3 tokens only: the stores must grow during decode
-        fast_backend.reserve = lambda n: setattr(fast_backend, "new_tokens", 3)
+        fast_backend.expect_new_tokens = lambda n: setattr(fast_backend, "new_tokens", 3)
     fast = Recorder(fast_backend)
     fast_gen = generate_tokens(fast, PROMPTS, Sampling(max_new_tokens=NEW), pad_id=0)
     assert fast_gen.tokens == ref_gen.tokens
@@ -252,7 +247,7 @@ def test_cuda_graphs_equal_eager(tiny_llama, kv_policy):
 
 def test_failed_capture_leaves_an_eager_cache(tiny_llama, monkeypatch):
     """If capturing the decode step fails, generation decodes eagerly on intact buffers."""
-    from tokenskip import cuda_graphs, kv_buffer
+    from tokenskip import cuda_graphs
 
     model, _ = tiny_llama
     routed = make_routed(model, "routed")
@@ -269,7 +264,7 @@ def test_failed_capture_leaves_an_eager_cache(tiny_llama, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "decode_graphs_wanted", lambda b, n: True)
     monkeypatch.setattr(cuda_graphs, "_failures", [])
     with pytest.warns(UserWarning, match="decoding eagerly"):
-        buf = kv_buffer.decode_cache(routed, cache, 4)
+        buf = cuda_graphs.decode_cache(routed, cache, 4)
     assert type(buf) is list and all(kv.store.slot is None for kv in buf)
     assert all(kv.store.length == plain.length and not kv.store.valid[:, plain.length:].any()
                for kv, plain in zip(buf, cache))

@@ -154,14 +154,15 @@ def test_fit_on_an_offloaded_model_matches_the_loaded_model(tiny_deploy, tmp_pat
     """`run_fit` (search, train, re-search, train) given the disk-offloaded model: the same schedule
     and router weights as from the normally loaded one (seed 0, tiny budget)."""
     from tokenskip.config import load_routing
-    from tokenskip.train.fit import run_fit
+    from tokenskip.train.fit import FitSettings, run_fit
 
     _, folder = tiny_deploy
     plain = load_model(str(folder))
     models = {"plain": plain, "placed": load_model(str(folder), device_map=offload_map(
         plain.model.config.num_hidden_layers), offload_folder=tmp_path / "offload")}
     for name, lm in models.items():
-        run_fit(str(folder), 0.3, tmp_path / name, budget="tiny", lm=lm, progress=False, log=lambda msg: None)
+        run_fit(str(folder), 0.3, tmp_path / name, FitSettings(budget="tiny"), lm=lm, progress=False,
+                log=lambda msg: None)
     (cfg_a, router_a), (cfg_b, router_b) = (load_routing(tmp_path / name / "routers") for name in models)
     assert cfg_a.schedule == cfg_b.schedule
     for a, b in zip(router_a.state_dict().values(), router_b.state_dict().values()):

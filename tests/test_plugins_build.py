@@ -14,19 +14,6 @@ from tokenskip.plugins import build, toolchain
 from tokenskip.plugins.cli import plugins
 
 
-@pytest.fixture(scope="module")
-def lib():
-    from tokenskip.plugins.testing import compiled_library
-
-    try:
-        return compiled_library("90")
-    except UserError as exc:
-        if "nvcc" in str(exc):
-            print(f"SKIP REASON: {exc}")
-            pytest.skip(f"CUDA compiler extra not installed: {exc}")
-        raise
-
-
 def test_library_compiles_with_entry_points_and_source_hash(lib):
     meta = json.loads((lib.parent / "build.json").read_text())
     assert meta["archs"] == ["90"] and meta["compile_seconds"] > 0

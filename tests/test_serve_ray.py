@@ -89,11 +89,15 @@ def test_two_replicas_answer_the_openai_client(ray_server):
     assert app.status == "RUNNING" and app.deployments["tokenskip"].replica_states.get("RUNNING") == 2
 
 
-def test_serve_run_builder_and_autoscaling_options(ray_server):
+def test_serve_run_builder_and_autoscaling_options(ray_server, monkeypatch):
     from tokenskip.deploy.serve import ray_app
+    from tokenskip.deploy.serve.launch import ServeSpec
 
     _, spec_file, _ = ray_server
-    app = ray_app.app_builder({"spec": str(spec_file), "replicas": "1", "max_replicas": "4"})
+    args = {"spec": str(spec_file), "replicas": "1", "max_replicas": "4"}
+    assert isinstance(ray_app.app_builder(args), serve.Application)
+    monkeypatch.setattr(ray_app, "bind", lambda *a: a)  # what `serve run` arguments become
+    assert ray_app.app_builder(args) == (ServeSpec(**json.loads(spec_file.read_text())), 1, 4, 1.0, 0.0)
     opts = ray_app.deployment_options(1, 4, 1.0, 0.0, {"max_batch": 8, "max_waiting": 64})
     assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["max_ongoing_requests"] == 72
-    assert "num_replicas" not in opts and app is not None
+    assert "num_replicas" not in opts

@@ -322,10 +322,10 @@ def test_ste_carries_gradient_through_distillation_alone(tiny_llama):
 # -- fit, baselines, report -------------------------------------------------------------------------------------
 
 def test_fit_tiny_budget(tiny_dir, text_file, tmp_path):
-    from tokenskip.train.fit import run_fit
+    from tokenskip.train.fit import FitSettings, run_fit
 
-    out = run_fit(str(tiny_dir), 0.25, tmp_path / "fit", budget="tiny", calib_text=str(text_file),
-                  train_text=str(text_file), progress=False, log=lambda m: None)
+    settings = FitSettings(budget="tiny", calib_text=str(text_file), train_text=str(text_file))
+    out = run_fit(str(tiny_dir), 0.25, tmp_path / "fit", settings, progress=False, log=lambda m: None)
     assert out == tmp_path / "fit" / "routers"
     for p in ("search-static/schedule.json", "router-1/router.safetensors", "search-learned/schedule.json",
               "routers/tokenskip.json", "routers/router.safetensors", "fit.json"):

@@ -250,15 +250,16 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 
     from .common import deterministic
     from .distributed import init_distributed
-    from .fit import run_fit
+    from .fit import FitSettings, run_fit
 
     check_sparsity(sparsity)
     _check_out(out_dir)
     dist = init_distributed(device)
     deterministic(seed)
-    final = run_fit(model, sparsity, out_dir, budget=budget, seed=seed, kv_policy=kv_policy, calib_text=calib_text,
-                    train_text=train_text, log=lambda m: click.echo(m, err=True), device=device, dtype=dtype,
-                    dist=dist, batch_size=batch_size)
+    settings = FitSettings(budget=budget, seed=seed, kv_policy=kv_policy, calib_text=calib_text, train_text=train_text,
+                           batch_size=batch_size)
+    final = run_fit(model, sparsity, out_dir, settings, log=lambda m: click.echo(m, err=True), device=device,
+                    dtype=dtype, dist=dist)
     if dist.is_main:
         click.echo(str(final))
 
@@ -303,7 +304,7 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
     """
     from tokenskip.fileio import read_json, write_json_atomic
 
-    from .report import collect, markdown, parse_domains, quality_table
+    from .report import QualitySettings, collect, markdown, parse_domains, quality_table
 
     domain_list = parse_domains(domains)
     if plots_out:
@@ -331,11 +332,10 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
 
                 task_list = parse_tasks(tasks)
             name = model or meta["model"]
-            obj = quality_table(name, float(meta["sparsity"]), path, seq_len=seq_len,
-                                cont_len=cont_len, windows=windows, batch_size=batch_size, seed=seed,
+            q = QualitySettings(seq_len=seq_len, cont_len=cont_len, windows=windows, batch_size=batch_size, seed=seed,
                                 kv_policy=meta.get("kv_policy", "skip"), tasks=task_list, task_examples=task_examples,
-                                eval_text=eval_text, calib_text=calib_text, progress=not as_json,
-                                domains=domain_list, free_run=free_run, lm=lm_for(name))
+                                eval_text=eval_text, calib_text=calib_text, domains=domain_list, free_run=free_run)
+            obj = quality_table(name, float(meta["sparsity"]), path, q, progress=not as_json, lm=lm_for(name))
             write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json", obj)
             tables.append(obj["markdown"])
             reports.append((str(path), obj))

@@ -64,16 +64,43 @@ BUDGETS = {
 }
 
 
-def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str = "small", seed: int = 0,
-            kv_policy: str = "skip", calib_text: str | None = None, train_text: str | None = None,
-            progress: bool = True, lm=None, log=print, resume: bool = True, device: str = "cpu", dtype: str = "fp32",
-            dist: Dist | None = None, batch_size: int | None = None) -> Path:
+@dataclass(frozen=True)
+class FitSettings:
+    """What a fit is, besides the model and sparsity (fit.json records it): the budget by name
+    (BUDGETS), `batch_size` replacing its global training batch when given, the seed, the KV
+    policy, and text files replacing the built-in calibration / training windows."""
+
+    budget: str = "small"
+    seed: int = 0
+    kv_policy: str = "skip"
+    calib_text: str | None = None
+    train_text: str | None = None
+    batch_size: int | None = None
+
+    def resolve(self, world: int) -> Budget:
+        """The budget this fit runs, checked (one-line errors naming the flag) before any work."""
+        if self.budget not in BUDGETS:
+            raise UserError(f"--budget {self.budget}: choose from {', '.join(BUDGETS)}")
+        b = BUDGETS[self.budget]
+        if self.batch_size is not None:
+            if self.batch_size < 1:
+                raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+            b = replace(b, batch_size=self.batch_size)
+        if b.batch_size < world:  # fail before the search, not after it
+            raise UserError(f"--batch-size {b.batch_size}: the global batch must hold at least one window per "
+                            f"process ({world} processes); pass --batch-size {world} or more")
+        return b
+
+
+def run_fit(model_name: str, sparsity: float, out_dir: str | Path, settings: FitSettings = FitSettings(), *,
+            lm=None, device: str = "cpu", dtype: str = "fp32", dist: Dist | None = None, progress: bool = True,
+            log=print, resume: bool = True) -> Path:
     """search -> train -> re-search -> train. Returns the final routers folder (DIR/routers).
 
-    The model is loaded once in `dtype` on `device` (or `dist.device`: one GPU per process when
-    launched by torchrun / accelerate); `dist` splits every stage over the processes and only
-    rank 0 writes. Every process returns the same routers. `batch_size` replaces the budget's
-    global training batch (at least one window per process)."""
+    `settings` say what is fitted (FitSettings); the rest how it runs. The model is `lm`, or loaded
+    once in `dtype` on `device` (or `dist.device`: one GPU per process when launched by torchrun /
+    accelerate); `dist` splits every stage over the processes and only rank 0 writes. Every
+    process returns the same routers. `resume` reuses the stages a previous run finished."""
     from tokenskip.models import load_model
 
     from .common import windows
@@ -83,24 +110,16 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
         log, progress = (lambda _msg: None), False
 
     check_sparsity(sparsity)
-    if budget not in BUDGETS:
-        raise UserError(f"--budget {budget}: choose from {', '.join(BUDGETS)}")
-    b = BUDGETS[budget]
-    if batch_size is not None:
-        if batch_size < 1:
-            raise UserError(f"--batch-size {batch_size}: must be >= 1")
-        b = replace(b, batch_size=batch_size)
-    if b.batch_size < dist.world:  # fail before the search, not after it
-        raise UserError(f"--batch-size {b.batch_size}: the global batch must hold at least one window per process "
-                        f"({dist.world} processes); pass --batch-size {dist.world} or more")
+    b = settings.resolve(dist.world)
+    seed, kv_policy = settings.seed, settings.kv_policy
     out = Path(out_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     lm = lm or load_model(model_name, dtype=dtype, device=dist.device if dist.active else device)
     model = lm.model
-    calib = windows(lm.tokenizer, "calib", calib_text, b.seq_len, b.calib_windows, seed)
-    train_ids = windows(lm.tokenizer, "train", train_text, b.seq_len, b.train_windows, seed)
+    calib = windows(lm.tokenizer, "calib", settings.calib_text, b.seq_len, b.calib_windows, seed)
+    train_ids = windows(lm.tokenizer, "train", settings.train_text, b.seq_len, b.train_windows, seed)
     times = {}
 
     # 1. search with the static router
@@ -149,7 +168,7 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, budget: str =
     times["final_train"] = time.time() - t0
     if dist.is_main:
         write_json_atomic(out / "fit.json", {"model": model_name, "sparsity": sparsity, "budget": asdict(b),
-                                             "budget_name": budget, "seed": seed, "kv_policy": kv_policy,
+                                             "budget_name": settings.budget, "seed": seed, "kv_policy": kv_policy,
                                              "fitness": {"static_search": r1.fitness, "learned_search": r2.fitness},
                                              "seconds": {k: round(v, 1) for k, v in times.items()},
                                              "routers": str(final_dir), "dtype": dtype_name(model_dtype(model)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,39 @@ COLUMNS = ("method", "sparsity", "flops", "ppl", "ppl_ratio", "ppl_ratio_ci", "k
 COMPARISONS = (("learned (searched)", "static (searched)"), ("learned (searched)", "static (uniform)"),
                ("static (searched)", "static (uniform)"), ("static (uniform)", "random (uniform)"))
 DOMAINS = ("eval", "news")
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """How the quality table measures (the same for every method, so rows compare): windows of
+    `seq_len` tokens, the last `cont_len` scored, sampled by `seed` across each domain in `domains`
+    ("eval": the Wikipedia eval split; "news": the Lee corpus), or from one file `eval_text`.
+    `calib_text`: ShortGPT's block-influence calibration. `tasks`: multiple-choice tasks
+    (`task_examples` each). `free_run` > 0: greedy generation from that many prompts
+    (`free_run_tokens` new tokens each)."""
+
+    seq_len: int = 512
+    cont_len: int = 64
+    windows: int = 64
+    batch_size: int = 4
+    seed: int = 0
+    kv_policy: str = "skip"
+    methods: tuple[str, ...] = METHODS
+    domains: tuple[str, ...] = DOMAINS
+    eval_text: str | None = None
+    calib_text: str | None = None
+    tasks: list[str] | None = None
+    task_examples: int = 100
+    free_run: int = 0
+    free_run_tokens: int = 64
+
+    def check(self) -> None:
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise UserError(f"unknown method(s) {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
+        bad = set(self.domains) - set(DOMAINS)
+        if bad or not self.domains:
+            raise UserError(f"--domains {','.join(self.domains)}: choose from {', '.join(DOMAINS)}")
 
 
 def parse_domains(text: str) -> tuple[str, ...]:
@@ -92,8 +126,7 @@ def collect(paths: list[str]) -> list[dict]:
 
 # -- the full table at one sparsity -------------------------------------------------------------------
 
-def _methods(lm, fit_dir: Path, sparsity: float, names: tuple[str, ...], seq_len: int, cont_len: int, kv_policy: str,
-             batch_size: int, seed: int, calib_text: str | None) -> tuple[list, dict]:
+def _methods(lm, fit_dir: Path, sparsity: float, q: QualitySettings) -> tuple[list, dict]:
     from tokenskip.config import build_routed
     from tokenskip.routed import RoutedModel
     from tokenskip.routers import RandomRouter, StaticRouter
@@ -104,6 +137,7 @@ def _methods(lm, fit_dir: Path, sparsity: float, names: tuple[str, ...], seq_len
     model, n = lm.model, lm.model.config.num_hidden_layers
     uniform = Schedule.uniform(n, sparsity)
     out, info = [], {}
+    names, kv_policy = tuple(q.methods), q.kv_policy
     if "learned" in names:
         learned, _ = build_routed(model, routers_dir=fit_dir / "routers", kv_policy=kv_policy, model_name=lm.name)
         out.append(("learned (searched)", learned))
@@ -113,9 +147,9 @@ def _methods(lm, fit_dir: Path, sparsity: float, names: tuple[str, ...], seq_len
     if "static-uniform" in names:
         out.append(("static (uniform)", RoutedModel(model, uniform, StaticRouter(), kv_policy=kv_policy)))
     if "random" in names:
-        out.append(("random (uniform)", RoutedModel(model, uniform, RandomRouter(seed), kv_policy=kv_policy)))
+        out.append(("random (uniform)", RoutedModel(model, uniform, RandomRouter(q.seed), kv_policy=kv_policy)))
     if "shortgpt" in names:
-        sg, info, name = shortgpt_for(lm, sparsity, seq_len, cont_len, kv_policy, batch_size, calib_text)
+        sg, info, name = shortgpt_for(lm, sparsity, q.seq_len, q.cont_len, kv_policy, q.batch_size, q.calib_text)
         out.append((name, sg))
     return out, info
 
@@ -155,21 +189,15 @@ def comparisons(results: list, seed: int = 0) -> list[dict]:
     return [compare(by[a], by[b], seed) for a, b in COMPARISONS if a in by and b in by]
 
 
-def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_len: int = 512, cont_len: int = 64,
-                  windows: int = 64, batch_size: int = 4, seed: int = 0, kv_policy: str = "skip",
-                  tasks: list[str] | None = None, task_examples: int = 100, eval_text: str | None = None,
-                  calib_text: str | None = None, lm=None, progress: bool = True,
-                  methods: tuple[str, ...] = METHODS, domains: tuple[str, ...] = DOMAINS,
-                  free_run: int = 0, free_run_tokens: int = 64) -> dict:
+def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, q: QualitySettings = QualitySettings(), *,
+                  lm=None, progress: bool = True) -> dict:
     """Evaluate every method at `sparsity` on held-out text. `fit_dir` is a `tokenskip fit` output
     (routers/ for the learned router, search-static/schedule.json for the static searched schedule).
 
-    Windows are sampled by `seed` across every article of each domain in `domains` ("eval": the
-    Wikipedia eval split; "news": the Lee corpus); `eval_text` replaces them with one text file.
-    `free_run` > 0 also generates greedily from that many prompts (free-running agreement and
-    repetition). Returns {"model", "sparsity", "settings", "shortgpt", "domains": {domain: {"results",
-    "rows", "comparisons", "markdown"}}, "results"/"rows" (the first domain's), "free_running",
-    "tasks", "markdown"}.
+    `q` says how (windows, domains, tasks, free-running text: QualitySettings); `lm` is the loaded
+    model (loaded here when None). Returns {"model", "sparsity", "settings", "shortgpt", "domains":
+    {domain: {"results", "rows", "comparisons", "markdown"}}, "results"/"rows" (the first domain's),
+    "free_running", "tasks", "markdown"}.
     """
     from tokenskip.evaluate import evaluate_methods
     from tokenskip.models import load_model
@@ -177,24 +205,20 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
     from tokenskip.schedule import Schedule
     from tokenskip.windows import load_windows
 
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
-    bad = set(domains) - set(DOMAINS)
-    if bad or not domains:
-        raise UserError(f"--domains {','.join(domains)}: choose from {', '.join(DOMAINS)}")
+    q.check()
+    seq_len, cont_len, batch_size, seed, kv_policy = q.seq_len, q.cont_len, q.batch_size, q.seed, q.kv_policy
+    eval_text, tasks, free_run = q.eval_text, q.tasks, q.free_run
     fit_dir = Path(fit_dir)
     torch.manual_seed(seed)
     lm = lm or load_model(model_name)
     model, n = lm.model, lm.model.config.num_hidden_layers
-    models, info = _methods(lm, fit_dir, sparsity, tuple(methods), seq_len, cont_len, kv_policy, batch_size, seed,
-                            calib_text)
+    models, info = _methods(lm, fit_dir, sparsity, q)
     base = RoutedModel(model, Schedule.dense(n), None, kv_policy=kv_policy)
     title = f"{model_name} @ sparsity {sparsity:g}"
     per_domain, texts = {}, []
-    sources = [("text", eval_text)] if eval_text else [(d, None) for d in domains]
+    sources = [("text", eval_text)] if eval_text else [(d, None) for d in q.domains]
     for domain, text_file in sources:
-        ids = load_windows(lm.tokenizer, domain if not text_file else "eval", seq_len, windows, seed, text_file)
+        ids = load_windows(lm.tokenizer, domain if not text_file else "eval", seq_len, q.windows, seed, text_file)
         results = evaluate_methods(models, ids, cont_len, batch_size, progress, seed, dense_model=base)
         comps = comparisons(results, seed)
         rows = rows_from_results({"results": [r.to_json() for r in results]})
@@ -206,13 +230,14 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
                               "markdown": md, "windows": int(ids.shape[0])}
         texts.append(md)
     first = per_domain[sources[0][0]]
-    provenance = router_provenance(fit_dir) if "learned" in methods else None
+    provenance = router_provenance(fit_dir) if "learned" in q.methods else None
     if provenance:
         texts[0] += "\n\n" + provenance
     obj = {"model": model_name, "sparsity": sparsity, "seed": seed,
            "settings": {"seq_len": seq_len, "cont_len": cont_len, "windows": first["windows"], "seed": seed,
-                        "kv_policy": kv_policy, "tasks": tasks or [], "task_examples": task_examples,
-                        "domains": [d for d, _ in sources], "free_run": free_run, "free_run_tokens": free_run_tokens},
+                        "kv_policy": kv_policy, "tasks": tasks or [], "task_examples": q.task_examples,
+                        "domains": [d for d, _ in sources], "free_run": free_run,
+                        "free_run_tokens": q.free_run_tokens},
            "shortgpt": info, "domains": per_domain, "results": first["results"], "rows": first["rows"],
            "comparisons": first["comparisons"], "provenance": provenance, "tasks": {}, "free_running": []}
     if free_run:
@@ -220,14 +245,14 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, *, seq_
 
         prompts = load_windows(lm.tokenizer, sources[0][0] if not eval_text else "eval", seq_len - cont_len, free_run,
                                seed + 1, eval_text)
-        fr = free_running(models, base, prompts, free_run_tokens, batch_size=8, progress=progress, seed=seed)
+        fr = free_running(models, base, prompts, q.free_run_tokens, batch_size=8, progress=progress, seed=seed)
         obj["free_running"] = fr
         texts.append(f"Free-running greedy text, {free_run} prompts of {seq_len - cont_len} tokens, "
-                     f"{free_run_tokens} new tokens each:\n\n" + format_free_running(fr))
+                     f"{q.free_run_tokens} new tokens each:\n\n" + format_free_running(fr))
     if tasks:
         from . import tasks as T
 
-        loaded = T.load_tasks(tasks, task_examples, seed)
+        loaded = T.load_tasks(tasks, q.task_examples, seed)
         task_results = {"dense": [r.to_json() for r in T.run_tasks(base, lm.tokenizer, loaded, progress, seed)]}
         for name, m in models:
             task_results[name] = [r.to_json() for r in T.run_tasks(m, lm.tokenizer, loaded, progress, seed)]
