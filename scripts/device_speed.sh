@@ -3,7 +3,9 @@
 #   1. the CUDA tests of the fast paths: compiled FlexAttention and the causal kernel against the
 #      explicit-mask reference, real CUDA graphs (prefill, generation's graphed decode) against eager
 #      and a model split by device_map between cuda:0 and the CPU (tests/test_attention_paths.py,
-#      tests/test_kv_cache.py, tests/test_placement.py -k cuda; at most 150 s);
+#      tests/test_kv_cache.py, tests/test_placement.py -k cuda; at most 150 s); then
+#      tests/test_runtime_gpu.py (ORT CUDA EP and a full TensorRT engine built with --max-batch = the
+#      prompts it runs; each skips with its reason where its package is missing; at most 120 s);
 #   2. deploy/bench/gpu.py: LLaMA-2-7B shape, random bf16 weights, batch 1 and 8, S = 1024 and 2048,
 #      sparsity 0.3 and 0.4, kv_policy skip and dense, eager and CUDA graphs, against HF's own
 #      forward (sdpa, is_causal) in the same capture mode; numeric checks of the fast paths in bf16;
@@ -46,6 +48,12 @@ timeout 150 "$PY" -m pytest tests/test_attention_paths.py tests/test_kv_cache.py
   --durations=5 --junitxml="$OUT/speed_tests.xml" 2>&1 | tee "$OUT/speed_tests.log" | tail -15
 RC_TESTS=${PIPESTATUS[0]}
 
+step "runtime GPU tests (ONNX Runtime CUDA EP, a full TensorRT engine built for the batch it runs)"
+# each skips with its reason where its package is missing (the image has no tensorrt / onnxruntime-gpu)
+timeout 120 "$PY" -m pytest tests/test_runtime_gpu.py -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/runtime_gpu_tests.xml" 2>&1 | tee "$OUT/runtime_gpu_tests.log" | tail -8
+RC_RUNTIME=${PIPESTATUS[0]}
+
 step "prefill / decode benchmark"
 timeout 330 "$PY" -m tokenskip.deploy.bench.gpu "${BENCH_ARGS[@]}" --json "$OUT/bench_gpu.json" \
   > "$OUT/bench_gpu.md" 2> "$OUT/bench_gpu.log"
@@ -54,7 +62,7 @@ tail -20 "$OUT/bench_gpu.log"
 cat "$OUT/bench_gpu.md"
 
 step done
-printf '{"tests": %s, "bench": %s, "seconds": %s, "dry_run": %s}\n' \
-  "$RC_TESTS" "$RC_BENCH" "$((SECONDS - T0))" "${DRY_RUN:-0}" | tee "$OUT/summary.json"
+printf '{"tests": %s, "runtime_tests": %s, "bench": %s, "seconds": %s, "dry_run": %s}\n' \
+  "$RC_TESTS" "$RC_RUNTIME" "$RC_BENCH" "$((SECONDS - T0))" "${DRY_RUN:-0}" | tee "$OUT/summary.json"
 rm -rf "$SHIM"
-[ $RC_TESTS -eq 0 ] && [ $RC_BENCH -eq 0 ]
+[ $RC_TESTS -eq 0 ] && [ $RC_RUNTIME -eq 0 ] && [ $RC_BENCH -eq 0 ]

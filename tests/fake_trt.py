@@ -9,6 +9,19 @@ the logits one-hot the sum of every valid cached key (past and new) modulo the v
 reference with plain growing lists (`ToyReference`) computes the same, so the runtime's cache
 handling (which past it feeds, where the new rows land) can be checked step by step. Every
 execution and every copy the runtime makes through the device is logged with the stream it was on.
+
+It enforces what the real TensorRT enforces, and answers the way it does (False / None, never an
+exception), so a runtime that ignores return values fails here too:
+- the optimisation profiles are the build's own (deploy/engine/plan.py's phase_profiles for the
+  same settings); set_input_shape returns False for a shape outside the context's profile, and
+  set_optimization_profile_async for a profile that does not exist;
+- set_tensor_address returns False for an address that is not 256-byte aligned;
+- execute_async_v3 returns False while an input shape or any I/O address is unset, or a
+  user-managed context has no device memory;
+- the plugin registry's load_library returns None for a file that is not a plugin library or when
+  the creators are already registered (TensorRT's rule);
+- TensorRT-RTX's runtime config / runtime cache: a cache "compiles" each (profile, shape) once,
+  serialises, and refuses (False) a blob it did not write.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import json
 import math
 import types
 
@@ -50,18 +64,40 @@ def memory(ptr: int, shape, dtype) -> np.ndarray:
 
 
 class Spec:
-    """The toy engine's shape: layers, KV heads, head dim, vocabulary, keep fraction per layer."""
+    """The toy engine's shape: layers, KV heads, head dim, vocabulary, keep fraction per layer, and
+    the build settings its optimisation profiles come from (plan.py, as `tokenskip build`)."""
 
     def __init__(self, layers=(0, 1, 2), heads=2, head_dim=4, vocab=97, keep=None, max_seq=64, max_batch=4,
-                 profiles=("prefill", "decode")):
+                 profiles=("prefill", "decode"), opt_seq=16, opt_batch=1, min_seq=1):
         self.layers, self.heads, self.head_dim, self.vocab = list(layers), heads, head_dim, vocab
         self.profiles = list(profiles)
         self.keep = keep or {li: (1, 1) for li in self.layers}  # (num, den)
         self.max_seq, self.max_batch = max_seq, max_batch
+        self.opt_seq, self.opt_batch, self.min_seq = opt_seq, opt_batch, min_seq
 
     def kept(self, layer: int, seq: int) -> int:
         num, den = self.keep[layer]
         return min(seq, max(1, -(-num * seq // den)))
+
+    def input_dims(self) -> dict[str, list]:
+        """The export's input dims (docs/export.md), as `tokenskip build` reads them."""
+        dims = {n: ["batch", "seq"] for n in ("input_ids", "attention_mask", "position_ids")}
+        for li in self.layers:
+            dims.update({f"past.{li}.key": [f"past_{li}", "batch", self.heads, self.head_dim],
+                         f"past.{li}.value": [f"past_{li}", "batch", self.heads, self.head_dim],
+                         f"past.{li}.pos": [f"past_{li}", "batch"], f"past.{li}.valid": [f"past_{li}", "batch"]})
+        return dims
+
+    def build_profiles(self) -> dict:
+        """{profile name: {input: [min, opt, max]}}: what `tokenskip build` gives TensorRT."""
+        from tokenskip.deploy.engine.plan import BuildSettings, phase_profiles
+
+        s = BuildSettings(min_seq_len=self.min_seq, opt_seq_len=self.opt_seq, max_seq_len=self.max_seq,
+                          max_batch=self.max_batch, opt_batch=self.opt_batch,
+                          profiles="shared" if self.profiles == ["shared"] else "phases").resolve({})
+        built = phase_profiles(self.input_dims(), s)
+        assert list(built) == self.profiles, (list(built), self.profiles)
+        return built
 
 
 class FakeEngine:
@@ -85,7 +121,8 @@ class FakeEngine:
                 self.io[f"index.{li}"] = ("OUTPUT", "INT64", [-1, -1])
         self.names = list(self.io)
         self.num_io_tensors = len(self.names)
-        self.num_optimization_profiles = len(spec.profiles)
+        self.profile_shapes = list(spec.build_profiles().values())  # [profile][input] -> [min, opt, max]
+        self.num_optimization_profiles = len(self.profile_shapes)
         self.contexts: list[FakeContext] = []
 
     def get_tensor_name(self, i):
@@ -101,56 +138,108 @@ class FakeEngine:
         return list(self.io[name][2])
 
     def get_tensor_profile_shape(self, name, profile):
-        s = self.spec
-        decode = s.profiles[profile] == "decode"
-        lo, hi = [], []
-        for axis, d in enumerate(self.io[name][2]):
-            if d > 0:
-                lo.append(d); hi.append(d)
-            elif name.startswith("past.") and axis == 0:
-                lo.append(1 if decode else 0); hi.append(s.max_seq)
-            elif axis == 1 and name.startswith("past.") or axis == 0 and not name.startswith("past."):
-                lo.append(1); hi.append(s.max_batch)
-            else:  # the new tokens
-                lo.append(1); hi.append(1 if decode else s.max_seq)
-        return lo, lo, hi
+        if not 0 <= profile < len(self.profile_shapes) or name not in self.profile_shapes[0]:
+            raise RuntimeError(f"get_tensor_profile_shape({name!r}, {profile}): no such input or profile")
+        return [list(s) for s in self.profile_shapes[profile][name]]
 
     def get_device_memory_size_for_profile_v2(self, p):
         return 1024 * (p + 1)
 
-    def create_execution_context(self, strategy=None):
-        ctx = FakeContext(self, strategy)
+    def create_execution_context(self, arg=0):
+        """(strategy) like TensorRT 10, or (IRuntimeConfig) like TensorRT 10.11+ / TensorRT-RTX."""
+        config = arg if isinstance(arg, FakeRuntimeConfig) else None
+        ctx = FakeContext(self, config.strategy if config else arg, config)
         self.contexts.append(ctx)
         return ctx
 
+    def create_runtime_config(self):
+        return FakeRuntimeConfig()
+
+
+class FakeRuntimeConfig:
+    def __init__(self) -> None:
+        self.strategy, self.cache = 0, None
+
+    def set_execution_context_allocation_strategy(self, strategy=0):
+        self.strategy = strategy
+
+    def create_runtime_cache(self):
+        return FakeRuntimeCache()
+
+    def set_runtime_cache(self, cache=None):
+        self.cache = cache
+        return isinstance(cache, FakeRuntimeCache)
+
+
+class FakeRuntimeCache:
+    """TensorRT-RTX's runtime cache: the (profile, shape) kernels compiled so far."""
+
+    MAGIC = b"fake-rtx-runtime-cache\n"
+
+    def __init__(self) -> None:
+        self.entries: set[str] = set()
+
+    def deserialize(self, blob):
+        blob = bytes(blob)
+        if not blob.startswith(self.MAGIC):
+            return False  # another GPU / driver / version: refused, the cache unchanged
+        self.entries = set(json.loads(blob[len(self.MAGIC):]))
+        return True
+
+    def serialize(self):
+        return memoryview(self.MAGIC + json.dumps(sorted(self.entries)).encode())
+
 
 class FakeContext:
-    def __init__(self, engine: FakeEngine, strategy) -> None:
-        self.engine, self.strategy = engine, strategy
-        self.shapes, self.addresses, self.profile, self.device_memory = {}, {}, None, None
+    def __init__(self, engine: FakeEngine, strategy, config=None) -> None:
+        self.engine, self.strategy, self.config = engine, strategy, config
+        self.shapes, self.addresses, self.profile, self.device_memory = {}, {}, 0, None  # profile 0 by default
 
     def _stream(self, stream):
         """The stream a call was made on: its handle, if the device's stream was current."""
         device = getattr(self.engine.module, "device", None)
         return stream if device is None or device.active else None
 
+    def _refuse(self, *what):
+        self.engine.log.append(("refused", *what))
+        return False
+
     def set_optimization_profile_async(self, p, stream):
-        self.profile = p
+        if not 0 <= p < self.engine.num_optimization_profiles:
+            return self._refuse("profile", p)
+        self.profile, self.shapes = p, {}  # input shapes are set after the profile is chosen
         self.engine.log.append(("profile", p, self._stream(stream)))
+        return True
 
     def set_device_memory(self, ptr, size):
+        if ptr % 256:
+            raise ValueError("set_device_memory: 256-byte aligned device memory expected")
         self.device_memory = (ptr, size)
 
     def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
+        shape = tuple(int(d) for d in shape)
+        io = self.engine.io.get(name)
+        if io is None or io[0] != "INPUT" or len(shape) != len(io[2]):
+            return self._refuse("shape", name, shape)
+        lo, _, hi = self.engine.profile_shapes[self.profile][name]
+        if not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            return self._refuse("shape", name, shape)  # outside the selected profile's [min, max]
+        self.shapes[name] = shape
         return True
 
     def set_tensor_address(self, name, ptr):
+        if name not in self.engine.io or ptr % 256:
+            return self._refuse("address", name, ptr)
         self.addresses[name] = ptr
         return True
 
+    def infer_shapes(self):
+        return [n for n, io in self.engine.io.items() if io[0] == "INPUT" and n not in self.shapes]
+
     def get_tensor_shape(self, name):
         s = self.engine.spec
+        if self.engine.io[name][0] == "INPUT":
+            return list(self.shapes.get(name, self.engine.io[name][2]))
         bsz, seq = self.shapes["input_ids"]
         if name == "logits":
             return [bsz, s.vocab]
@@ -166,7 +255,17 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         eng, s = self.engine, self.engine.spec
-        eng.log.append(("execute", self.profile, self._stream(stream), dict(self.addresses), dict(self.shapes)))
+        unset = sorted(set(eng.io) - set(self.addresses)) + self.infer_shapes()
+        if unset:
+            return self._refuse("execute", unset)
+        if self.strategy == eng.module.ExecutionContextAllocationStrategy.USER_MANAGED and self.device_memory is None:
+            return self._refuse("execute", "no device memory")
+        jit = None
+        if self.config is not None and self.config.cache is not None:  # TensorRT-RTX: compiles once per shape
+            key = f"{self.profile}:{self.shapes['input_ids']}"
+            jit = "hit" if key in self.config.cache.entries else "compiled"
+            self.config.cache.entries.add(key)
+        eng.log.append(("execute", self.profile, self._stream(stream), dict(self.addresses), dict(self.shapes), jit))
         ids, mask, pos = (self._view(n) for n in ("input_ids", "attention_mask", "position_ids"))
         bsz, seq = ids.shape
         total = np.zeros(bsz)
@@ -197,16 +296,40 @@ class FakeRuntime:
         return None if data == b"corrupt" else FakeEngine(self.module.spec, self.module.log, self.module)
 
 
+class FakeRegistry:
+    """IPluginRegistry: load_library -> a handle, or None (not a plugin library, or already registered)."""
+
+    MAGIC = b"fake-tokenskip-plugins"
+
+    def __init__(self) -> None:
+        self.libraries: dict[int, str] = {}  # id(handle) -> path
+
+    @property
+    def all_creators(self):
+        return [types.SimpleNamespace(name=op, plugin_version="1", plugin_namespace="tokenskip")
+                for _ in self.libraries for op in ("TopKGather", "ScatterTokens")]
+
+    def load_library(self, path):
+        with open(path, "rb") as fh:
+            if fh.read(len(self.MAGIC)) != self.MAGIC or self.libraries:
+                return None
+        handle = object()
+        self.libraries[id(handle)] = path
+        return handle
+
+    def deregister_library(self, handle):
+        self.libraries.pop(id(handle), None)
+
+
 def fake_trt_module(spec: Spec) -> types.SimpleNamespace:
     """An object with the attributes of the `tensorrt` module the runtime uses."""
-    mod = types.SimpleNamespace(spec=spec, log=[], loaded_libraries=[])
+    mod = types.SimpleNamespace(spec=spec, log=[])
     mod.DataType, mod.TensorIOMode = DataType, TensorIOMode
-    mod.Logger = types.SimpleNamespace(WARNING=2)
     mod.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None})
     mod.Runtime = lambda logger: FakeRuntime(mod, logger)
     mod.ExecutionContextAllocationStrategy = types.SimpleNamespace(STATIC=0, USER_MANAGED=2)
-    registry = types.SimpleNamespace(load_library=lambda path: mod.loaded_libraries.append(path) or object())
-    mod.get_plugin_registry = lambda: registry
+    mod.registry = FakeRegistry()
+    mod.get_plugin_registry = lambda: mod.registry
     mod.__version__ = "10.fake"
     return mod
 
@@ -215,6 +338,7 @@ class FakeDevice:
     """The runtime's device on the CPU: one numbered 'stream', logged copies."""
 
     handle = 0xBEEF
+    name = "Fake GPU 9000"
 
     def __init__(self, module) -> None:
         self.torch = torch.device("cpu")
@@ -261,5 +385,10 @@ class ToyReference:
         logits[torch.arange(bsz), total.long() % s.vocab] = 1
         return logits
 
+    stats: dict = {}
+
     def check_length(self, prompt, new):
+        pass
+
+    def expect_new_tokens(self, new):
         pass

@@ -22,17 +22,6 @@ from tokenskip.deploy.engine.cli import build as build_cmd  # noqa: E402
 from tokenskip.plugins import testing  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return testing.compiled_library("90")
-    except UserError as exc:
-        if "nvcc" in str(exc):
-            print(f"SKIP REASON: {exc}")
-            pytest.skip(f"CUDA compiler extra not installed: {exc}")
-        raise
-
-
 @pytest.fixture(autouse=True)
 def engine_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
@@ -131,13 +120,14 @@ def test_profile_shapes_clamp():
     assert shapes["ids"] == [[1, 16], [4, 16], [4, 64]]
     assert shapes["k"] == [[16, 1, 2, 8], [16, 4, 2, 8], [64, 4, 2, 8]]
     cache_inputs = {"ids": ["batch", "seq"], "past": ["past_0", "batch", 2, 8]}
-    shared = engine_build.phase_profiles(cache_inputs, s)
-    assert shared == {"shared": {"ids": [[1, 16], [4, 16], [4, 64]], "past": [[0, 1, 2, 8], [16, 4, 2, 8], [64, 4, 2, 8]]}}
-    s = engine_build.BuildSettings(min_seq_len=16, opt_seq_len=4, max_seq_len=64, max_batch=4, opt_batch=9,
-                                   profiles="phases").resolve({})
-    both = engine_build.phase_profiles(cache_inputs, s)
-    assert list(both) == ["prefill", "decode"]
+    both = engine_build.phase_profiles(cache_inputs, s)  # the default: a profile per phase, each tuned for
+    assert list(both) == ["prefill", "decode"]  # the shapes it runs: (S = opt, past 0) and (S = 1, past = opt)
     assert both["prefill"] == {"ids": [[1, 16], [4, 16], [4, 64]], "past": [[0, 1, 2, 8], [0, 4, 2, 8], [64, 4, 2, 8]]}
+    s = engine_build.BuildSettings(min_seq_len=16, opt_seq_len=4, max_seq_len=64, max_batch=4, opt_batch=9,
+                                   profiles="shared").resolve({})
+    shared = engine_build.phase_profiles(cache_inputs, s)  # optimum = the prefill shape, never (opt, opt)
+    assert shared == {"shared": {"ids": [[1, 16], [4, 16], [4, 64]], "past": [[0, 1, 2, 8], [0, 4, 2, 8], [64, 4, 2, 8]]}}
+    assert s.limits() == {"min_seq_len": 16, "opt_seq_len": 16, "max_seq_len": 64, "opt_batch": 4, "max_batch": 4}
     assert both["decode"] == {"ids": [[1, 1], [4, 1], [4, 1]], "past": [[1, 1, 2, 8], [16, 4, 2, 8], [64, 4, 2, 8]]}
 
 
@@ -254,18 +244,20 @@ def test_cache_graph_builds_one_engine(lib, tmp_path, mode):
     """A graph with cache inputs builds ONE engine: one shared profile (an empty past is a
     zero-volume tensor), or a prefill and a decode (S = 1) profile."""
     export = write_export(tmp_path / "export", hidden=32, dtype="float16", past=True)
-    report, _ = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=256, profiles=mode)
+    report, _ = _build(export, tmp_path / "eng", plugin_library=str(lib), max_seq_len=256, profiles=mode, max_batch=2)
     r = report["reports"]["model"]
     if mode == "shared":
         assert list(r["profiles"]) == ["shared"]
-        assert r["profiles"]["shared"]["past.0.key"] == [[0, 1, 32], [256, 1, 32], [256, 1, 32]]
+        assert r["profiles"]["shared"]["past.0.key"] == [[0, 1, 32], [0, 1, 32], [256, 2, 32]]
     else:
         assert list(r["profiles"]) == ["prefill", "decode"]
-        assert r["profiles"]["prefill"]["past.0.key"] == [[0, 1, 32], [0, 1, 32], [256, 1, 32]]
-        assert r["profiles"]["decode"]["x"] == [[1, 1, 32], [1, 1, 32], [1, 1, 32]]
-    meta = json.loads((tmp_path / "eng" / "engine.json").read_text())
+        assert r["profiles"]["prefill"]["past.0.key"] == [[0, 1, 32], [0, 1, 32], [256, 2, 32]]
+        assert r["profiles"]["decode"]["past.0.key"] == [[1, 1, 32], [256, 1, 32], [256, 2, 32]]
+        assert r["profiles"]["decode"]["x"] == [[1, 1, 32], [1, 1, 32], [2, 1, 32]]
+    meta = json.loads((tmp_path / "eng" / "engine.json").read_text())  # what the runtime and serve read
     assert meta["engines"] == {"model": {"file": "model.engine", "report": "model.report.json",
-                                         "profiles": list(r["profiles"])}}
+                                         "profiles": list(r["profiles"]), "profile_shapes": r["profiles"]}}
+    assert (meta["max_batch"], meta["max_seq_len"], meta["min_seq_len"], meta["backend"]) == (2, 256, 1, "tensorrt-rtx")
     assert sorted(p.name for p in (tmp_path / "eng").glob("*.engine")) == ["model.engine"]
 
 

@@ -19,7 +19,8 @@ def test_smollm2_engines_with_plugins(lib, smol_export, tmp_path, monkeypatch):
     side = json.loads((smol_export / "export.json").read_text())
     routed = sum(1 for layer in side["layers"] if layer["routed"])
     report = engine_build.build_engines(smol_export, tmp_path / "eng", backend="tensorrt-rtx",
-                                        plugin_library=str(lib), max_seq_len=2048, log=lambda line: None)
+                                        plugin_library=str(lib), max_seq_len=2048, profiles="shared",
+                                        log=lambda line: None)
     prefill = report["reports"]["model"]
     print(f"\nengine: {prefill['engine_bytes'] / 2**20:.0f} MiB, {len(prefill['plugin_layers'])} plugin "
           f"layers for {routed} routed blocks, layers by type {prefill['layers_by_type']}")
@@ -39,7 +40,8 @@ def test_smollm2_engines_without_plugins_static_profile(smol_export, tmp_path, m
     them only with a fixed sequence length (docs/plugins.md), so the prefill profile is S = 128."""
     monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
     report = engine_build.build_engines(smol_export, tmp_path / "eng", backend="tensorrt-rtx", plugins=False,
-                                        min_seq_len=128, opt_seq_len=128, max_seq_len=128, log=lambda line: None)
+                                        min_seq_len=128, opt_seq_len=128, max_seq_len=128, profiles="shared",
+                                        log=lambda line: None)
     prefill = report["reports"]["model"]
     print(f"\nno-plugins engine: {prefill['engine_bytes'] / 2**20:.0f} MiB, layers {prefill['layers_by_type']}")
     assert prefill["plugin_layers"] == [] and prefill["fallback"] == {"TopKGather": 26, "ScatterTokens": 26}

@@ -4,8 +4,8 @@ For each graph of the export: parse the ONNX file (external data resolved next t
 plugin library registered, so every `tokenskip::TopKGather` / `ScatterTokens` node becomes a
 plugin layer (no TopK K <= 3840 cap), or, with plugins off, from the model-local function bodies
 the parser inlines when no creator is registered. The export's one graph becomes ONE engine for
-prefill and decode, with one shared optimisation profile (or, --profiles phases, a prefill and a
-decode profile; engine_plan.py has the shapes and the measured trade-off). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
+prefill and decode, with a prefill and a decode optimisation profile (or, --profiles shared, one
+for both; plan.py has the shapes and the measured trade-off). Engines are cached in `cache_dir()/engines/<key>/` keyed by the ONNX
 hash (with its external data) and every setting that changes the engine; files are written
 atomically, so a failed build leaves no partial engine. Each engine gets a JSON build report:
 layers by type, plugin layers, whether any tokenskip node fell back to its function body, build
@@ -169,7 +169,14 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
     parser = trt.OnnxParser(network, logger)
     log(f"[{graph}] parsing {onnx_path.name}")
     t0 = time.monotonic()
-    if not parser.parse_from_file(str(onnx_path)):
+    import onnx
+
+    from tokenskip.export.decode_branch import routed_only
+
+    # TensorRT-RTX cannot compile plugin layers inside the export's If(S == 1, decode, routed): parse the routed path
+    routed = routed_only(onnx.load(str(onnx_path), load_external_data=False))
+    if not (parser.parse(routed.SerializeToString(), str(onnx_path)) if routed is not None
+            else parser.parse_from_file(str(onnx_path))):
         errs = [parser.get_error(i).desc() for i in range(parser.num_errors)] or logger.errors() or ["unknown error"]
         raise UserError(f"{onnx_path}: TensorRT ({backend.name}) cannot parse it: {errs[0]}")
     summary = _network_summary(backend, network)
@@ -180,11 +187,15 @@ def _build_one(backend, graph: str, onnx_path: Path, inputs: dict[str, list], s:
     set_targets(backend, config, targets)
     if weak:
         config.set_flag(trt.BuilderFlag.FP16 if s.precision == "fp16" else trt.BuilderFlag.BF16)
-    for shapes in profiles.values():  # profile index = position (the runtime selects by name)
+    for i, (phase, shapes) in enumerate(profiles.items()):  # profile index = position (the runtime selects by name)
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        index = config.add_optimization_profile(profile)  # -1: TensorRT rejected the shapes
+        if index != i:
+            raise UserError(f"TensorRT ({backend.name}) rejected the {phase} optimisation profile of {onnx_path} "
+                            f"(add_optimization_profile returned {index}) with shapes {json.dumps(shapes)}: check "
+                            "--min/--opt/--max-seq-len and --opt/--max-batch")
     timing = None
     if s.timing_cache and not backend.is_rtx:
         tc = Path(s.timing_cache)
@@ -336,10 +347,11 @@ def build_engines(export_dir: str | os.PathLike, out_dir: str | os.PathLike, **s
         "tensorrt_version": backend.version, "compute_capabilities": targets, "model": sidecar.get("model"),
         "tokenizer": carried.get("tokenizer"), "routers": carried.get("routers"),
         "export_dir": str(Path(export_dir).resolve()), "dtype": sidecar.get("dtype"), "precision": s.precision,
-        "max_seq_len": s.max_seq_len, "max_batch": s.max_batch, "plugin_library": shipped,
+        **s.limits(), "plugin_library": shipped,
         "plugins": s.plugins, "plugins_embedded": bool(lib and s.embed_plugins),
-        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json", "profiles": list(r["profiles"])}
-                    for g, r in engines.items()},
+        # profile names in engine order, and their [min, opt, max] shapes per input (the runtime selects by name)
+        "engines": {g: {"file": f"{g}.engine", "report": f"{g}.report.json", "profiles": list(r["profiles"]),
+                        "profile_shapes": r["profiles"]} for g, r in engines.items()},
     }
     write_json_atomic(out / ENGINE_SIDECAR, meta)
     return {**meta, "out_dir": str(out), "reports": engines}

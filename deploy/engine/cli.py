@@ -17,7 +17,8 @@ import click
 @click.option("--min-seq-len", type=int, default=1, show_default=True, help="Smallest sequence length.")
 @click.option("--opt-seq-len", type=int, default=None, help="Length TensorRT tunes for (default 512, clamped).")
 @click.option("--max-seq-len", type=int, default=None, help="Largest sequence length (default: the export's).")
-@click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch size.")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Largest batch size (recorded in engine.json; `tokenskip serve --engine` batches up to it).")
 @click.option("--opt-batch", type=int, default=1, show_default=True, help="Batch size TensorRT tunes for.")
 @click.option("--no-plugins", is_flag=True, help="Use the ONNX function bodies instead of the CUDA plugins.")
 @click.option("--embed-plugins", is_flag=True, help="Embed the plugin library in the engines.")
@@ -26,9 +27,10 @@ import click
 @click.option("--compute-capability", "compute_capability", default=None,
               help="TensorRT-RTX target GPUs, e.g. 8.9 or 8.6,12.0 (default 8.0,8.6,8.9,12.0; recorded in "
                    "engine.json and checked when the engine is opened).")
-@click.option("--profiles", type=click.Choice(["shared", "phases"]), default="shared", show_default=True,
-              help="shared: one optimisation profile for prefill and decode (weights once); phases: a prefill and "
-                   "a decode profile (kernels per phase; TensorRT-RTX then stores the weights twice).")
+@click.option("--profiles", type=click.Choice(["phases", "shared"]), default="phases", show_default=True,
+              help="phases: a prefill profile (S = --opt-seq-len, empty past) and a decode profile (S = 1, past = "
+                   "--opt-seq-len) in one engine; shared: one profile for both, tuned for prefill (TensorRT-RTX "
+                   "stores the weights once per profile, so this halves an RTX engine).")
 @click.option("--timing-cache", type=click.Path(path_type=str), default=None, help="TensorRT timing cache file.")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached engine matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
@@ -43,7 +45,7 @@ def build(export_dir: str, out_dir: str, backend: str | None, precision: str | N
       tokenskip build out/export --out out/engine
       tokenskip build out/export --out out/engine --backend tensorrt-rtx --compute-capability 8.9
       tokenskip build out/export --out out/engine --max-batch 8 --opt-batch 4 --json
-      tokenskip build out/export --out out/engine --profiles phases   # a decode profile of its own
+      tokenskip build out/export --out out/engine --profiles shared   # one profile: an RTX engine half the size
     """
     from tokenskip.deploy.engine.build import build_engines, parse_compute_capabilities
 

@@ -22,9 +22,9 @@ from tokenskip.errors import UserError
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
 PLUGIN_NAMESPACE = "tokenskip"
 _MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
-_INSTALL = {"tensorrt": "pip install tensorrt (on a CUDA machine)",
+_INSTALL = {"tensorrt": "pip install 'tokenskip[tensorrt]' (tensorrt-cu13, on a CUDA machine)",
             "tensorrt-rtx": "pip install 'tokenskip[tensorrt-rtx]' (tensorrt-rtx-cu13-libs + -bindings)"}
-_loaded: dict[str, Any] = {}  # plugin library path -> registry handle (per process)
+_loaded: dict[tuple[int, str], tuple[ModuleType, Any]] = {}  # (id(module), library path) -> (module, handle)
 
 
 @dataclasses.dataclass
@@ -55,26 +55,38 @@ class Flavour:
                       if c.plugin_namespace == PLUGIN_NAMESPACE)
 
     def load_plugins(self, lib: str | os.PathLike) -> None:
-        """Register libtokenskip_plugins.so's creators (once per process and path)."""
+        """Register libtokenskip_plugins.so's creators (once per process and path). TensorRT's
+        `load_library` returns None when any creator of the library is already registered, so a
+        copy this process loaded from another path (the build cache vs the engine folder) is
+        deregistered first, and the result is checked."""
         path = str(Path(lib).resolve())
-        if path in _loaded:
+        if (id(self.trt), path) in _loaded:
             return
-        if self.tokenskip_creators():  # another copy of the library is registered: replace it
-            self.unload_plugins()
+        self._deregister_loaded()
+        if self.tokenskip_creators():
+            raise UserError(f"cannot load the plugin library {lib}: tokenskip plugins "
+                            f"({', '.join(self.tokenskip_creators())}) are already registered in this process by a "
+                            "library tokenskip did not load")
         handle = self.registry().load_library(path)
         if handle is None or not self.tokenskip_creators():
-            raise UserError(f"TensorRT could not load the plugin library {lib}: rebuild it with "
+            raise UserError(f"TensorRT ({self.name}) could not load the plugin library {lib}: rebuild it with "
                             "`tokenskip plugins build`")
-        _loaded[path] = handle
+        _loaded[(id(self.trt), path)] = (self.trt, handle)
 
     def unload_plugins(self) -> None:
         """Deregister every tokenskip plugin library this process loaded (for --no-plugins builds)."""
-        reg = self.registry()
-        for path in list(_loaded):
-            reg.deregister_library(_loaded.pop(path))
+        self._deregister_loaded()
         if self.tokenskip_creators():
             raise UserError("tokenskip plugins are registered by something else in this process; cannot build "
                             "with --no-plugins here")
+
+    def _deregister_loaded(self) -> None:
+        """Deregister the libraries this process loaded into this flavour's registry."""
+        reg = self.registry()
+        for key, (module, handle) in list(_loaded.items()):
+            if module is self.trt:
+                reg.deregister_library(handle)
+                del _loaded[key]
 
     def plugin_of(self, layer) -> tuple[str, str] | None:
         """(plugin name, namespace) of a PLUGIN_V3 network layer, else None."""

@@ -1,7 +1,8 @@
 """What an engine is built for: the build settings, the optimisation profiles and the target GPUs.
 
-Kept apart from the builder (engine_build.py) so the runtime and the tests can reason about
-profiles and compute capabilities without TensorRT.
+Kept apart from the builder (build.py) so the runtime, engine.json and the tests (the fake TensorRT
+of tests/fake_trt.py takes its profiles from here) reason about profiles, limits and compute
+capabilities without TensorRT.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from tokenskip.errors import UserError
 # TensorRT-RTX builds ahead of time for these GPUs by default (its docs: "8.0, 8.6, 8.9, 12.0");
 # we set them explicitly so engine.json records exactly what the engine runs on.
 RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
-# "shared": one optimisation profile serves prefill and decode; "phases": one profile each. Measured
-# with TensorRT-RTX 1.7 on smollm2-135m fp32: 581 MB vs 1033 MB, as each profile carries its own
-# copy of the weights (docs/export.md, "One graph, weights once").
-PROFILE_MODES = ("shared", "phases")
+# "phases" (default): a prefill and a decode profile in ONE engine, each tuned for the shapes its
+# phase really runs; "shared": one profile for both (tuned for prefill). Measured with TensorRT-RTX
+# 1.7 on smollm2-135m fp32: 1033 MB vs 581 MB, as RTX keeps a copy of the weights per profile
+# (docs/export.md, "One graph, weights once"); `--profiles shared` is the memory-lean choice there.
+PROFILE_MODES = ("phases", "shared")
+# Bumped whenever the profile shapes for the same flags change, so cached engines are rebuilt.
+PLAN_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -37,7 +41,7 @@ class BuildSettings:
     plugin_library: str | None = None   # default: build_library() (compiled once, cached)
     timing_cache: str | None = None
     compute_capabilities: list[str] | None = None  # TensorRT-RTX targets (default RTX_DEFAULT_TARGETS)
-    profiles: str = "shared"            # cache graphs: "shared" (one profile) or "phases" (prefill + decode)
+    profiles: str = "phases"            # cache graphs: "phases" (prefill + decode profiles) or "shared" (one)
     force: bool = False
     log: Callable[[str], None] | None = None  # progress lines (default: stderr)
 
@@ -66,8 +70,13 @@ class BuildSettings:
             raise UserError(f"--timing-cache {s.timing_cache}: is a folder, expected a file")
         return s
 
+    def limits(self) -> dict:
+        """What the runtime enforces, recorded in engine.json (the profiles' bounds)."""
+        return {"min_seq_len": self.min_seq_len, "opt_seq_len": self.opt_seq_len, "max_seq_len": self.max_seq_len,
+                "opt_batch": self.opt_batch, "max_batch": self.max_batch}
+
     def engine_key_fields(self) -> dict:
-        return {"precision": self.precision, "profiles": self.profiles,
+        return {"plan": PLAN_VERSION, "precision": self.precision, "profiles": self.profiles,
                 "seq": [self.min_seq_len, self.opt_seq_len, self.max_seq_len],
                 "batch": [1, self.opt_batch, self.max_batch], "plugins": self.plugins, "embed": self.embed_plugins}
 
@@ -75,28 +84,30 @@ class BuildSettings:
 def profile_shapes(inputs: dict[str, list], s: BuildSettings, phase: str | None = None) -> dict[str, list[list[int]]]:
     """{input: [min, opt, max] shapes} of one optimisation profile.
 
-    "batch" -> [1, opt_batch, max_batch]. In the prefill profile "seq" (new tokens) takes the seq
-    range and every cache dim "past_*" is [0, 0, max_seq_len] (an empty past; longer ones allow
-    chunked prefill); in the decode profile "seq" is 1 and "past_*" is [1, opt_seq_len,
-    max_seq_len]; the shared profile takes the union ("seq" as in prefill, "past_*" [0,
-    opt_seq_len, max_seq_len]). Without a phase (graphs with no cache inputs) every named dim takes
-    the seq range.
+    "batch" -> [1, opt_batch, max_batch] in every profile. The optimum is a shape the phase really
+    runs, because TensorRT picks its kernels for it:
+    - "prefill": "seq" (new tokens) [min_seq_len, opt_seq_len, max_seq_len], every cache dim
+      "past_*" [0, 0, max_seq_len] (an empty past; longer ones allow chunked prefill);
+    - "decode": "seq" 1, "past_*" [1, opt_seq_len, max_seq_len] (one token against a typical
+      prompt's cache);
+    - "shared": prefill's ranges for "seq", [0, 0, max_seq_len] for "past_*" (tuned for prefill,
+      the compute-bound phase; decode runs on the same kernels).
+    Without a phase (graphs with no cache inputs) every named dim takes the seq range.
     """
     seq = (s.min_seq_len, s.opt_seq_len, s.max_seq_len)
     out = {}
     for name, dims in inputs.items():
         lo, opt, hi = [], [], []
         for d in dims:
+            past = str(d).startswith("past_")
             if isinstance(d, int) and d > 0:
                 rng = (d, d, d)
             elif d == "batch":
                 rng = (1, s.opt_batch, s.max_batch)
-            elif phase == "prefill" and str(d).startswith("past_"):
+            elif past and phase in ("prefill", "shared"):
                 rng = (0, 0, s.max_seq_len)
-            elif phase == "decode" and str(d).startswith("past_"):
+            elif past and phase == "decode":
                 rng = (1, s.opt_seq_len, s.max_seq_len)
-            elif phase == "shared" and str(d).startswith("past_"):
-                rng = (0, s.opt_seq_len, s.max_seq_len)
             elif phase == "decode" and d == "seq":
                 rng = (1, 1, 1)
             else:
@@ -107,16 +118,14 @@ def profile_shapes(inputs: dict[str, list], s: BuildSettings, phase: str | None 
 
 
 def phase_profiles(inputs: dict[str, list], s: BuildSettings) -> dict[str, dict[str, list[list[int]]]]:
-    """The engine's optimisation profiles, in order, by name. A graph with cache inputs gets one
-    "shared" profile covering prefill and decode (the default: the weights once), or with
-    profiles="phases" a "prefill" and a "decode" profile (kernels chosen per phase, as TensorRT-LLM
-    runs its context and generation phases; a copy of the weights each with TensorRT-RTX 1.7).
-    Other graphs get one "default" profile."""
+    """The engine's optimisation profiles, in order, by name. A graph with cache inputs gets a
+    "prefill" and a "decode" profile (the default; kernels chosen per phase, as TensorRT-LLM runs
+    its context and generation phases, in one engine), or with profiles="shared" one profile for
+    both. Other graphs get one "default" profile."""
     if any(str(d).startswith("past_") for dims in inputs.values() for d in dims):
         phases = ("prefill", "decode") if s.profiles == "phases" else ("shared",)
         return {phase: profile_shapes(inputs, s, phase) for phase in phases}
     return {"default": profile_shapes(inputs, s)}
-
 
 
 def parse_compute_capabilities(text: str | None) -> list[str] | None:
