@@ -40,6 +40,9 @@ def tiny_chat(tmp_path_factory):
     model = make_tiny_llama(path, seed=1)
     tok = make_char_tokenizer(path, vocab_size=256, chat_template=CHAT_TEMPLATE)
     model.requires_grad_(False)
+    # the random model's config says EOS = 2 (the char tokenizer's space); the server stops on the
+    # generation config's ids too (tests/test_serve_openai.py), so make them agree
+    model.generation_config.eos_token_id = tok.eos_token_id
     return model, tok, path
 
 
@@ -168,7 +171,8 @@ def test_stop_strings_seed_and_models(server):
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),  # at most 20 alternatives
+    ({"seed": 2**70}, "seed"),  # beyond a 64-bit signed seed
     ({"prompt": [5, 9999]}, "prompt"),
     ({"prompt": ["two", "prompts"]}, "prompt"),
     ({"prompt": ""}, "prompt"),
@@ -198,11 +202,12 @@ def test_chat_without_a_template_is_a_clear_400(tiny_chat, tmp_path):
     model, _, _ = tiny_chat
     plain = make_char_tokenizer(tmp_path, vocab_size=256)  # no chat template
     routed, _ = build_routed(model, router="dense")
-    srv, _ = start(TorchBackend(routed), plain)
+    srv, engine = start(TorchBackend(routed), plain)
     try:
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             client(srv).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}])
-        assert client(srv).completions.create(model=NAME, prompt="hi", max_tokens=2).choices[0].text is not None
+        r = client(srv).completions.create(model=NAME, prompt="hi", max_tokens=2, temperature=0)  # still served
+        assert r.choices[0].text == text_of(engine, greedy(engine, plain("hi")["input_ids"], 2))
     finally:
         srv.stop()
 
