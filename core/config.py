@@ -27,7 +27,7 @@ FORMAT = "tokenskip-router"
 class RoutingConfig:
     model: str
     num_layers: int
-    router: str  # dense | static | random | learned
+    router: str  # dense | static | random | learned | attention
     schedule: list[float]
     kv_policy: str = "skip"
     score_window: int = DEFAULT_WINDOW

@@ -4,7 +4,8 @@ Counted per block: Q/O projections and the MLP for every query row, K/V projecti
 key-producing token, and attention as q_rows x keys (QK^T and PV). Attention is counted over the
 full q x T rectangle, not a causal triangle, because that is what SDPA with an explicit mask and
 the exported MatMul+Softmax graphs compute. Embedding and the LM head are excluded (they do not
-change with routing). The learned router's attention-score window adds window x keys per block.
+change with routing). A router that reads attention scores (`needs_attention`: the learned and the
+attention routers) adds its score window, window x keys per block; callers pass `score_window` for it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ router never changes how tokens are selected, only their ranking.
 - random: seeded noise, a baseline.
 - learned: FTP's shared router, an MLP 4 -> 64 -> 1 over four per-token features (normalised
   position, latest attention received, its rank, and the block's target sparsity).
+- attention: the training-free baseline (LazyLLM / GemFilter style): keep the tokens the prompt's
+  last tokens attend to most, read from the same attention-score table the learned router sees.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from .precision import fp32_region
 
-ROUTER_KINDS = ("dense", "static", "random", "learned")
+ROUTER_KINDS = ("dense", "static", "random", "learned", "attention")
 NUM_FEATURES = 4
 HIDDEN = 64
 
@@ -143,6 +145,35 @@ class LearnedRouter(Router):
         return self
 
 
+class AttentionRouter(Router):
+    """Training-free baseline: rank tokens by the attention they received from the prompt's last
+    tokens (LazyLLM's criterion; GemFilter's, but per block rather than once from an early layer).
+
+    It reads the routed model's attention-score table (docs/design.md, "Attention-score feature"):
+    the mean over heads and over the last w kept query rows of the routed part (the prompt) of each
+    key's attention probability, from the most recent block that executed the key. The first two
+    blocks run dense under every schedule we ship, so the table is filled before any routed block
+    reads it. So it sees content at no training cost, and the scores never read a scored
+    continuation (the window's rows come from the routed part only: the causality rule).
+
+    score = attention * L_valid (1 for a uniform spread, whatever the length) + recency * position
+    / (L_valid - 1): the recency term only breaks ties and orders tokens no window query has seen
+    yet (table value 0), the newest first, as the static router would. Sink and last tokens are
+    forced by the routed model, as for every router."""
+
+    needs_attention = True
+
+    def __init__(self, recency: float = 1e-3) -> None:
+        super().__init__()
+        self.recency = recency
+
+    def scores(self, ctx: RouteContext) -> Tensor:
+        n = ctx.valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1] tokens of the routed part
+        pos = ctx.positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S] in [0, 1]
+        attn = ctx.attn.to(torch.float32) if ctx.attn is not None else torch.zeros_like(pos)  # [B,S]
+        return attn * n + self.recency * pos  # [B,S]
+
+
 def make_router(kind: str, seed: int = 0) -> Router | None:
     """A router by name; `dense` means no routing at all (None). `learned` starts untrained."""
     if kind == "dense":
@@ -153,4 +184,6 @@ def make_router(kind: str, seed: int = 0) -> Router | None:
         return RandomRouter(seed)
     if kind == "learned":
         return LearnedRouter()
+    if kind == "attention":
+        return AttentionRouter()
     raise ValueError(f"unknown router {kind!r} (choose from {', '.join(ROUTER_KINDS)})")
