@@ -14,52 +14,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-import torch
 
 from tokenskip.errors import UserError, parse_list
 from tokenskip.evaluate_cli import model_options
-from tokenskip.precision import device_options
 from tokenskip.models import DEFAULT_MODEL
 from tokenskip.precision import device_options
 
-
-def _given(ctx: click.Context, name: str) -> bool:
-    src = ctx.get_parameter_source(name)
-    return src is not None and src != click.core.ParameterSource.DEFAULT
+from .cli_backend import BackendChoice, backend_options, backend_spec, given_flags
+from .runtime.base import create_backend
 
 
 def build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device="cpu",
                        dtype="fp32"):
-    """CLI choices -> (LoadedModel, RoutedModel, RoutingConfig). With --routers DIR and no --model,
-    the base model named in the folder is used. No routing flags at all means dense. The LLM is
-    loaded once, in `dtype`, on `device` (tokenskip.precision)."""
-    from tokenskip.config import build_routed, load_routing
-    from tokenskip.models import load_model
+    """CLI choices -> (LoadedModel, RoutedModel, RoutingConfig) (runtime/torch_backend.load_routed):
+    with --routers DIR and no --model, the base model named in the folder is used."""
+    from .runtime.base import BackendSpec
+    from .runtime.torch_backend import load_routed
 
-    if routers_dir is not None and not _given(ctx, "model"):
-        cfg, _ = load_routing(routers_dir)
-        model = cfg.model or DEFAULT_MODEL
-    if router is None:
-        router = "learned" if routers_dir else ("static" if sparsity is not None or schedule else "dense")
-    torch.manual_seed(seed)
-    lm = load_model(model, dtype=dtype, device=device)
-    routed, cfg = build_routed(lm.model, router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
-                               kv_policy=kv_policy, seed=seed, model_name=model)
-    return lm, routed, cfg
-
-
-def load_tokenizer(path: Path, flag: str):
-    from transformers import AutoTokenizer
-
-    if not path.is_dir():
-        raise UserError(f"{flag}: tokenizer folder {path} not found (pass --tokenizer DIR)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag}: cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    flags = dict(model=model, router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
+                 kv_policy=kv_policy, seed=seed, device=device, dtype=dtype)
+    return load_routed(BackendSpec.from_flags(flags, given_flags(ctx, ["model"])))
 
 
 def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -78,61 +52,6 @@ def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]
         if not p.strip():
             raise UserError(f"--prompt {i + 1} is empty: give some text to continue")
     return prompts
-
-
-def make_backend(ctx, *, onnx_dir, engine_dir, tokenizer_dir, device, threads, threshold_skip, model, router,
-                 sparsity, schedule, routers_dir, kv_policy, seed, dtype="fp32"):
-    """-> (backend, tokenizer, description dict)."""
-    from .runtime.torch_backend import OrtBackend, TorchBackend, load_trt_backend
-
-    if onnx_dir and engine_dir:
-        raise UserError("give either --onnx DIR or --engine DIR, not both")
-    routing_flags = [f for f in ("router", "sparsity", "schedule", "routers_dir", "kv_policy") if _given(ctx, f)]
-    if (onnx_dir or engine_dir) and routing_flags:
-        raise UserError(f"--{routing_flags[0].replace('_dir', '').replace('_', '-')} applies to the PyTorch backend; "
-                        "an export or engine carries its own routing")
-    if (onnx_dir or engine_dir) and threshold_skip:
-        raise UserError("--threshold-skip runs on the PyTorch backend only (exported graphs run every block in decode)")
-    if (onnx_dir or engine_dir) and _given(ctx, "dtype"):
-        raise UserError("--dtype applies to the PyTorch backend; an export or engine carries its own precision")
-    if onnx_dir:
-        from tokenskip.precision import resolve_device
-
-        backend = OrtBackend(onnx_dir, device=resolve_device(device).type, threads=threads)
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(onnx_dir) / str(backend.meta.get("tokenizer") or "tokenizer")
-        return backend, load_tokenizer(tok_dir, "--onnx"), {"backend": "ort", "onnx": str(onnx_dir),
-                                                           "routing": backend.meta.get("routing")}
-    if engine_dir:
-        from .runtime.trt_backend import read_engine_dir
-
-        meta, _ = read_engine_dir(engine_dir)  # a bad folder fails before the GPU checks
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(engine_dir) / str(meta.get("tokenizer") or "tokenizer")
-        if not tok_dir.is_dir():
-            raise UserError(f"--engine {engine_dir}: no tokenizer folder inside (engines built by an older tokenskip); "
-                            "rebuild with `tokenskip build` or pass --tokenizer DIR")
-        tok = load_tokenizer(tok_dir, "--engine")
-        backend = load_trt_backend(engine_dir)
-        return backend, tok, {"backend": "trt", "engine": str(engine_dir), "model": meta.get("model")}
-    if threads:
-        torch.set_num_threads(threads)
-    lm, routed, cfg = build_torch_routed(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, seed, device,
-                                         dtype)
-    backend = TorchBackend(routed, threshold_skip=threshold_skip)
-    return backend, lm.tokenizer, {"backend": "torch", "model": model, "router": cfg.router,
-                                   "kv_policy": cfg.kv_policy, "sparsity": routed.schedule.overall()
-                                   if routed.router is not None else 0.0}
-
-
-def backend_options(f):
-    f = click.option("--threads", type=int, default=None, help="CPU threads (PyTorch / ONNX Runtime).")(f)
-    f = device_options(f)  # --device cpu|cuda|auto (PyTorch device / ORT execution provider), --dtype (PyTorch)
-    f = click.option("--tokenizer", "tokenizer_dir", type=click.Path(), default=None,
-                     help="Tokenizer folder (default: the export's / engine's own).")(f)
-    f = click.option("--engine", "engine_dir", type=click.Path(), default=None,
-                     help="TensorRT engine folder from `tokenskip build` (CUDA GPU needed).")(f)
-    f = click.option("--onnx", "onnx_dir", type=click.Path(), default=None,
-                     help="Export folder from `tokenskip export` (runs on ONNX Runtime).")(f)
-    return f
 
 
 @click.command("generate")
@@ -171,10 +90,11 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
     prompts = read_prompts(prompt, prompts_file)
     if threshold_skip or stream:
         batch_size = 1
-    backend, tok, desc = make_backend(ctx, onnx_dir=onnx_dir, engine_dir=engine_dir, tokenizer_dir=tokenizer_dir,
-                                      device=device, threads=threads, threshold_skip=threshold_skip, model=model,
-                                      router=router, sparsity=sparsity, schedule=schedule, routers_dir=routers_dir,
-                                      kv_policy=kv_policy, seed=seed, dtype=dtype)
+    flags = dict(onnx_dir=onnx_dir, engine_dir=engine_dir, tokenizer_dir=tokenizer_dir, device=device,
+                 threads=threads, model=model, router=router, sparsity=sparsity, schedule=schedule,
+                 routers_dir=routers_dir, kv_policy=kv_policy, seed=seed, dtype=dtype)
+    spec = backend_spec(flags, given_flags(ctx, flags), threshold_skip=threshold_skip)
+    backend, tok, desc = create_backend(spec)
     encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
@@ -208,7 +128,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
         for j, toks in enumerate(gen.tokens):
             results[picked[j]] = {"prompt": prompts[picked[j]], "prompt_tokens": len(chunk[j]), "tokens": toks,
                                   "text": tok.decode(toks, skip_special_tokens=True)}
-    stats = dict(getattr(backend, "stats", {}) or {})
+    stats = dict(backend.stats)
     if stats.get("routed_block_visits"):
         stats["skip_rate"] = stats["skipped_blocks"] / stats["routed_block_visits"]
     timing = {**totals, "ms_per_token": 1e3 * totals["decode_s"] / totals["decode_steps"]
@@ -228,7 +148,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
 
 # ----------------------------------------------------------------------------------------- bench
 @click.command("bench")
-@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--backend", type=BackendChoice("bench"), default="torch", show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in name, local HF folder, or Hub id.")
 @click.option("--router", type=click.Choice(["static", "random", "learned"]), default=None,
               help="Router for the routed side (default: learned with --routers, else static).")
@@ -268,17 +188,16 @@ def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_d
       tokenskip bench --backend ort --seq-lens 512,1024,2048 --batch 1,8 --json
       tokenskip bench --backend ort --onnx out/export --onnx-dense out/export-dense --seq-lens 1024
     """
-    from .bench.run import run_bench
+    from .bench.run import BenchSettings, run_bench
 
-    if repeats < 1 or warmup < 0 or decode_steps < 0:
-        raise UserError("--repeats must be >= 1, --warmup and --decode-steps >= 0")
-    result = run_bench(backend=backend, model=model, router=router, routers_dir=routers_dir, kv_policy=kv_policy,
-                       onnx_dir=onnx_dir, onnx_dense_dir=onnx_dense_dir, engine_dir=engine_dir,
-                       engine_dense_dir=engine_dense_dir, seq_lens=parse_list(seq_lens, int, "--seq-lens"),
-                       batches=parse_list(batches, int, "--batch"),
-                       sparsities=parse_list(sparsities, float, "--sparsity"), repeats=repeats, warmup=warmup,
-                       decode_steps=decode_steps, threads=threads, device=device, dtype=dtype, overhead_seq=overhead_seq,
-                       seed=seed, progress=not as_json)
+    settings = BenchSettings(backend=backend, model=model, router=router, routers_dir=routers_dir, kv_policy=kv_policy,
+                             onnx_dir=onnx_dir, onnx_dense_dir=onnx_dense_dir, engine_dir=engine_dir,
+                             engine_dense_dir=engine_dense_dir, seq_lens=parse_list(seq_lens, int, "--seq-lens"),
+                             batches=parse_list(batches, int, "--batch"),
+                             sparsities=parse_list(sparsities, float, "--sparsity"), repeats=repeats, warmup=warmup,
+                             decode_steps=decode_steps, threads=threads, device=device, dtype=dtype,
+                             overhead_seq=overhead_seq, seed=seed)
+    result = run_bench(settings, progress=not as_json)
     if out_file:
         from tokenskip.fileio import write_json_atomic
 

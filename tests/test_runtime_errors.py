@@ -179,7 +179,7 @@ def test_missing_onnx_extra_is_named(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- bench --backend trt
 def test_bench_trt_without_routers_uses_the_engine_routing(tmp_path, monkeypatch):
     """--backend trt with only --engine/--engine-dense: the schedule comes from the engine folders."""
-    from tokenskip.deploy.runtime import torch_backend as backends
+    from tokenskip.deploy.runtime.trt_backend import TrtBackend
     from tokenskip.deploy.bench.latency import DenseTorch, RoutedTorch
     from tokenskip.deploy.cli import bench
 
@@ -201,7 +201,7 @@ def test_bench_trt_without_routers_uses_the_engine_routing(tmp_path, monkeypatch
         routed, _ = br(model, routers_dir=f"{engine_dir}/routing")
         return (RoutedTorch if routed.router is not None else DenseTorch)(routed)
 
-    monkeypatch.setattr(backends, "load_trt_backend", fake_trt)
+    monkeypatch.setattr(TrtBackend, "open", classmethod(lambda cls, spec: fake_trt(spec.engine_dir)))
     res = CliRunner().invoke(bench, ["--backend", "trt", "--engine", str(dirs["routed"]), "--engine-dense",
                                      str(dirs["dense"]), "--model", str(tmp_path / "tiny"), "--seq-lens", "24",
                                      "--batch", "1", "--repeats", "1", "--warmup", "0", "--decode-steps", "1",

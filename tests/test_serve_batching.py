@@ -11,7 +11,7 @@ from tokenskip.config import build_routed
 from tokenskip.deploy.runtime.torch_backend import TorchBackend
 from tokenskip.deploy.runtime.generation import Sampling, generate_tokens, left_pad
 from tokenskip.deploy.runtime.kv_cache import KVCache
-from tokenskip.deploy.serve.kv_rows import cache_ops
+from tokenskip.deploy.runtime.kv_rows import SEQ_MAJOR_OPS
 from tokenskip.export.wrappers import from_seq_major, to_seq_major
 from tokenskip.kv_buffer import KVBuffer
 from tokenskip.deploy.serve.model_info import model_info
@@ -65,7 +65,7 @@ def test_dense_batched_equals_unbatched_greedy(tiny_llama, prompts, continuous):
     be = backend(tiny_llama, "dense")
     seqs, events, sched = run_staggered(be, prompts, Sampling(12), continuous)
     assert [s.tokens for s in seqs] == alone(be, prompts, Sampling(12))
-    assert sched.stats.prefills == 2 and sched.ops is not None
+    assert sched.stats.prefills == 2 and sched.ops is be.cache_ops()  # the backend's row operations
     # continuous: the second half joined the running batch, so fewer decode steps in all
     assert sched.stats.decode_steps == (13 if continuous else 22)
     for i, s in enumerate(seqs):  # every token emitted once, the last one carries the finish
@@ -155,6 +155,9 @@ class OpaqueCache(TorchBackend):
         logits, inner = super().decode(token, position, cache[1])
         return logits, ("opaque", inner)
 
+    def cache_ops(self):
+        return None
+
 
 def test_unknown_cache_layout_falls_back_to_dynamic_batching(tiny_llama, prompts):
     be = OpaqueCache(backend(tiny_llama, "dense").routed)
@@ -180,7 +183,7 @@ def test_cache_ops_select_and_concat_roundtrip(tiny_llama, prompts):
     uses), and the results are preallocated with the room asked for."""
     be = backend(tiny_llama, "static")
     caches = [be.prefill(*left_pad([p], PAD))[1] for p in prompts[:3]]  # 3, 40, 17 tokens
-    ops = cache_ops(caches[0])
+    ops = be.cache_ops()
     both = ops.concat(caches, 5)
     for li, kv in enumerate(both):
         assert isinstance(kv, KVBuffer) and kv.store.capacity == kv.length + 5
@@ -202,7 +205,7 @@ def test_cache_ops_select_and_concat_roundtrip(tiny_llama, prompts):
     assert ops.fit(both, 5) is both and ops.fit(both, 6) is not both  # no copy when the room is there
 
     named = [seq_major(c) for c in caches]
-    sops = cache_ops(named[0])
+    sops = SEQ_MAJOR_OPS
     stacked = sops.concat(named, 4)
     for li, kv in enumerate(both):
         assert stacked.capacity(li) == stacked.length[li] + 4
@@ -213,7 +216,6 @@ def test_cache_ops_select_and_concat_roundtrip(tiny_llama, prompts):
         got = from_seq_major(*(back.past(li)[f] for f in ("key", "value", "pos", "valid")))
         assert torch.equal(got.key, want.key) and torch.equal(got.valid, want.valid) and torch.equal(got.pos, want.pos)
     assert stacked.extra == {} and sops.fit(stacked, 4) is stacked
-    assert cache_ops(("opaque",)) is None
 
 
 def test_decode_writes_in_place_between_regroupings(tiny_llama, prompts):

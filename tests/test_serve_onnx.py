@@ -45,7 +45,7 @@ def tiny_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ort(tiny_onnx):
-    from tokenskip.deploy.runtime.torch_backend import OrtBackend
+    from tokenskip.deploy.runtime.ort_backend import OrtBackend
     from transformers import AutoTokenizer
 
     return OrtBackend(tiny_onnx, threads=1), AutoTokenizer.from_pretrained(str(tiny_onnx / "tokenizer"))
@@ -136,7 +136,7 @@ def test_triton_repository_holds_loadable_graphs_matching_its_configs(tiny_onnx,
 
     import numpy as np
 
-    from tokenskip.deploy.runtime.torch_backend import ort_session
+    from tokenskip.deploy.runtime.ort_backend import ort_session
     from tokenskip.deploy.serve.cli import triton_repo
 
     from click.testing import CliRunner

@@ -1,7 +1,7 @@
 """The one generation loop: routed prefill, then cached decode (method.md section 5).
 
-Every backend (PyTorch, ONNX Runtime, TensorRT) plugs into the same loop through the small
-`Backend` interface of `torch_backend.py`: prefill(ids, mask) -> (logits [B,V], cache) and
+Every backend (PyTorch, ONNX Runtime, TensorRT, or any registered one) plugs into the same loop
+through the `Backend` protocol of `base.py`: prefill(ids, mask) -> (logits [B,V], cache) and
 decode(token [B,1], position [B,1], cache) -> (logits [B,V], cache). The cache is opaque to the
 loop, so sampling, stopping, batching and streaming are written once and behave the same on every
 backend.
@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from tokenskip.errors import UserError
+
+from .base import Backend
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class Generation:
         return 1000.0 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
 
 
-def generate_tokens(backend, prompts: Sequence[Sequence[int]], sampling: Sampling, *, pad_id: int,
+def generate_tokens(backend: Backend, prompts: Sequence[Sequence[int]], sampling: Sampling, *, pad_id: int,
                     eos_ids: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None,
                     seed_offsets: Sequence[int] | None = None) -> Generation:
     """Prefill every prompt (one left-padded batch), then decode until each row hits EOS or
@@ -105,9 +107,8 @@ def generate_tokens(backend, prompts: Sequence[Sequence[int]], sampling: Samplin
         if len(p) == 0:
             raise UserError(f"prompt {i + 1} is empty (0 tokens): give at least one token of text")
     backend.check_length(max(len(p) for p in prompts), sampling.max_new_tokens)
+    backend.expect_new_tokens(sampling.max_new_tokens)  # the prefill cache gets room for every new token
     ids, mask = left_pad(prompts, pad_id)  # [B,S]
-    if callable(getattr(backend, "reserve", None)):  # preallocated KV caches: room for every new token
-        backend.reserve(sampling.max_new_tokens)
     rows = ids.shape[0]
     gens = row_generators(sampling.seed, range(rows) if seed_offsets is None else seed_offsets)
     eos = set(int(e) for e in eos_ids)
@@ -138,4 +139,4 @@ def generate_tokens(backend, prompts: Sequence[Sequence[int]], sampling: Samplin
         steps += 1
     t2 = time.perf_counter()
     return Generation(tokens=out, prompt_lengths=lengths, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps,
-                      stats=dict(getattr(backend, "stats", {}) or {}))
+                      stats=dict(backend.stats))

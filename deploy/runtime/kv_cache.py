@@ -8,9 +8,9 @@ runtimes bind them as graph inputs and outputs directly, so a decode step copies
 new rows the graph writes. Layers hold different lengths under kv_policy=skip (a routed layer
 cached only its kept prompt tokens), and each layer's capacity follows its own length.
 
-Capacity: `reserve(rows)` makes room before a call; a layer that is full grows to twice its
-capacity (one copy, amortised O(1) per token). Backends size the first allocation from the
-`check_length(prompt, new)` the generation loop announces, so a generation never grows.
+Capacity: `KVCache.reserve(rows)` makes room before a call; a layer that is full grows to twice
+its capacity (one copy, amortised O(1) per token). Backends size the first allocation from the
+`expect_new_tokens(new)` the generation loop announces, so a generation never grows.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 from tokenskip.errors import UserError
 
 FIELDS = ("key", "value", "pos", "valid")
-DEFAULT_RESERVE = 64  # decode rows allocated after a prefill when no check_length announced more
+DEFAULT_NEW_TOKENS = 64  # decode rows allocated after a prefill when no expect_new_tokens announced more
 
 
 def check_limit(what: str, prompt: int, new: int, limit: int | None,
@@ -44,16 +44,18 @@ def host_logits(t: Tensor) -> Tensor:
 
 
 class PreallocatedBackend:
-    """What the ONNX Runtime and TensorRT backends share: the length check, which also announces
-    the generation's length so the next prefill sizes its cache once, and the cache's bytes."""
+    """What the ONNX Runtime and TensorRT backends share (base.Backend): the length check, the
+    announced generation length the next prefill sizes its cache for, and the cache's bytes."""
 
     max_length: int | None = None
     limit_what, limit_hint = "export", "shorten the prompt or lower --max-new-tokens"
-    reserve = DEFAULT_RESERVE
+    new_tokens = DEFAULT_NEW_TOKENS  # decode rows each prefill's cache preallocates
 
     def check_length(self, prompt: int, new: int) -> None:
         check_limit(self.limit_what, prompt, new, self.max_length, self.limit_hint)
-        self.reserve = max(1, new)
+
+    def expect_new_tokens(self, new: int) -> None:
+        self.new_tokens = max(1, new)
 
     def cache_nbytes(self, cache: "KVCache") -> int:
         return cache.nbytes()

@@ -25,7 +25,10 @@ from tokenskip.errors import UserError
 from tokenskip.export.sidecar import export_max_length, read_export
 from tokenskip.routed import default_positions
 
+from .base import BackendSpec, CacheOps, Created, ModelFacts, facts_from_sidecar, load_tokenizer, register_backend
 from .kv_cache import FIELDS, KVCache, PreallocatedBackend, host_logits
+from .kv_rows import SEQ_MAJOR_OPS
+
 _ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6,
               torch.bool: 9}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -87,10 +90,34 @@ def _bind_out(binding, name: str, t: Tensor) -> None:
                         t.data_ptr())
 
 
+@register_backend("ort", features=("bench", "bench-serve"))
 class OrtBackend(PreallocatedBackend):
     """prefill/decode on one ONNX Runtime session of an export folder (see the module docstring)."""
 
     name = "ort"
+
+    @classmethod
+    def open(cls, spec: BackendSpec) -> "OrtBackend":
+        from tokenskip.precision import resolve_device
+
+        spec.refuse_threshold_skip()
+        if not spec.onnx_dir:
+            raise UserError("the ort backend runs an export folder: give --onnx DIR (from `tokenskip export`)")
+        return cls(spec.onnx_dir, device=resolve_device(spec.device).type, threads=spec.threads)
+
+    @classmethod
+    def create(cls, spec: BackendSpec) -> Created:
+        backend = cls.open(spec)
+        tok_dir = (Path(spec.tokenizer_dir) if spec.tokenizer_dir
+                   else Path(spec.onnx_dir) / str(backend.meta.get("tokenizer") or "tokenizer"))
+        return Created(backend, load_tokenizer(tok_dir, "--onnx"),
+                       {"backend": "ort", "onnx": str(spec.onnx_dir), "routing": backend.meta.get("routing")})
+
+    def cache_ops(self) -> CacheOps:
+        return SEQ_MAJOR_OPS
+
+    def model_facts(self) -> ModelFacts:
+        return facts_from_sidecar(self.meta, self.max_length)
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None) -> None:
         self.dir = Path(export_dir)
@@ -169,7 +196,7 @@ class OrtBackend(PreallocatedBackend):
     def prefill(self, ids: Tensor, mask: Tensor):
         outs = self.run(ids, mask)
         rows = {li: outs[f"new.{li}.pos"].shape[0] for li in self.layers}
-        cache = KVCache.allocate({li: n + self.reserve for li, n in rows.items()}, ids.shape[0], self.heads,
+        cache = KVCache.allocate({li: n + self.new_tokens for li, n in rows.items()}, ids.shape[0], self.heads,
                                  self.head_dim, self.kv_dtype, self.device)
         for li in self.layers:
             cache.write(li, {f: outs[f"new.{li}.{f}"] for f in FIELDS})

@@ -1,30 +1,47 @@
-"""Backends behind one small interface, so generation and benchmarks are written once.
+"""The PyTorch backend ("torch" in the registry): a RoutedModel behind the `base.Backend` protocol.
 
-    prefill(ids [B,S] int64, mask [B,S] int64) -> (logits [B,V] float32 torch CPU, cache)
-    decode(token [B,1] int64, position [B,1] int64, cache) -> (logits [B,V], cache)
-    check_length(prompt_tokens, new_tokens)   # one-line UserError naming the limit; announces the
-                                              # generation's length so caches are sized once
-    cache_nbytes(cache) -> int                # bytes the cache holds for the batch
-
-The cache is whatever the backend needs (a list of LayerKV for PyTorch, a preallocated
-`kv_cache.KVCache` written in place for ONNX Runtime and TensorRT); the loop never looks inside.
-Heavy optional runtimes (onnxruntime, tensorrt) are imported only when their backend is built.
+Its cache is a list with one LayerKV per block (None for a removed block), preallocated for the
+tokens `expect_new_tokens` announces (tokenskip.kv_buffer), with a CUDA-graphed decode step on a
+GPU when a generation announced its length (tokenskip.cuda_graphs); kv_rows.TORCH_OPS regroups its
+rows for the server.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
+from tokenskip.cuda_graphs import decode_cache
 from tokenskip.errors import UserError
-from tokenskip.kv_buffer import decode_cache
+from tokenskip.models import DEFAULT_MODEL
 
+from .base import BackendSpec, CacheOps, Created, ModelFacts, register_backend
 from .kv_cache import check_limit
-from .ort_backend import OrtBackend, import_ort, ort_session  # noqa: F401  (re-exported: one definition)
+from .kv_rows import TORCH_OPS
 
 
+def load_routed(spec: BackendSpec):
+    """spec -> (LoadedModel, RoutedModel, RoutingConfig). With a routers folder and no model, the
+    base model named in the folder is used. No routing fields at all means dense. The LLM is loaded
+    once, in spec.dtype, on spec.device (tokenskip.precision)."""
+    from tokenskip.config import build_routed, load_routing
+    from tokenskip.models import load_model
+
+    model, router = spec.model, spec.router
+    if model is None:
+        model = (load_routing(spec.routers_dir)[0].model if spec.routers_dir is not None else None) or DEFAULT_MODEL
+    if router is None:
+        scheduled = spec.sparsity is not None or spec.schedule
+        router = "learned" if spec.routers_dir else ("static" if scheduled else "dense")
+    torch.manual_seed(spec.seed)
+    lm = load_model(model, dtype=spec.dtype, device=spec.device)
+    routed, cfg = build_routed(lm.model, router=router, sparsity=spec.sparsity, schedule=spec.schedule,
+                               routers_dir=spec.routers_dir, kv_policy=spec.kv_policy, seed=spec.seed,
+                               model_name=model)
+    return lm, routed, cfg
+
+
+@register_backend("torch", features=("bench", "bench-serve"))
 class TorchBackend:
     """The PyTorch RoutedModel: prefill routes, decode runs every block (or threshold-skips)."""
 
@@ -36,7 +53,7 @@ class TorchBackend:
         self.device = next(routed.model.parameters()).device
         self.max_length = getattr(routed.model.config, "max_position_embeddings", None)
         self.stats: dict = {}
-        self.new_tokens: int | None = None  # KV room per prefill, set by reserve() (tokenskip.kv_buffer)
+        self.new_tokens: int | None = None  # KV room per prefill, set by expect_new_tokens() (tokenskip.kv_buffer)
         if threshold_skip:
             from tokenskip.routers import LearnedRouter
 
@@ -52,9 +69,36 @@ class TorchBackend:
         """Bytes of K/V (+ positions, validity) the per-layer caches hold for the batch."""
         return sum(t.nbytes for kv in cache if kv is not None for t in (kv.key, kv.value, kv.pos, kv.valid))
 
-    def reserve(self, new_tokens: int) -> None:
-        """Tokens the next prefills' KV caches preallocate room for (the generation loop says)."""
-        self.new_tokens = new_tokens
+    def expect_new_tokens(self, new: int) -> None:
+        """Tokens the next prefills' KV caches preallocate room for (the generation loop says;
+        with it, a GPU decode may run as a CUDA graph, which a server's regrouped rows never do)."""
+        self.new_tokens = new
+
+    def cache_ops(self) -> CacheOps:
+        return TORCH_OPS
+
+    def model_facts(self) -> ModelFacts:
+        routed = self.routed
+        schedule = routed.schedule if routed.router is not None and any(
+            routed.layer_is_routed(i) for i in range(len(routed.layers))) else None
+        dtype = next(routed.model.parameters()).dtype
+        return ModelFacts(max_length=self.max_length, config=routed.model.config, schedule=schedule,
+                          kv_policy=routed.kv_policy, dtype=str(dtype).replace("torch.", ""))
+
+    @classmethod
+    def create(cls, spec: BackendSpec) -> Created:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        lm, routed, cfg = load_routed(spec)
+        backend = cls(routed, threshold_skip=spec.threshold_skip)
+        return Created(backend, lm.tokenizer, {"backend": "torch", "model": spec.model or DEFAULT_MODEL,
+                                               "router": cfg.router, "kv_policy": cfg.kv_policy,
+                                               "sparsity": routed.schedule.overall()
+                                               if routed.router is not None else 0.0})
+
+    @classmethod
+    def open(cls, spec: BackendSpec) -> "TorchBackend":
+        return cls.create(spec).backend
 
     @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor):
@@ -77,10 +121,3 @@ class TorchBackend:
         self.stats["routed_block_visits"] += routed_blocks
         self.stats["skipped_blocks"] += len(skipped)
         return logits.float(), cache
-
-
-def load_trt_backend(engine_dir: str | Path):
-    """TensorRT runtime, imported only here (it needs a GPU and the tensorrt package)."""
-    from .trt_backend import TrtBackend
-
-    return TrtBackend(engine_dir)

@@ -14,7 +14,7 @@ import click
 from tokenskip.errors import UserError
 from tokenskip.evaluate_cli import model_options
 
-from ..cli import _given, backend_options
+from ..cli_backend import BackendChoice, backend_options, backend_spec, given_flags
 from .launch import ServeSpec, require_extra
 
 BACKEND_FLAGS = ("model", "router", "sparsity", "schedule", "routers_dir", "kv_policy", "seed", "onnx_dir",
@@ -22,6 +22,9 @@ BACKEND_FLAGS = ("model", "router", "sparsity", "schedule", "routers_dir", "kv_p
 
 
 def engine_options(f):
+    f = click.option("--max-body-bytes", type=int, default=None,
+                     help="Largest request body accepted (bigger: HTTP 413, before parsing). Default: 64 bytes per "
+                     "token of context, at least 2 MiB.")(f)
     f = click.option("--max-tokens-default", default=256, show_default=True,
                      help="max_tokens when a chat request gives none (capped by the context).")(f)
     f = click.option("--batch-wait-ms", default=5.0, show_default=True,
@@ -34,7 +37,8 @@ def engine_options(f):
                      "ones (prompt + max_tokens each) fit. Default: no budget.")(f)
     f = click.option("--max-queue", default=256, show_default=True,
                      help="Requests that may wait for a batch slot; one more gets HTTP 429.")(f)
-    f = click.option("--max-batch", default=32, show_default=True, help="Sequences decoded together.")(f)
+    f = click.option("--max-batch", default=32, show_default=True,
+                     help="Sequences decoded together (--engine: default and cap from its engine.json).")(f)
     return f
 
 
@@ -43,14 +47,22 @@ def spec_from_flags(ctx: click.Context, params: dict) -> ServeSpec:
         raise UserError("--max-batch and --max-queue must be >= 1")
     if params["kv_cache_gb"] is not None and not params["kv_cache_gb"] > 0:
         raise UserError(f"--kv-cache-gb {params['kv_cache_gb']}: must be > 0")
+    if params["max_body_bytes"] is not None and params["max_body_bytes"] < 1024:
+        raise UserError(f"--max-body-bytes {params['max_body_bytes']}: must be >= 1024")
     if params["batch_wait_ms"] < 0 or params["max_tokens_default"] < 1:
         raise UserError("--batch-wait-ms must be >= 0 and --max-tokens-default >= 1")
     settings = {"max_batch": params["max_batch"], "max_waiting": params["max_queue"],
                 "kv_cache_gb": params["kv_cache_gb"], "continuous": params["batching"] == "continuous",
-                "batch_wait_ms": params["batch_wait_ms"], "max_tokens_default": params["max_tokens_default"]}
-    return ServeSpec(backend={k: params[k] for k in BACKEND_FLAGS},
-                     given=[k for k in BACKEND_FLAGS if _given(ctx, k)], settings=settings,
-                     served_model_name=params["served_model_name"])
+                "batch_wait_ms": params["batch_wait_ms"], "max_tokens_default": params["max_tokens_default"],
+                "max_body_bytes": params["max_body_bytes"]}
+    if params.get("engine_dir"):  # TensorRT: engine.json's max_batch is the default and the cap
+        from ..runtime.trt_backend import serve_max_batch
+
+        settings["max_batch"] = serve_max_batch(params["engine_dir"], params["max_batch"],
+                                                bool(given_flags(ctx, ("max_batch",))))
+    flags, given = {k: params[k] for k in BACKEND_FLAGS}, given_flags(ctx, BACKEND_FLAGS)
+    backend_spec(flags, given)  # PyTorch-only flags given with --onnx/--engine: refused before anything loads
+    return ServeSpec(backend=flags, given=given, settings=settings, served_model_name=params["served_model_name"])
 
 
 @click.command("serve")
@@ -107,14 +119,14 @@ def serve(ctx, host, port, log_level, use_ray, replicas, max_replicas, cpus_per_
                     cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, address=ray_address)
         return
     from .api_server import build_app
-    from .launch import build_engine
+    from .launch import build_async_engine
     from .runner import bind, uvicorn_config
 
     try:
         sock = bind(host, port)
     except OSError as exc:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
-    engine, name = build_engine(spec)
+    engine, name = build_async_engine(spec)
     import uvicorn
 
     click.echo(f"tokenskip: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 "
@@ -123,7 +135,7 @@ def serve(ctx, host, port, log_level, use_ray, replicas, max_replicas, cpus_per_
 
 
 @click.command("bench-serve")
-@click.option("--backend", type=click.Choice(["torch", "ort"]), default="ort", show_default=True)
+@click.option("--backend", type=BackendChoice("bench-serve"), default="ort", show_default=True)
 @click.option("--model", default=None, help="Model (default: the built-in smollm2-135m).")
 @click.option("--sparsity", default=0.3, show_default=True, help="Routed side: static router, uniform schedule.")
 @click.option("--onnx", "onnx_dir", type=click.Path(), default=None, help="ort: routed export (default: export now).")
@@ -157,10 +169,10 @@ def bench_serve(**params):
       tokenskip bench-serve --backend torch --batching both --json --out serve.json
     """
     require_extra("serve", "tokenskip bench-serve")
-    from .bench_serve import format_table, run_bench_serve
+    from .bench_serve import ServeBenchSettings, format_table, run_bench_serve
 
     as_json, out_file = params.pop("as_json"), params.pop("out_file")
-    result = run_bench_serve(**params, progress=not as_json)
+    result = run_bench_serve(ServeBenchSettings(**params), progress=not as_json)
     if out_file:
         from tokenskip.fileio import write_json_atomic
 

@@ -32,6 +32,7 @@ class EngineSettings:
     continuous: bool = True  # join new requests between decode steps (else dynamic batching)
     batch_wait_ms: float = 5.0  # gather requests arriving together into one prefill
     max_tokens_default: int = 256  # cap when a chat request gives no max_tokens
+    max_body_bytes: int | None = None  # request bodies past this get a 413; None: api_server.body_limit's default
 
     @property
     def kv_budget(self) -> int | None:
@@ -72,7 +73,7 @@ class AsyncEngine:
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, rid: str, prompt: list[int], sampling: Sampling, eos: frozenset[int],
-               kv_bytes: int = 0) -> "RequestHandle":
+               kv_bytes: int = 0, logprobs: int | None = None) -> "RequestHandle":
         """Queue one sequence (call on the event loop). Raises QueueFull / ValueError at once."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -83,7 +84,8 @@ class AsyncEngine:
             except RuntimeError:  # the loop has closed: nobody is listening any more
                 pass
 
-        seq = Sequence(rid=rid, prompt=list(prompt), sampling=sampling, emit=emit, eos=eos, kv_bytes=kv_bytes)
+        seq = Sequence(rid=rid, prompt=list(prompt), sampling=sampling, emit=emit, eos=eos, kv_bytes=kv_bytes,
+                       logprobs=logprobs)
         self.scheduler.submit(seq)
         return RequestHandle(self.scheduler, seq, queue)
 

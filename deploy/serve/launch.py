@@ -2,8 +2,8 @@
 
 `ServeSpec` is the resolved command line as plain data (picklable), so a Ray Serve replica
 rebuilds exactly the backend the user asked for with the same code the local server runs:
-deploy/cli.py's `make_backend` (PyTorch, ONNX Runtime or TensorRT), then model_info,
-AsyncEngine and api_server.build_app.
+a BackendSpec for the registry (deploy/runtime/base.py: PyTorch, ONNX Runtime, TensorRT or any
+registered backend), then model_info, AsyncEngine and api_server.build_app.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import click
-
 from tokenskip.errors import UserError
 
+from ..runtime.base import BackendSpec
 from .engine import EngineSettings
 
 EXTRA_MODULES = {"serve": ("fastapi", "uvicorn", "sse_starlette", "prometheus_client", "httpx"),
@@ -35,9 +34,9 @@ def require_extra(extra: str, command: str) -> None:
 
 @dataclass
 class ServeSpec:
-    """What to serve: the backend flags (as deploy/cli.py's make_backend takes them), the flags the
-    user actually gave (routing flags conflict with --onnx/--engine only when given), the
-    engine settings and the name clients use in `model`."""
+    """What to serve: the backend flags (BackendSpec's fields), the flags the user actually gave
+    (--model counts only when given; `tokenskip serve` refused PyTorch-only flags given with
+    --onnx/--engine before writing this), the engine settings and the name clients use in `model`."""
 
     backend: dict
     given: list[str] = field(default_factory=list)
@@ -47,16 +46,8 @@ class ServeSpec:
     def to_json(self) -> dict:
         return asdict(self)
 
-
-class _GivenFlags:
-    """Stands in for the click context make_backend consults about which flags were given."""
-
-    def __init__(self, given) -> None:
-        self.given = set(given)
-
-    def get_parameter_source(self, name: str):
-        source = click.core.ParameterSource
-        return source.COMMANDLINE if name in self.given else source.DEFAULT
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec.from_flags(self.backend, self.given)
 
 
 def default_name(desc: dict, spec: ServeSpec) -> str:
@@ -69,13 +60,13 @@ def default_name(desc: dict, spec: ServeSpec) -> str:
     return Path(name).name if Path(name).is_dir() else name
 
 
-def build_engine(spec: ServeSpec):
+def build_async_engine(spec: ServeSpec):
     """-> (AsyncEngine, served model name). Loads the model: this is the slow part of a start."""
-    from ..cli import make_backend
+    from ..runtime.base import create_backend
     from .engine import AsyncEngine
     from .model_info import model_info
 
-    backend, tokenizer, desc = make_backend(_GivenFlags(spec.given), threshold_skip=False, **spec.backend)
+    backend, tokenizer, desc = create_backend(spec.backend_spec())
     name = default_name(desc, spec)
     info = model_info(backend, name)
     settings = EngineSettings(**spec.settings)
@@ -88,5 +79,5 @@ def build_engine(spec: ServeSpec):
 def create_app(spec: ServeSpec):
     from .api_server import build_app
 
-    engine, name = build_engine(spec)
+    engine, name = build_async_engine(spec)
     return build_app(engine, name)

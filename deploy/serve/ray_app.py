@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ray import serve
 
-from .launch import ServeSpec, build_engine
+from .launch import ServeSpec, build_async_engine
 
 
 @serve.ingress()
@@ -26,7 +26,7 @@ class TokenskipServer:
     """One replica: its own backend, scheduler thread and metrics."""
 
     def __init__(self, spec: dict) -> None:
-        self.engine, self.name = build_engine(ServeSpec(**spec))
+        self.engine, self.name = build_async_engine(ServeSpec(**spec))
 
     def __serve_build_asgi_app__(self):
         from .api_server import build_app

@@ -12,9 +12,10 @@ and `abort`. Two modes share every line but the admission rule:
   prefilled as a batch of their own and their cache rows joined to the running batch
   (kv_rows.CacheOps.concat), so a new request waits at most one decode step.
 
-Continuous batching needs the cache row operations of kv_rows.py (PyTorch's LayerKV list, the
-ONNX Runtime / TensorRT KVCache); for a cache it does not understand it falls back to dynamic
-batching, and finished rows then decode padding until their batch ends (as deploy/runtime/generation.py
+Continuous batching needs the backend's cache row operations (`Backend.cache_ops()`, e.g.
+deploy/runtime/kv_rows.py's for PyTorch's LayerKV list and the ONNX Runtime / TensorRT KVCache);
+for a backend without them it falls back to dynamic batching, and finished rows then decode
+padding until their batch ends (as deploy/runtime/generation.py
 does). Every regrouping (a join, a row leaving, a fresh prefill) leaves a preallocated cache with
 room for the longest remaining generation in the batch (`Sequence.decode_room`), so the decode
 steps in between write in place and allocate nothing. Sampling is deploy/runtime/generation.py's (`sample`,
@@ -39,7 +40,8 @@ from typing import Callable
 import torch
 
 from ..runtime.generation import Sampling, left_pad, row_generators, sample
-from .kv_rows import CacheOps, cache_ops
+from ..runtime.base import CacheOps
+from .logprobs import token_logprobs
 
 
 class QueueFull(Exception):
@@ -53,6 +55,7 @@ class Event:
     token: int | None = None
     finish: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    logprob: tuple | None = None  # (log-prob of token, [(id, log-prob)] top alternatives) when asked for
 
 
 @dataclass(eq=False)
@@ -64,6 +67,7 @@ class Sequence:
     sampling: Sampling  # max_new_tokens = the request's max_tokens
     emit: Callable[[Event], None]
     eos: frozenset[int] = frozenset()
+    logprobs: int | None = None  # top alternatives to report per token (None: no log-probs)
     seed_offset: int = 0
     kv_bytes: int = 0  # reserved against the KV budget while the sequence runs
     arrival: float = field(default_factory=time.perf_counter)
@@ -224,7 +228,7 @@ class Scheduler:
         t0 = time.perf_counter()
         logits, cache = self.backend.prefill(ids, mask)  # [b,V]
         if not self.ops_known:
-            self.ops, self.ops_known = cache_ops(cache), True
+            self.ops, self.ops_known = self.backend.cache_ops(), True
         nxt = self._sample(logits, admit)
         if self.ops is None:
             self.cache = cache
@@ -235,8 +239,8 @@ class Scheduler:
         self.stats.on_prefill(admit, ids.shape[1], time.perf_counter() - t0)
         self.rows += admit
         self.positions += [len(s.prompt) for s in admit]
-        for seq, tok in zip(admit, nxt):
-            self._append(seq, tok)
+        for seq, (tok, lp) in zip(admit, nxt):
+            self._append(seq, tok, lp)
         self._compact()
 
     def _decode(self) -> None:
@@ -248,12 +252,12 @@ class Scheduler:
         nxt = self._sample(logits[live], [self.rows[b] for b in live])
         self.stats.on_decode(len(self.rows), time.perf_counter() - t0)
         self.positions = [p + 1 for p in self.positions]
-        for b, tok in zip(live, nxt):
-            self._append(self.rows[b], tok)
+        for b, (tok, lp) in zip(live, nxt):
+            self._append(self.rows[b], tok, lp)
         self._compact()
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One `sample` call per group of rows with the same temperature/top-p."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, tuple | None]]:
+        """One `sample` call per group of rows with the same temperature/top-p -> (token, log-probs)."""
         out = [0] * len(seqs)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, s in enumerate(seqs):
@@ -262,16 +266,17 @@ class Scheduler:
             picked = sample(logits[rows], seqs[rows[0]].sampling, [seqs[i].generator for i in rows])  # [g]
             for i, tok in zip(rows, picked.tolist()):
                 out[i] = int(tok)
-        return out
+        return [(t, None if s.logprobs is None else token_logprobs(logits[i], t, s.logprobs))
+                for i, (t, s) in enumerate(zip(out, seqs))]
 
-    def _append(self, seq: Sequence, tok: int) -> None:
+    def _append(self, seq: Sequence, tok: int, logprob: tuple | None = None) -> None:
         now = time.perf_counter()
         seq.tokens.append(tok)
         self.stats.on_token(seq, now)
         seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
         finish = "stop" if tok in seq.eos else ("length" if len(seq.tokens) >= seq.sampling.max_new_tokens else None)
-        seq.emit(Event(token=tok, finish=finish))
+        seq.emit(Event(token=tok, finish=finish, logprob=logprob))
         if finish:
             self._finish(seq, finish, emitted=True)
 

@@ -12,14 +12,14 @@ drops the leading entries that no kept row can attend to (the padding of rows th
 Every operation returns a PREALLOCATED cache with room for `room` more tokens per layer (the
 decode steps its rows still need), so the decode steps until the next regrouping write in place
 and allocate nothing; `fit(cache, room)` gives a fresh prefill cache that room (no copy when it
-has it). Two cache types are understood:
-- PyTorch (TorchBackend): a list with one LayerKV per block (None for a removed block), key/value
-  [B,nkv,T,d], pos/valid [B,T]; results are `tokenskip.kv_buffer.KVBuffer`s over new stores;
-- ONNX Runtime and TensorRT: `deploy/kv_cache.KVCache`, sequence-major (key/value [T,B,nkv,d],
-  pos/valid [T,B]); results are new KVCaches (their per-cache output buffers are re-made by the
-  backend on the next decode, for the new batch size).
-For any other cache, `cache_ops` returns None and the scheduler falls back to dynamic batching
-(finished rows decode padding until their batch ends).
+has it). Two op sets live here, each handed out by its backends' `cache_ops()` (base.Backend):
+- TORCH_OPS (TorchBackend): a list with one LayerKV per block (None for a removed block),
+  key/value [B,nkv,T,d], pos/valid [B,T]; results are `tokenskip.kv_buffer.KVBuffer`s over new stores;
+- SEQ_MAJOR_OPS (ONNX Runtime, TensorRT): `kv_cache.KVCache`, sequence-major (key/value
+  [T,B,nkv,d], pos/valid [T,B]); results are new KVCaches (their per-cache output buffers are
+  re-made by the backend on the next decode, for the new batch size).
+A backend whose `cache_ops()` is None gets dynamic batching (finished rows decode padding until
+their batch ends); a new backend with its own cache type brings its own CacheOps.
 
 Each operation copies each kept entry once. On CUDA it ends by synchronising the current stream,
 because the TensorRT runtime reads the cache on a stream of its own.
@@ -27,7 +27,7 @@ because the TensorRT runtime reads the cache on a stream of its own.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -35,32 +35,16 @@ from torch import Tensor
 from tokenskip.block import LayerKV
 from tokenskip.kv_buffer import KVBuffer, KVStore
 
-from ..runtime.kv_cache import FIELDS, KVCache
+from .base import CacheOps
+from .kv_cache import FIELDS, KVCache
 
 
-class CacheOps:
-    """select(cache, rows, room) -> a cache of those rows (in that order); concat(caches, room) ->
-    one cache, rows in order; fit(cache, room) -> the cache with room for `room` more tokens."""
-
-    def __init__(self, select: Callable, concat: Callable, fit: Callable, name: str) -> None:
-        self.name = name
-        self.select, self.concat, self.fit = _synced(select), _synced(concat), _synced(fit)
-
-
-def _synced(op: Callable) -> Callable:
-    def run(*args):
-        out = op(*args)
-        device = _device(out)
-        if device is not None and device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-        return out
-    return run
-
-
-def _device(cache) -> torch.device | None:
-    if isinstance(cache, KVCache):
-        return next((b["pos"].device for b in cache.buffers.values()), None)
+def _torch_device(cache) -> torch.device | None:
     return next((kv.key.device for kv in cache if kv is not None), None)
+
+
+def _seq_major_device(cache: KVCache) -> torch.device | None:
+    return next((b["pos"].device for b in cache.buffers.values()), None)
 
 
 def row_runs(rows: Sequence[int]) -> list[slice]:
@@ -140,11 +124,6 @@ def _fit_torch(cache: list, room: int) -> list:
     return cache if all(roomy(kv) for kv in cache) else _concat_torch([cache], room)
 
 
-def _is_torch_cache(cache) -> bool:
-    return isinstance(cache, list) and any(isinstance(kv, LayerKV) for kv in cache) and all(
-        kv is None or isinstance(kv, LayerKV) for kv in cache)
-
-
 # ------------------------------------------------------------------ ONNX Runtime / TensorRT
 def _stack_seq_major(parts: dict[int, list[dict[str, Tensor]]], room: int) -> KVCache:
     """Per layer, seq-major pasts ({field: [T,b,...]}) side by side along the batch, in a new
@@ -188,10 +167,6 @@ def _fit_seq_major(cache: KVCache, room: int) -> KVCache:
     return cache
 
 
-def cache_ops(sample_cache) -> CacheOps | None:
-    """The row operations for this cache's type, or None when it is not understood."""
-    if isinstance(sample_cache, KVCache) and sample_cache.layers:
-        return CacheOps(_select_seq_major, _concat_seq_major, _fit_seq_major, "KVCache (seq-major)")
-    if _is_torch_cache(sample_cache):
-        return CacheOps(_select_torch, _concat_torch, _fit_torch, "torch LayerKV")
-    return None
+TORCH_OPS = CacheOps.synced("torch LayerKV", _select_torch, _concat_torch, _fit_torch, _torch_device)
+SEQ_MAJOR_OPS = CacheOps.synced("KVCache (seq-major)", _select_seq_major, _concat_seq_major, _fit_seq_major,
+                                _seq_major_device)
