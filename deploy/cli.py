@@ -83,6 +83,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
       tokenskip generate --engine out/engine --prompt "Hello" --temperature 0.8 --top-p 0.9 --seed 1
     """
     from .runtime.generation import Sampling, generate_tokens
+    from .runtime.stop_ids import model_eos_ids
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed).check()
     if batch_size < 1:
@@ -99,7 +100,8 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
     for i, ids in enumerate(encoded):
         if not ids:
             raise UserError(f"prompt {i + 1} encodes to 0 tokens: give some text to continue")
-    eos = [] if ignore_eos or tok.eos_token_id is None else [tok.eos_token_id]
+    # every end-of-sequence id the model declares (generation_config), as the server stops
+    eos = [] if ignore_eos else sorted(model_eos_ids(tok, backend))
     # batch prompts of similar length together (less padding: a routed row's k follows the padded
     # length); each prompt keeps its own sampling seed (seed + its index) and its place in the output
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i])) if not stream else list(range(len(prompts)))

@@ -12,7 +12,8 @@ def make_tiny_llama(path, seed: int = 0, layers: int = 4):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, rope_theta=10000.0)
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, rope_theta=10000.0,
+                      eos_token_id=1)  # the char tokenizer's <eos> (LlamaConfig's default 2 is a space there)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path, safe_serialization=True)
     return model

@@ -28,7 +28,7 @@ from tokenskip.deploy.serve.api_server import MIN_BODY_BYTES, body_limit, build_
 from tokenskip.deploy.serve.engine import AsyncEngine, EngineSettings  # noqa: E402
 from tokenskip.deploy.serve.model_info import model_info  # noqa: E402
 from tokenskip.deploy.serve.runner import ServerThread  # noqa: E402
-from tokenskip.deploy.serve.stop_ids import model_eos_ids  # noqa: E402
+from tokenskip.deploy.runtime.stop_ids import model_eos_ids  # noqa: E402
 from tokenskip.deploy.serve.textstream import TextStream  # noqa: E402
 
 from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402

@@ -26,7 +26,7 @@ from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
                        ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, DeltaMessage,
                        SamplingFields, ServeError, Usage, bad_request)
 from .scheduler import QueueFull, random_seed
-from .stop_ids import model_eos_ids
+from ..runtime.stop_ids import model_eos_ids
 from .textstream import TextStream
 
 DISCONNECT_POLL_S = 0.1
