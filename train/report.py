@@ -12,14 +12,13 @@ greedy text (agreement with dense, repetition) and multiple-choice retention are
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tokenskip.errors import UserError
-from tokenskip.evaluate_cli import comparison_line, quality_markdown
+from tokenskip.quality_format import comparison_line, quality_markdown
 
 METHODS = ("learned", "static-searched", "static-uniform", "random", "shortgpt")
 COLUMNS = ("method", "sparsity", "flops", "ppl", "ppl_ratio", "ppl_ratio_ci", "kl", "kl_ci", "top1", "top1_ci",
