@@ -34,7 +34,7 @@ from tokenskip.precision import DTYPES, dtype_name
 from tokenskip.routed import RoutedModel, default_positions
 from tokenskip.schedule import MIN_KEEP
 
-from . import onnx_ops
+from . import decode_branch, onnx_ops
 from .trace import trace_to_onnx
 from .sidecar import CACHE_LAYOUT, FORMAT, MODEL_FILE, ROUTING_DIR, SIDECAR, TOKENIZER_DIR, VERSION
 from .wrappers import CACHE_FIELDS, StepGraph
@@ -231,6 +231,16 @@ def export_graph(routed: RoutedModel, opset: int, max_seq_len: int, optimize: bo
     return proto
 
 
+def _add_decode_branch(proto, path: Path):
+    """If(S == 1, decode, routed) around the saved graph (tokenskip.export.decode_branch); the
+    weights stay where they are (the graph only is rewritten)."""
+    import onnx
+
+    proto = decode_branch.add_decode_branch(proto)
+    onnx.save_model(proto, str(path))
+    return proto
+
+
 def _check(path: Path) -> None:
     import onnx
 
@@ -241,7 +251,8 @@ def _check(path: Path) -> None:
 # ---------------------------------------------------------------------------------------- API
 def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str | os.PathLike, *,
                  opset: int = DEFAULT_OPSET, dtype: str | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-                 force: bool = False, check: bool = True, optimize: bool = False, log=None) -> dict:
+                 force: bool = False, check: bool = True, optimize: bool = False, log=None,
+                 decode_at_dense_cost: bool = True) -> dict:
     """Export `routed` (built by tokenskip.config.build_routed from `loaded.model`) into out_dir.
 
     Writes model.onnx (+ .data), export.json, tokenizer/ and routing/ into a temporary folder next
@@ -252,7 +263,9 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
     router stays fp32); `dtype`, when given, must be that dtype (the model is never copied).
     The graph is always simplified (constant folding, dead code, CSE: seconds); `optimize` adds the
     whole onnxscript optimizer (its rewrite rules take minutes and changed nothing measurable in
-    ONNX Runtime; docs/export.md).
+    ONNX Runtime; docs/export.md). `decode_at_dense_cost` (default True): a call with S = 1 takes
+    a branch without the router, score window and custom ops (docs/export.md, "Decode path");
+    False exports the single traced path (for before/after comparisons).
     """
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
@@ -274,6 +287,10 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
         t0 = time.perf_counter()
         log(f"exporting the graph ({exported}; torch.export + ONNX translation, weights streamed to disk)...")
         proto = export_graph(routed, opset, max_seq_len, optimize, tmp / MODEL_FILE, timings)
+        if decode_at_dense_cost:
+            t1 = time.perf_counter()
+            proto = _add_decode_branch(proto, tmp / MODEL_FILE)
+            timings["decode_branch_s"] = time.perf_counter() - t1
         log(f"  {MODEL_FILE}: {time.perf_counter() - t0:.0f} s")
         if check:
             log("onnx.checker full_check...")

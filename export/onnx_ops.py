@@ -235,7 +235,7 @@ def finalize(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     requires them to agree), which is `opset` unless the exporter raised it."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
     uses = False
-    for graph_node in _all_nodes(model.graph):
+    for graph_node in all_nodes(model.graph):
         if graph_node.domain != DOMAIN:
             continue
         uses = True
@@ -254,15 +254,16 @@ def finalize(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return model
 
 
-def _all_nodes(graph: onnx.GraphProto):
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of the graph and of its subgraphs (the If branches of tokenskip.export.decode_branch)."""
     for node in graph.node:
         yield node
         for a in node.attribute:
             if a.type == AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
+                yield from all_nodes(a.g)
             elif a.type == AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    yield from _all_nodes(g)
+                    yield from all_nodes(g)
 
 
 def single_op_model(op: str, opset: int, hidden_dtype: int = TensorProto.FLOAT, **attrs) -> onnx.ModelProto:

@@ -38,7 +38,7 @@ ATOL = 1e-3
 
 
 def tokenskip_nodes(model: onnx.ModelProto):
-    return [n for n in model.graph.node if n.domain == "tokenskip"]
+    return [n for n in onnx_ops.all_nodes(model.graph) if n.domain == "tokenskip"]  # routed branch included
 
 
 def attrs(node) -> dict:
@@ -348,14 +348,16 @@ def test_half_precision_export(tiny_llama, tmp_path, dtype):
     assert side["graphs"]["model"]["inputs"]["past.0.key"]["dtype"] == onnx_dtype
     onnx_ops.register_schemas()
     model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False))
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    graphs = [model.graph, *(a.g for n in onnx_ops.all_nodes(model.graph) for a in n.attribute if a.g.node)]  # If branches
+    types = {v.name: v.type.tensor_type.elem_type for g in graphs for v in [*g.value_info, *g.input]}
     half = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
     for topk in tokenskip_nodes(model)[::2]:  # the hidden states in the LLM's dtype, the router's scores fp32
         assert (types[topk.input[0]], types[topk.input[1]]) == (half, onnx.TensorProto.FLOAT)
     data = (tmp_path / "out" / "model.onnx.data").stat().st_size
     assert data < sum(p.numel() for p in lm.model.parameters()) * 2.1  # 2 bytes per weight
     if dtype == "fp16":
-        from tokenskip.deploy.runtime.torch_backend import OrtBackend, TorchBackend
+        from tokenskip.deploy.runtime.ort_backend import OrtBackend
+        from tokenskip.deploy.runtime.torch_backend import TorchBackend
 
         ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
