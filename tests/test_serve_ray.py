@@ -99,5 +99,6 @@ def test_serve_run_builder_and_autoscaling_options(ray_server, monkeypatch):
     monkeypatch.setattr(ray_app, "bind", lambda *a: a)  # what `serve run` arguments become
     assert ray_app.app_builder(args) == (ServeSpec(**json.loads(spec_file.read_text())), 1, 4, 1.0, 0.0)
     opts = ray_app.deployment_options(1, 4, 1.0, 0.0, {"max_batch": 8, "max_waiting": 64})
-    assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["max_ongoing_requests"] == 72
+    assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["max_ongoing_requests"] == 8
+    assert opts["max_queued_requests"] == 64  # overload past the queues: Ray answers 503
     assert "num_replicas" not in opts

@@ -102,6 +102,16 @@ class ToyBackend:
             history.append(int(token[b, 0]))
         return self._logits(cache), cache
 
+    chunked_prefill = True  # the history lists take any continuation
+
+    def prefill_chunk(self, ids: Tensor, positions: Tensor, cache: ToyCache):
+        for b, history in enumerate(cache.rows):
+            if int(positions[b, 0]) != len(history):
+                raise RuntimeError(f"toy: row {b} continues at position {int(positions[b, 0])}, its cache holds "
+                                   f"{len(history)} tokens")
+            history.extend(int(t) for t in ids[b])
+        return self._logits(cache), cache
+
     def check_length(self, prompt: int, new: int) -> None:
         check_limit("toy model", prompt, new, self.max_length)
 

@@ -133,6 +133,15 @@ class Backend(Protocol):
     def model_facts(self) -> ModelFacts:
         """What the server needs to know about the model (context length, cache geometry, routing)."""
 
+    # Optional (read with getattr; absent = False): chunked prefill for the server's token budget.
+    chunked_prefill: bool  # True: prefill_chunk below works
+
+    def prefill_chunk(self, ids: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        """Continue a prefill: ids/positions [B,S] int64 (no padding) are the next S prompt tokens
+        after the cache's, routed among themselves and attending to the cache (RoutedModel.forward
+        with a past) -> (logits [B,V] of the last, cache of past + these tokens). Only when
+        `chunked_prefill`; otherwise the server prefills every prompt whole."""
+
 
 BACKEND_MEMBERS = ("name", "max_length", "stats", "prefill", "decode", "check_length", "expect_new_tokens",
                    "cache_nbytes", "cache_ops", "model_facts")

@@ -107,6 +107,19 @@ class TorchBackend:
         logits, cache = self.routed.prefill(ids.to(self.device), mask.to(self.device), padded=not bool(mask.all()))
         return logits.float(), decode_cache(self.routed, cache, self.new_tokens, graphs=not self.threshold_skip)
 
+    @property
+    def chunked_prefill(self) -> bool:  # base.Backend: the server may prefill long prompts in chunks
+        return not self.threshold_skip
+
+    @torch.no_grad()
+    def prefill_chunk(self, ids: Tensor, positions: Tensor, cache):
+        """The next prompt tokens [B,S] of every row, routed among themselves, attending to the cache
+        (RoutedModel.forward with a past) -> (logits [B,V] of the last, past + these tokens)."""
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        out = self.routed(ids, torch.ones_like(ids), position_ids=positions, past=cache, last_only=True,
+                          return_cache=True)
+        return out.logits[:, -1].float(), out.cache
+
     @torch.no_grad()
     def decode(self, token: Tensor, position: Tensor, cache):
         token, position = token.to(self.device), position.to(self.device)

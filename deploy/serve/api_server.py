@@ -171,8 +171,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     async def run(serving: OpenAIServing, request, raw: Request):
         if not engine.alive:
-            raise ServeError(503, "the engine has stopped: this server cannot generate any more (see its log)",
-                             "server_error", code="engine_stopped")
+            raise engine.refusal()  # stopped, failed or draining
         prepared = await serving.prepare(request)
         rid = new_id(serving.id_prefix)
         handle = serving.submit(rid, prepared)

@@ -22,6 +22,14 @@ BACKEND_FLAGS = ("model", "router", "sparsity", "schedule", "routers_dir", "kv_p
 
 
 def engine_options(f):
+    f = click.option("--request-timeout", type=float, default=None,
+                     help="Seconds a request may take from arrival to its last token; past it the request ends "
+                     "with an error (HTTP 504, code request_timeout; in a stream, an error event). Default: none.")(f)
+    f = click.option("--max-step-tokens", type=int, default=512, show_default=True,
+                     help="Token budget per scheduler step (continuous batching): the running rows' decode tokens "
+                     "plus the prompt tokens prefilled between two decode steps; a longer prompt is prefilled "
+                     "in chunks, so running streams never stall for a whole long prefill. 0: off (a prefill "
+                     "always goes first, whole).")(f)
     f = click.option("--max-body-bytes", type=int, default=None,
                      help="Largest request body accepted (bigger: HTTP 413, before parsing). Default: 64 bytes per "
                      "token of context, at least 2 MiB.")(f)
@@ -49,12 +57,17 @@ def spec_from_flags(ctx: click.Context, params: dict) -> ServeSpec:
         raise UserError(f"--kv-cache-gb {params['kv_cache_gb']}: must be > 0")
     if params["max_body_bytes"] is not None and params["max_body_bytes"] < 1024:
         raise UserError(f"--max-body-bytes {params['max_body_bytes']}: must be >= 1024")
+    if params["max_step_tokens"] < 0:
+        raise UserError(f"--max-step-tokens {params['max_step_tokens']}: must be >= 0 (0: no token budget)")
+    if params["request_timeout"] is not None and not params["request_timeout"] > 0:
+        raise UserError(f"--request-timeout {params['request_timeout']}: must be > 0 seconds")
     if params["batch_wait_ms"] < 0 or params["max_tokens_default"] < 1:
         raise UserError("--batch-wait-ms must be >= 0 and --max-tokens-default >= 1")
     settings = {"max_batch": params["max_batch"], "max_waiting": params["max_queue"],
                 "kv_cache_gb": params["kv_cache_gb"], "continuous": params["batching"] == "continuous",
                 "batch_wait_ms": params["batch_wait_ms"], "max_tokens_default": params["max_tokens_default"],
-                "max_body_bytes": params["max_body_bytes"]}
+                "max_body_bytes": params["max_body_bytes"], "max_step_tokens": params["max_step_tokens"] or None,
+                "request_timeout_s": params["request_timeout"]}
     if params.get("engine_dir"):  # TensorRT: engine.json's max_batch is the default and the cap
         from ..runtime.trt_backend import serve_max_batch
 
@@ -120,18 +133,18 @@ def serve(ctx, host, port, log_level, use_ray, replicas, max_replicas, cpus_per_
         return
     from .api_server import build_app
     from .launch import build_async_engine
-    from .runner import bind, uvicorn_config
+    from .runner import DRAIN_TIMEOUT_S, bind, draining_server, uvicorn_config
 
     try:
         sock = bind(host, port)
     except OSError as exc:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
     engine, name = build_async_engine(spec)
-    import uvicorn
-
     click.echo(f"tokenskip: serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 "
                f"({engine.batching} batching, max batch {engine.scheduler.max_batch})", err=True)
-    uvicorn.Server(uvicorn_config(build_app(engine, name), log_level)).run(sockets=[sock])
+    server = draining_server(uvicorn_config(build_app(engine, name), log_level), engine,
+                             engine.settings.request_timeout_s or DRAIN_TIMEOUT_S)
+    server.run(sockets=[sock])  # SIGTERM: drain, then exit 0
 
 
 @click.command("bench-serve")
@@ -156,6 +169,9 @@ def serve(ctx, host, port, log_level, use_ray, replicas, max_replicas, cpus_per_
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Servers' PyTorch device / ONNX Runtime execution provider.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--external", type=click.Choice(["guidellm"]), default=None,
+              help="Also drive every level with this external load generator (the `clients` extra) and print its "
+              "TTFT, inter-token latency and throughput beside bench-serve's own.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="Also write the JSON here.")
 def bench_serve(**params):
@@ -178,6 +194,10 @@ def bench_serve(**params):
 
         write_json_atomic(out_file, result)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+    if result.get("external") and not as_json:
+        from .external import format_cross_check
+
+        click.echo(format_cross_check(result))
 
 
 @click.command("triton-repo")

@@ -43,7 +43,7 @@ def can_score(backend) -> bool:
 @torch.no_grad()
 def score_prompt(backend, ids: list[int], top_n: int) -> list[Entry]:
     """Per-token log-probs of a prompt under the routed prefill: the first token has none.
-    Runs on a worker thread beside the engine's (the forward changes no module state)."""
+    Runs on the engine thread (AsyncEngine.call), between two scheduler steps."""
     routed = backend.routed
     x = torch.tensor([ids], dtype=torch.int64, device=backend.device)  # [1,S]
     logits = routed(x, torch.ones_like(x), padded=False).logits[0, :-1]  # [S-1,V]: position i predicts i+1

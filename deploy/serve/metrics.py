@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .model_info import ModelInfo
-from .scheduler import Sequence, Stats
+from .sequence import Sequence, Stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -54,6 +54,11 @@ class PromStats(Stats):
         self.token_blocks = Counter("tokenskip_prefill_token_blocks_total",
                                     "(token, block) pairs of prefill that ran or were skipped, by the schedule's "
                                     "keep count for each prompt's length", ["outcome"], registry=r)
+        self.chunk_counter = Counter("tokenskip_prefill_chunks_total", "Prefill chunks of long prompts",
+                                     registry=r)
+        self.fault_counter = Counter("tokenskip_engine_faults_total",
+                                     "Engine-thread exceptions (the sequences in flight ended with an error)",
+                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -77,6 +82,14 @@ class PromStats(Stats):
             self.token_blocks.labels("skipped").inc(skipped)
         self.block_runs.labels("true").inc(len(seqs) * n_routed)
         self.block_runs.labels("false").inc(len(seqs) * (n_layers - n_routed))
+
+    def on_chunk(self, seq: Sequence, tokens: int, seconds: float) -> None:
+        super().on_chunk(seq, tokens, seconds)
+        self.chunk_counter.inc()
+
+    def on_fault(self, message: str) -> None:
+        super().on_fault(message)
+        self.fault_counter.inc()
 
     def on_decode(self, rows: int, seconds: float) -> None:
         super().on_decode(rows, seconds)

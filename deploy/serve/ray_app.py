@@ -28,24 +28,39 @@ class TokenskipServer:
     def __init__(self, spec: dict) -> None:
         self.engine, self.name = build_async_engine(ServeSpec(**spec))
 
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically: a failed or stopped engine marks the replica unhealthy,
+        and Ray replaces it (a draining one is healthy: it finishes its requests)."""
+        check_engine(self.engine)
+
     def __serve_build_asgi_app__(self):
         from .api_server import build_app
 
         return build_app(self.engine, self.name)
 
 
+def check_engine(engine) -> None:
+    if engine.state in ("failed", "stopped"):
+        raise RuntimeError(f"tokenskip engine {engine.state}: {engine.scheduler.last_fault or 'its thread ended'}")
+
+
 def deployment_options(replicas: int, max_replicas: int | None, cpus_per_replica: float, gpus_per_replica: float,
                        settings: dict) -> dict:
-    """Ray Serve options. Each replica accepts as many requests as its own batch + queue hold, so
-    batching happens in the replica and Ray's router only spreads load; past that Ray answers 503."""
-    ongoing = int(settings.get("max_batch", 32)) + int(settings.get("max_waiting", 256))
-    opts = {"name": "tokenskip", "max_ongoing_requests": ongoing,
+    """Ray Serve options. A replica takes one batch of requests (`max_ongoing_requests` = --max-batch),
+    so Ray's router sends each request to a replica with a free row; the others wait in Ray's
+    queue, bounded by --max-queue per replica (`max_queued_requests`), past which Ray answers 503.
+    (With batch + queue as max_ongoing_requests, a replica's own queue took the overflow and
+    Ray's queue never filled, so the promised 503 never came.)"""
+    batch = int(settings.get("max_batch", 32))
+    opts = {"name": "tokenskip", "max_ongoing_requests": batch,
+            "max_queued_requests": int(settings.get("max_waiting", 256)),
+            "health_check_period_s": 10, "health_check_timeout_s": 30,
             "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}}
     if max_replicas is not None and max_replicas > replicas:
         opts["autoscaling_config"] = {
             "min_replicas": replicas, "initial_replicas": replicas, "max_replicas": max_replicas,
-            # scale up when a replica holds more than one full batch of requests
-            "target_ongoing_requests": int(settings.get("max_batch", 32)),
+            # scale up when replicas run more than 3/4 full (queued requests count as ongoing)
+            "target_ongoing_requests": max(1, batch * 3 // 4),
             "upscale_delay_s": 10, "downscale_delay_s": 120}
     else:
         opts["num_replicas"] = replicas
@@ -77,5 +92,26 @@ def run(spec: ServeSpec, *, host: str, port: int, replicas: int, max_replicas: i
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": max(2, int(replicas * cpus_per_replica + 0.999))}))
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(bind(spec, replicas, max_replicas, cpus_per_replica, gpus_per_replica), name="tokenskip",
-                     route_prefix="/", blocking=blocking)
+    handle = serve.run(bind(spec, replicas, max_replicas, cpus_per_replica, gpus_per_replica), name="tokenskip",
+                       route_prefix="/", blocking=False)
+    if blocking:
+        wait_for_signal()
+        serve.shutdown()  # replicas stop (each engine shuts down), the HTTP proxy closes
+        ray.shutdown()
+    return handle
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT, handled in Python: Ray's own handling of a signal to the
+    driver printed a native stack dump instead of a shutdown."""
+    import signal
+    import threading
+
+    got = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: got.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not got.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -25,6 +25,34 @@ def uvicorn_config(app, log_level: str = "warning"):
     return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=3)
 
 
+DRAIN_TIMEOUT_S = 600.0  # a SIGTERM waits this long at most for the requests in flight (--request-timeout: that)
+
+
+def draining_server(config, engine, drain_timeout: float = DRAIN_TIMEOUT_S):
+    """A uvicorn.Server that drains on SIGTERM/SIGINT: the engine takes no new work (new requests
+    get 503, /health 503 "draining"), the requests in flight and in the queue run to their end,
+    then uvicorn shuts down and the process exits 0. A second signal exits at once (uvicorn's
+    own handling). uvicorn alone would close the open streams after timeout_graceful_shutdown
+    and re-raise the signal (exit status 143)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining or self.should_exit:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            engine.drain()
+            threading.Thread(target=self._exit_when_idle, name="tokenskip-drain", daemon=True).start()
+
+        def _exit_when_idle(self) -> None:
+            engine.wait_idle(drain_timeout)
+            self.should_exit = True
+
+    return DrainingServer(config)
+
+
 class ServerThread:
     """uvicorn on a daemon thread; `stop()` (or leaving the `with`) shuts it down within seconds."""
 
@@ -73,14 +101,15 @@ def _die_with_parent() -> None:
 
 class ServerProcess:
     """`tokenskip serve ARGS --port 0` in a subprocess; the URL is read from its start-up line.
-    `stop()` terminates it (SIGTERM, then SIGKILL after a grace period)."""
+    `stop()` terminates it (SIGTERM: the server drains, then SIGKILL after a grace period)."""
 
-    def __init__(self, args: list[str], timeout: float = 600.0, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], timeout: float = 600.0, env: dict | None = None, prelude: str = "") -> None:
+        """prelude: Python run before the CLI (tests register a backend of their own there)."""
         import re
         import subprocess
         import sys
 
-        cmd = [sys.executable, "-c", "from tokenskip.cli import main; main()", "serve", *args,
+        cmd = [sys.executable, "-c", f"{prelude}\nfrom tokenskip.cli import main; main()", "serve", *args,
                "--host", "127.0.0.1", "--port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)

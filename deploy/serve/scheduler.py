@@ -1,8 +1,9 @@
 """The batching scheduler: many requests, one backend, one thread.
 
-Every request becomes a `Sequence`. The scheduler owns the backend (prefill/decode through the
-interface of deploy/runtime/torch_backend.py) and runs on a single engine thread; other threads only `submit`
-and `abort`. Two modes share every line but the admission rule:
+Every request becomes a `Sequence` (sequence.py). The scheduler owns the backend (the
+deploy/runtime/base.py protocol) and runs on a single engine thread; other threads only `submit`,
+`abort` and `call` (a function to run on the engine thread, e.g. a prompt-scoring pass): nothing
+else ever touches the backend. Two modes share every line but the admission rule:
 
 - dynamic batching (`continuous=False`): when no batch is running, the waiting sequences (up to
   `max_batch`, within the KV budget) are left-padded into one prefill, then decoded together,
@@ -10,135 +11,89 @@ and `abort`. Two modes share every line but the admission rule:
   requests wait until the whole batch is done;
 - continuous batching (`continuous=True`): between two decode steps, waiting sequences are
   prefilled as a batch of their own and their cache rows joined to the running batch
-  (kv_rows.CacheOps.concat), so a new request waits at most one decode step.
+  (CacheOps.concat), so a new request waits at most one decode step.
 
-Continuous batching needs the backend's cache row operations (`Backend.cache_ops()`, e.g.
-deploy/runtime/kv_rows.py's for PyTorch's LayerKV list and the ONNX Runtime / TensorRT KVCache);
-for a backend without them it falls back to dynamic batching, and finished rows then decode
-padding until their batch ends (as deploy/runtime/generation.py
-does). Every regrouping (a join, a row leaving, a fresh prefill) leaves a preallocated cache with
-room for the longest remaining generation in the batch (`Sequence.decode_room`), so the decode
-steps in between write in place and allocate nothing. Sampling is deploy/runtime/generation.py's (`sample`,
-`row_generators`, `left_pad`): a greedy request gives the same tokens batched or alone.
+Token budget and chunked prefill (`max_step_tokens`, continuous batching only): without it a
+prefill always wins over decode, so a 3,000-token prompt stalls every running stream for the
+whole prefill. With it, prefill and decode alternate, and the prefill between two decode steps
+takes at most `max_step_tokens - running rows` prompt tokens: short prompts are grouped up to
+that, and a longer one is prefilled in chunks (`Backend.prefill_chunk`, each chunk routed over
+itself, attending to the earlier chunks' cache) when its backend says `chunked_prefill`; it joins
+the batch after its last chunk. A backend that cannot prefill with a past prefills the prompt
+whole (docs/serving.md, "Chunked prefill").
+
+Continuous batching needs the backend's `cache_ops()`; without them it falls back to dynamic batching.
+Every regrouping (a join, a row leaving, a fresh prefill) leaves a preallocated cache with room
+for the decode steps until the next regrouping (`sequence.batch_room`), so the steps in between
+write in place and allocate nothing.
 
 Admission is against a KV budget: each sequence reserves the analytic bytes of its cache at its
-longest (prompt + max_tokens, tokenskip.kv_bytes), released when it finishes. Under
-kv_policy=skip a routed model's sequences reserve less, so more of them run at once.
+longest (prompt + max_tokens, tokenskip.kv_bytes; a routed model's are smaller under kv_policy=skip).
+
+Faults: any exception on the engine thread (reaping, a cache operation, prefill, decode) ends
+the sequences in flight with an error and leaves a fresh, empty cache; the waiting ones go on.
+`fault_limit` faults within `FAULT_WINDOW_S` mark the engine failed: every sequence ends with a
+503 error and new work is refused (`Unavailable`) until the process is restarted.
 """
 
 from __future__ import annotations
 
 import collections
-import secrets
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
 
-from ..runtime.generation import Sampling, left_pad, row_generators, sample
 from ..runtime.base import CacheOps
+from ..runtime.generation import left_pad, sample
 from .logprobs import token_logprobs
+from .sequence import Event, QueueFull, Sequence, Stats, Unavailable, batch_room, chunk_len, random_seed  # noqa
 
-
-class QueueFull(Exception):
-    """The waiting queue is at its bound (the server answers 429)."""
-
-
-@dataclass
-class Event:
-    """What a sequence gets from the engine thread: a token, and/or its end."""
-
-    token: int | None = None
-    finish: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    logprob: tuple | None = None  # (log-prob of token, [(id, log-prob)] top alternatives) when asked for
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request's row. `emit` is called on the engine thread for every Event."""
-
-    rid: str
-    prompt: list[int]
-    sampling: Sampling  # max_new_tokens = the request's max_tokens
-    emit: Callable[[Event], None]
-    eos: frozenset[int] = frozenset()
-    logprobs: int | None = None  # top alternatives to report per token (None: no log-probs)
-    seed_offset: int = 0
-    kv_bytes: int = 0  # reserved against the KV budget while the sequence runs
-    arrival: float = field(default_factory=time.perf_counter)
-    tokens: list[int] = field(default_factory=list)
-    finish: str | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-
-    def __post_init__(self) -> None:
-        seed = self.sampling.seed
-        self.generator = row_generators(seed, [self.seed_offset])[0]
-
-    @property
-    def decode_room(self) -> int:
-        """Cache rows this sequence's remaining decode steps can add (prefill gives its first token)."""
-        return max(0, self.sampling.max_new_tokens - max(1, len(self.tokens)))
-
-
-class Stats:
-    """Hooks the scheduler calls (metrics.py fills them in); the base class only counts."""
-
-    def __init__(self) -> None:
-        self.max_running = 0
-        self.prefills = 0
-        self.decode_steps = 0
-        self.finished: collections.Counter = collections.Counter()
-
-    def on_queue(self, waiting: int, running: int, kv_used: int) -> None:
-        self.max_running = max(self.max_running, running)
-
-    def on_prefill(self, seqs: list[Sequence], padded_len: int, seconds: float) -> None:
-        self.prefills += 1
-
-    def on_decode(self, rows: int, seconds: float) -> None:
-        self.decode_steps += 1
-
-    def on_token(self, seq: Sequence, now: float) -> None:
-        pass
-
-    def on_finish(self, seq: Sequence, reason: str) -> None:
-        self.finished[reason] += 1
-
-
-def random_seed() -> int:
-    return secrets.randbits(31)
+FAULT_WINDOW_S = 60.0
 
 
 class Scheduler:
     def __init__(self, backend, *, pad_id: int, max_batch: int = 32, max_waiting: int = 256,
                  kv_budget: int | None = None, continuous: bool = True, batch_wait_s: float = 0.005,
-                 stats: Stats | None = None) -> None:
+                 max_step_tokens: int | None = None, fault_limit: int = 3, stats: Stats | None = None) -> None:
         if max_batch < 1 or max_waiting < 1:
             raise ValueError("max_batch and max_waiting must be >= 1")
+        if max_step_tokens is not None and max_step_tokens < 1:
+            raise ValueError("max_step_tokens must be >= 1 (None: no token budget)")
         self.backend, self.pad_id = backend, pad_id
         self.max_batch, self.max_waiting, self.kv_budget = max_batch, max_waiting, kv_budget
         self.continuous, self.batch_wait_s = continuous, batch_wait_s
+        self.max_step_tokens = max_step_tokens if continuous else None
+        self.fault_limit = fault_limit
         self.stats = stats or Stats()
         self.ops: CacheOps | None = None
-        self.ops_known = False  # cache layout probed on the first prefill
+        self.ops_known = False  # the backend's row operations, read on the engine thread's first step
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._aborted: dict[str, str] = {}  # rid -> reason ("abort", or "stop" for a stop string)
+        self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self.state = "ok"  # ok | draining (no new work) | failed (no new work, nothing runs)
+        self.last_fault: str | None = None
+        self._fault_times: list[float] = []
         # engine-thread state: the running batch, row b <-> rows[b]
         self.rows: list[Sequence] = []
         self.cache = None
         self.positions: list[int] = []  # next decode position per row
+        self.partial: Sequence | None = None  # a long prompt between two of its prefill chunks
+        self.partial_cache = None
+        self._admitted: list[Sequence] = []  # the group a prefill is running for
+        self._prefilled_last = False  # with a token budget, prefill and decode alternate
         self.kv_used = 0
 
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
+        if self.state != "ok":
+            raise self.unavailable()
         if self.kv_budget is not None and seq.kv_bytes > self.kv_budget:
             raise ValueError(f"this request needs {seq.kv_bytes / 2**20:.2f} MiB of KV cache "
                              f"(prompt + max_tokens), more than the server's whole budget of "
@@ -149,10 +104,27 @@ class Scheduler:
             self._waiting.append(seq)
         self._wake.set()
 
+    def unavailable(self) -> Unavailable:
+        if self.state == "draining":
+            return Unavailable("the server is shutting down: it finishes the requests in flight and takes no "
+                               "new ones", "draining")
+        return Unavailable(f"the engine has failed ({self.last_fault or 'it stopped'}): this server cannot "
+                           "generate any more (see its log)", "engine_failed")
+
     def abort(self, rid: str, reason: str = "abort") -> None:
         with self._lock:
             self._aborted.setdefault(rid, reason)  # the first reason wins
         self._wake.set()
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) on the engine thread between two steps (the backend is only touched there)."""
+        future: Future = Future()
+        if self.state == "failed":
+            future.set_exception(self.unavailable())
+            return future
+        self._calls.append((lambda: fn(*args), future))
+        self._wake.set()
+        return future
 
     @property
     def waiting(self) -> int:
@@ -160,85 +132,171 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(s.finish is None for s in self.rows)
+        return sum(s.finish is None for s in self.rows) + (self.partial is not None)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self.running and not self._calls
 
     # -- engine thread ------------------------------------------------------------------------
     def serve_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            if not self.step():
-                self._wake.wait(0.05 if not self._waiting else max(self.batch_wait_s / 2, 0.001))
-                self._wake.clear()
-        self._fail_all("abort", None)
+        try:
+            while not stop.is_set():
+                if not self.step():
+                    self._wake.wait(0.05 if not self._waiting else max(self.batch_wait_s / 2, 0.001))
+                    self._wake.clear()
+            self._fail_all("abort", None)
+        except BaseException as exc:  # the last guard: never leave requests hanging on a dead thread
+            self.state, self.last_fault = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self._fail_all("error", f"engine stopped: {self.last_fault}", 503, "engine_failed")
+            raise
 
     def step(self) -> bool:
-        """One prefill or one decode step. False when there was nothing to do."""
-        self._reap_aborted()
-        admit: list[Sequence] = []
+        """One prefill (or prefill chunk) or one decode step. False when there was nothing to do."""
+        self._run_calls()
         try:
-            if (self.continuous and self.ops is not None) or not self.rows:
-                admit = self._admit()
-            if admit:
-                self._prefill(admit)
-            elif self.rows:
-                self._decode()
-            else:
-                return False
-        except Exception as exc:  # a backend failure ends its batch, never the engine thread
-            traceback.print_exc(file=sys.stderr)
-            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            for seq in self.rows + [s for s in admit if s not in self.rows]:
-                self._finish(seq, "error", message)
-            self.rows, self.cache, self.positions, self.kv_used = [], None, [], 0
+            did = self._step()
+        except Exception as exc:  # a fault ends the sequences in flight, never the engine thread
+            self._fault(exc)
+            did = True
         self.stats.on_queue(len(self._waiting), self.running, self.kv_used)
+        return did
+
+    def _step(self) -> bool:
+        self._reap()
+        if self.state == "failed":
+            return False
+        if not self.ops_known:
+            self.ops, self.ops_known = self.backend.cache_ops(), True
+        if self.rows and self._prefilled_last:
+            self._prefilled_last = False
+            self._decode()
+            return True
+        if self._prefill_step():
+            self._prefilled_last = self.max_step_tokens is not None  # no budget: prefill keeps winning
+            return True
+        if self.rows:
+            self._decode()
+            return True
+        return False
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller gets it; the engine goes on
+                    future.set_exception(exc)
+
+    @property
+    def chunking(self) -> bool:
+        return (self.max_step_tokens is not None and self.ops is not None
+                and bool(getattr(self.backend, "chunked_prefill", False)))
+
+    def _prefill_step(self) -> bool:
+        if self.partial is not None:
+            self._chunk()
+            return True
+        if not ((self.continuous and self.ops is not None) or not self.rows):
+            return False
+        room = None if self.max_step_tokens is None else max(1, self.max_step_tokens - len(self.rows))
+        admit = self._admit(room)
+        if not admit:
+            return False
+        if len(admit) == 1 and room is not None and len(admit[0].prompt) > room and self.chunking:
+            self.partial = admit[0]
+            self._chunk()
+        else:
+            self._prefill(admit)
         return True
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, tokens: int | None) -> list[Sequence]:
+        """FIFO within max_batch, the KV budget and `tokens` prompt tokens (the head always goes:
+        chunked, or whole when the backend cannot chunk)."""
         with self._lock:
             if not self._waiting:
                 return []
             if not self.rows and len(self._waiting) < self.max_batch and \
                     time.perf_counter() - self._waiting[0].arrival < self.batch_wait_s:
                 return []  # gather the requests arriving together into one prefill
-            admit, used = [], self.kv_used
+            admit, used, prompt = [], self.kv_used, 0
             while self._waiting and len(self.rows) + len(admit) < self.max_batch:
                 seq = self._waiting[0]
                 if self.kv_budget is not None and used + seq.kv_bytes > self.kv_budget:
                     break  # FIFO: the head waits for budget, nobody overtakes it
+                if admit and tokens is not None and prompt + len(seq.prompt) > tokens:
+                    break
                 admit.append(self._waiting.popleft())
                 used += seq.kv_bytes
+                prompt += len(seq.prompt)
+        for seq in admit:
+            seq.reserved = True
         self.kv_used = used
         return admit
 
-    def _reap_aborted(self) -> None:
+    def _reap(self) -> None:
+        """Aborted sequences and those past their deadline end here, between two steps."""
+        now = time.perf_counter()
+        late = lambda s: s.deadline is not None and now > s.deadline  # noqa: E731
         with self._lock:
-            if not self._aborted:
-                return
             gone, self._aborted = self._aborted, {}
-            dropped = [s for s in self._waiting if s.rid in gone]
-            self._waiting = collections.deque(s for s in self._waiting if s.rid not in gone)
-        for seq in dropped:
-            self._finish(seq, gone[seq.rid])
-        for seq in self.rows:
-            if seq.rid in gone and seq.finish is None:
+            dropped = [s for s in self._waiting if s.rid in gone or late(s)]
+            if dropped:
+                self._waiting = collections.deque(s for s in self._waiting if s not in dropped)
+        live = self.rows + ([self.partial] if self.partial is not None else [])
+        for seq in dropped + [s for s in live if s.finish is None and (s.rid in gone or late(s))]:
+            if seq.rid in gone:
                 self._finish(seq, gone[seq.rid])
+            else:
+                self._finish(seq, "timeout", f"the request ran past the server's --request-timeout "
+                             f"({now - seq.arrival:.1f} s since it arrived)", 504, "request_timeout")
+        if self.partial is not None and self.partial.finish is not None:
+            self.partial = self.partial_cache = None
         self._compact()
 
+    def _chunk(self) -> None:
+        """The next chunk of the partial sequence's prompt; after the last, it joins the batch."""
+        seq = self.partial
+        start = seq.prefilled
+        n = chunk_len(len(seq.prompt) - start, self.max_step_tokens, len(self.rows))
+        ids = torch.tensor([seq.prompt[start:start + n]], dtype=torch.int64)  # [1,n]
+        t0 = time.perf_counter()
+        if start == 0:
+            logits, cache = self.backend.prefill(ids, torch.ones_like(ids))  # [1,V]
+        else:
+            positions = torch.arange(start, start + n, dtype=torch.int64)[None]  # [1,n]
+            logits, cache = self.backend.prefill_chunk(ids, positions, self.partial_cache)  # [1,V]
+        seq.prefilled += n
+        self.stats.on_chunk(seq, n, time.perf_counter() - t0)
+        if seq.prefilled < len(seq.prompt):
+            self.partial_cache = cache
+            return
+        self.partial, self.partial_cache = None, None
+        self._admitted = [seq]
+        self._join([seq], logits, cache, len(seq.prompt), t0)
+
     def _prefill(self, admit: list[Sequence]) -> None:
+        self._admitted = admit
         ids, mask = left_pad([s.prompt for s in admit], self.pad_id)  # [b,S]
         t0 = time.perf_counter()
         logits, cache = self.backend.prefill(ids, mask)  # [b,V]
-        if not self.ops_known:
-            self.ops, self.ops_known = self.backend.cache_ops(), True
+        self._join(admit, logits, cache, ids.shape[1], t0)
+
+    def _join(self, admit: list[Sequence], logits: torch.Tensor, cache, padded_len: int, t0: float) -> None:
+        """Prefilled sequences join the running batch (continuous) or start one."""
+        for seq in admit:
+            seq.prefilled = len(seq.prompt)
         nxt = self._sample(logits, admit)
         if self.ops is None:
             self.cache = cache
-        else:  # room for every decode step the batch still needs, so decode never reallocates
-            room = max(s.decode_room for s in self.rows + admit)
-            # continuous: join the running batch between two decode steps
+        else:  # room for the decode steps until the next regrouping, so decode never reallocates
+            room = batch_room(self.rows + admit)
             self.cache = self.ops.concat([self.cache, cache], room) if self.rows else self.ops.fit(cache, room)
-        self.stats.on_prefill(admit, ids.shape[1], time.perf_counter() - t0)
+        self.stats.on_prefill(admit, padded_len, time.perf_counter() - t0)
         self.rows += admit
         self.positions += [len(s.prompt) for s in admit]
+        self._admitted = []
         for seq, (tok, lp) in zip(admit, nxt):
             self._append(seq, tok, lp)
         self._compact()
@@ -280,15 +338,17 @@ class Scheduler:
         if finish:
             self._finish(seq, finish, emitted=True)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None, emitted: bool = False) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, status: int = 500,
+                code: str | None = None, emitted: bool = False) -> None:
         if seq.finish is not None:
             return
         seq.finish = reason
-        if seq in self.rows:
+        if seq.reserved:
+            seq.reserved = False
             self.kv_used -= seq.kv_bytes
         self.stats.on_finish(seq, reason)
         if not emitted:
-            seq.emit(Event(finish=reason, error=error))
+            seq.emit(Event(finish=reason, error=error, status=status, code=code))
 
     def _compact(self) -> None:
         """Drop finished rows from the batch (their cache rows too); keep them as padding rows
@@ -300,13 +360,40 @@ class Scheduler:
             self.rows, self.cache, self.positions = [], None, []
         elif self.ops is not None:
             self.rows = [self.rows[b] for b in live]
-            self.cache = self.ops.select(self.cache, live, max(s.decode_room for s in self.rows))
+            self.cache = self.ops.select(self.cache, live, batch_room(self.rows))
             self.positions = [self.positions[b] for b in live]
 
-    def _fail_all(self, reason: str, error: str | None) -> None:
-        """Shutdown: every running and waiting sequence ends with `reason`."""
+    def _fault(self, exc: Exception) -> None:
+        """An engine-thread exception: the sequences in flight end with a 500 error and the cache
+        is dropped (the next prefill starts a fresh one); too many faults in a row: failed."""
+        traceback.print_exc(file=sys.stderr)
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self.stats.on_fault(message)
+        now = time.perf_counter()
+        self._fault_times = [t for t in self._fault_times if now - t < FAULT_WINDOW_S] + [now]
+        self.last_fault = message
+        victims = self.rows + self._admitted + ([self.partial] if self.partial is not None else [])
+        for seq in victims:
+            self._finish(seq, "error", f"the engine failed while running this request: {message}", 500,
+                         "engine_fault")
+        self.rows, self.cache, self.positions, self._admitted = [], None, [], []
+        self.partial, self.partial_cache, self._prefilled_last = None, None, False
+        if len(self._fault_times) >= self.fault_limit:
+            self.state = "failed"
+            self._fail_all("error", f"the engine failed ({len(self._fault_times)} faults within "
+                           f"{FAULT_WINDOW_S:.0f} s, the last: {message}): restart the server", 503, "engine_failed")
+
+    def _fail_all(self, reason: str, error: str | None, status: int = 503, code: str | None = None) -> None:
+        """Shutdown or failure: every running and waiting sequence ends with `reason`."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for seq in self.rows + waiting:
-            self._finish(seq, reason, error)
-        self.rows, self.cache, self.positions, self.kv_used = [], None, [], 0
+        rest = self.rows + self._admitted + ([self.partial] if self.partial is not None else [])
+        for seq in rest + waiting:
+            self._finish(seq, reason, error, status, code)
+        self.rows, self.cache, self.positions, self._admitted = [], None, [], []
+        self.partial, self.partial_cache = None, None
+        while self._calls:
+            _, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(self.unavailable() if self.state != "ok" else RuntimeError("engine stopped"))
+        self.kv_used = 0

@@ -172,7 +172,7 @@ class OpenAIServing:
         if self._scoring is None:
             self._scoring = asyncio.Lock()
         async with self._scoring:
-            return await asyncio.to_thread(score_prompt, self.engine.backend, p.ids, p.top_n)
+            return await self.engine.call(score_prompt, self.engine.backend, p.ids, p.top_n)  # the engine thread
 
     async def stream(self, request, rid: str, handle, p: Prepared, prompt_lp) -> AsyncIterator[str]:
         """Server-sent-event payloads; closing this generator (client gone) aborts the sequence."""
@@ -188,7 +188,7 @@ class OpenAIServing:
             else:
                 async for event in events:
                     if event.error:
-                        yield json.dumps(ServeError(500, event.error, "server_error").body())
+                        yield json.dumps(ServeError(event.status, event.error, "server_error", code=event.code).body())
                         return
                     delta, finish = out.push(event)
                     if delta or finish:
@@ -231,7 +231,7 @@ class OpenAIServing:
         try:
             async for event in events:
                 if event.error:
-                    raise ServeError(500, event.error, "server_error")
+                    raise ServeError(event.status, event.error, "server_error", code=event.code)
                 delta, finish = out.push(event)
                 parts.append(delta)
                 if out.text.stopped:
