@@ -89,3 +89,29 @@ def test_routed_cache_holds_fewer_bytes_than_dense(tiny_export, one_thread):
                                        dense_cache[0].valid)) // ids.shape[1]
     assert OrtBackend.cache_nbytes(None, cache) == per_token * (20 + 10 + 14 + 8)
     assert TorchBackend.cache_nbytes(dense_cache) == per_token * 20 * 4
+
+
+def test_chunked_prefill_equals_torch(tiny_export, one_thread):
+    """The server's chunked prefill (each chunk routed over itself, attending to the cache) runs the
+    same function on ONNX Runtime as on PyTorch: logits, kept rows and the next decode step."""
+    routed, out = tiny_export
+    ort, ref = OrtBackend(out, threads=1), TorchBackend(routed)
+    prompt = torch.tensor([PROMPTS[0]])  # [1,20]
+    first, rest = prompt[:, :8], prompt[:, 8:]  # [1,8], [1,12]
+    positions = torch.arange(8, 20).unsqueeze(0)  # [1,12]
+    logits, cache = ort.prefill(first, torch.ones_like(first))
+    ref_logits, ref_cache = ref.prefill(first, torch.ones_like(first))
+    logits, cache = ort.prefill_chunk(rest, positions, cache)
+    ref_logits, ref_cache = ref.prefill_chunk(rest, positions, ref_cache)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    whole, _ = ort.prefill(prompt, torch.ones_like(prompt))
+    assert not torch.allclose(logits, whole, atol=1e-3)  # a different routing function than one whole prefill
+    for li in cache.layers:
+        want = to_seq_major(ref_cache[li])
+        got = cache.past(li)
+        assert torch.equal(got["pos"], want[2]) and torch.equal(got["valid"], want[3])
+        torch.testing.assert_close(got["key"], want[0], rtol=0, atol=1e-4)
+    tok = logits.argmax(-1, keepdim=True)
+    step, _ = ort.decode(tok, torch.tensor([[20]]), cache)
+    ref_step, _ = ref.decode(tok, torch.tensor([[20]]), ref_cache)
+    torch.testing.assert_close(step, ref_step, rtol=0, atol=1e-4)

@@ -202,6 +202,19 @@ class OrtBackend(PreallocatedBackend):
             cache.write(li, {f: outs[f"new.{li}.{f}"] for f in FIELDS})
         return host_logits(outs["logits"]), cache
 
+    chunked_prefill = True  # base.Backend: the one graph takes a past with S > 1 (a routed chunk)
+
+    @torch.no_grad()
+    def prefill_chunk(self, ids: Tensor, positions: Tensor, cache: KVCache):
+        """The next prompt tokens [B,S] routed among themselves, attending to the cache (base.Backend):
+        one graph call with the cache as past; the rows it adds (keep(S) in a routed layer under
+        kv_policy=skip, S elsewhere) are copied in after the filled ones."""
+        _, outs = self._run(ids, torch.ones_like(ids), positions, cache, in_place=False)
+        cache.reserve(max(outs[f"new.{li}.pos"].shape[0] for li in self.layers))
+        for li in self.layers:
+            cache.write(li, {f: outs[f"new.{li}.{f}"] for f in FIELDS})
+        return host_logits(outs["logits"]), cache
+
     @torch.no_grad()
     def decode(self, token: Tensor, position: Tensor, cache: KVCache):
         cache.reserve(token.shape[1])
