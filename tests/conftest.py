@@ -130,3 +130,25 @@ def smol_export(smollm2, tmp_path_factory):
                                model_name="smollm2-135m")
     export_model(smollm2, routed, cfg, out, max_seq_len=2048)
     return out
+
+
+def metric_samples(url: str) -> dict:
+    """A live server's /metrics as {(sample name, sorted label items): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)
+            for s in fam.samples}
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tmp_path_factory):
+    """A folder `tokenskip serve --model` loads in a subprocess: tiny random Llama (seed 1) + a 256-id
+    char tokenizer (every id decodes to one character), its generation config's EOS = the tokenizer's."""
+    path = tmp_path_factory.mktemp("tiny-served")
+    model = make_tiny_llama(path, seed=1)
+    tok = make_char_tokenizer(path, vocab_size=256)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.save_pretrained(path)
+    return path

@@ -28,6 +28,7 @@ import numpy as np
 from tokenskip.errors import UserError, parse_list
 from tokenskip.timing import percentile, round_order, stopwatch
 
+from . import external
 from .runner import ServerProcess
 
 WARMUP_REQUESTS = 4
@@ -132,6 +133,7 @@ class ServeBenchSettings:
     kv_cache_gb: float  # budget of the admitted-sequences comparison
     threads: int | None
     seed: int
+    external: str | None = None  # "guidellm": also drive every level with it (external.py), for cross-checking
 
     def levels(self) -> list[int]:
         """The concurrency levels; a UserError naming the flag at fault for any bad value."""
@@ -159,11 +161,14 @@ def run_bench_serve(settings: ServeBenchSettings, progress: bool = True) -> dict
     mixed_lengths, max_batch, batching = settings.mixed_lengths, settings.max_batch, settings.batching
     device, kv_cache_gb, threads = settings.device, settings.kv_cache_gb, settings.threads
     say = (lambda msg: click.echo(msg, err=True)) if progress else (lambda msg: None)
+    if settings.external:
+        external.require(settings.external)
     lm = load_model(model or DEFAULT_MODEL)
+    tokenizer_dir = lm.source  # the external client sizes its prompts with it
     vocab = lm.model.config.vocab_size
     rng = np.random.default_rng(seed)
     modes = ["continuous", "dynamic"] if batching == "both" else [batching]
-    rows = []
+    rows, cross = [], []
     with tempfile.TemporaryDirectory(prefix="tokenskip-bench-serve-") as tmp:
         sides, router = _sides(backend, lm, sparsity, onnx_dir, onnx_dense_dir, Path(tmp),
                                max(512, prompt_len + max_tokens), say)
@@ -189,6 +194,13 @@ def run_bench_serve(settings: ServeBenchSettings, progress: bool = True) -> dict
                         say(f"  {name}: concurrency {level}, {n} requests ...")
                         row = asyncio.run(_level(servers[name].url, prompts, lengths, level))
                         rows.append({"backend": backend, "batching": mode, "side": name, "concurrency": level, **row})
+                        if settings.external:  # the same level on the same server, the external client's turn
+                            say(f"  {name}: concurrency {level}, {n} requests, {settings.external} ...")
+                            ext = external.run_guidellm(
+                                servers[name].url, tokenizer_dir, Path(tmp) / f"{mode}-{name}-{level}", requests=n,
+                                prompt_tokens=prompt_len, output_tokens=max_tokens, concurrency=level,
+                                mixed_lengths=mixed_lengths, seed=seed)
+                            cross.append({"batching": mode, "side": name, "concurrency": level, **ext})
             finally:
                 for server in servers.values():
                     server.stop()
@@ -202,7 +214,7 @@ def run_bench_serve(settings: ServeBenchSettings, progress: bool = True) -> dict
     return {"model": model or DEFAULT_MODEL, "backend": backend, "router": router, "sparsity": sparsity,
             "machine": _machine(threads),
             "prompt_len": prompt_len, "max_tokens": max_tokens, "mixed_lengths": mixed_lengths, "max_batch": max_batch,
-            "rows": rows, "kv": kv}
+            "rows": rows, "kv": kv, **({"external": cross} if settings.external else {})}
 
 
 def format_table(result: dict) -> str:
