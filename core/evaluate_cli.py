@@ -36,6 +36,62 @@ def quality_options(domains: str, free_run: int):
     return wrap
 
 
+LONGCTX_MIN_LENGTH = 256  # the long-prompt generators' shortest prompt (train/longctx_tasks.check_request)
+
+
+def _longctx_tasks(ctx, param, value: str) -> tuple[str, ...]:
+    from tokenskip.train.longctx_tasks import TASKS
+
+    tasks = tuple(t.strip() for t in value.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise click.BadParameter(f"{','.join(bad) or '(empty)'}: choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def _longctx_lengths(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value}: give comma-separated integers, e.g. 512,1024") from None
+    short = [n for n in lengths if n < LONGCTX_MIN_LENGTH]
+    if short or not lengths:
+        raise click.BadParameter(f"{value}: each length must be >= {LONGCTX_MIN_LENGTH} tokens (and fit the "
+                                 "model's context)")
+    return tuple(sorted(set(lengths)))
+
+
+def longctx_options(tasks: str, lengths: str, examples: int):
+    """--longctx / --longctx-lengths / --longctx-examples / --no-longctx of the quality table
+    (`report`, `pipeline`): the long-prompt tasks scored beside the continuation KL, for the same
+    methods. One definition, each command with its own defaults; click checks the values (the
+    model's context length is checked once the model is loaded). Use `longctx_choice` on the
+    parsed values."""
+    def wrap(f):
+        f = click.option("--no-longctx", is_flag=True,
+                         help="Skip the long-prompt tasks (the quality table then has the continuation KL only).")(f)
+        f = click.option("--longctx-examples", default=examples, show_default=True, type=click.IntRange(min=1),
+                         help="Long-prompt examples per task and length (>= 100 for a table to publish).")(f)
+        f = click.option("--longctx-lengths", default=lengths, show_default=True, callback=_longctx_lengths,
+                         help="Long-prompt lengths in tokens (comma list).")(f)
+        return click.option("--longctx", default=tasks, show_default=True, callback=_longctx_tasks,
+                            help="Long-prompt tasks scored for every method beside the KL (comma list of needle, "
+                                 "kv_lookup, article_qa): evidence at a stated depth, question at the end; built from the "
+                                 "held-out Wikipedia eval split and news corpus whatever the KL text.")(f)
+    return wrap
+
+
+def longctx_choice(tasks: tuple[str, ...], no_longctx: bool) -> tuple[str, ...]:
+    """The long-prompt tasks to run: none with --no-longctx (an explicit --longctx beside it is a
+    contradiction, not something to guess about)."""
+    if not no_longctx:
+        return tasks
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("longctx") == click.core.ParameterSource.COMMANDLINE:
+        raise UserError("--longctx and --no-longctx: give one of them")
+    return ()
+
+
 def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
     """Options shared by every command that builds a routed model (`extra_routers`: more --router
     choices a command handles itself, e.g. eval's shortgpt baseline)."""
@@ -48,7 +104,7 @@ def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
                      help="Folder written by `tokenskip train` (tokenskip.json + router.safetensors).")(f)
     f = click.option("--schedule", type=click.Path(), default=None, help="Per-block sparsity JSON (schedule.json).")(f)
     f = click.option("--sparsity", type=float, default=None, help="Overall sparsity, uniform schedule, in [0,1).")(f)
-    f = click.option("--router", type=click.Choice(["dense", "static", "random", "learned", "attention", *extra_routers]),
+    f = click.option("--router", type=click.Choice(["dense", "static", "random", "learned", "attention", "hybrid", *extra_routers]),
                      default=None, help="Router kind (default: learned with --routers, else static)."
                      + (" shortgpt: ShortGPT layer removal at the FLOPs of --sparsity." if "shortgpt" in extra_routers
                         else ""))(f)

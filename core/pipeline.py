@@ -4,7 +4,9 @@ Stages (artefacts go to --out; each stage reuses its artefact when it is already
 interrupted run picks up where it stopped):
   1. fit: genetic sparsity search (static router) -> router training -> re-search -> short train;
   2. quality: dense, learned (searched), static (searched / uniform), random and ShortGPT at the
-     same FLOPs, scored on the continuation after a routed prompt;
+     same FLOPs, scored on the continuation after a routed prompt (quality.json), then on long
+     prompts whose evidence sits at a stated depth, with the training-free attention routers
+     beside them (longctx.json);
   3. export: the learned routed model and the dense model to ONNX, validated in ONNX Runtime;
   4. engine: the TensorRT plugin library (nvcc) and TensorRT engines (TensorRT-RTX builds them
      on a machine without a GPU);
@@ -22,7 +24,7 @@ import torch
 
 from .errors import UserError
 from .models import DEFAULT_MODEL
-from .evaluate_cli import quality_options
+from .evaluate_cli import longctx_choice, longctx_options, quality_options
 from .precision import device_options
 
 STAGES = ("fit", "quality", "export", "engine", "generate", "speed")
@@ -64,6 +66,78 @@ def _figures(ctx: click.Context, out: Path, stage: str, **explain) -> None:
             click.echo(f"   figure: {f}")
 
 
+def _quality_keys(model: str, sparsity: float, fit_dir: Path, q, lm) -> tuple[dict, dict]:
+    """What quality.json and longctx.json were computed from (model, precision, sparsity, the fit's
+    files by hash, the settings each depends on): a later run reuses a file only when its key is
+    equal, so an interrupted quality stage resumes and a changed fit or flag is never served stale."""
+    import json
+    from dataclasses import asdict
+
+    from .fileio import sha256_file
+    from .precision import model_device
+    from .train.report import training_free_kinds
+
+    fit = {}
+    for rel in ("routers/router.safetensors", "routers/tokenskip.json", "search-static/schedule.json"):
+        f = fit_dir / rel
+        fit[rel] = sha256_file(f) if f.is_file() else None
+    common = {"model": model, "sparsity": sparsity, "dtype": str(next(lm.model.parameters()).dtype),
+              "device": str(model_device(lm.model)), "fit": fit}
+    settings = json.loads(json.dumps(asdict(q)))  # tuples -> lists: equal to what the JSON file reads back
+    long_fields = ("longctx", "longctx_lengths", "longctx_examples")
+    kl = {**common, "settings": {k: v for k, v in settings.items() if k not in long_fields}}
+    lc = {**common, "settings": {k: settings[k] for k in (*long_fields, "methods", "seed", "kv_policy", "batch_size")},
+          "training_free": list(training_free_kinds())}
+    return kl, lc
+
+
+def _reusable(path: Path, key: dict) -> dict | None:
+    """The JSON at `path` when a previous run wrote it from the same inputs (`key`), else None."""
+    from .fileio import read_json
+
+    if not path.is_file():
+        return None
+    try:
+        obj = read_json(path, path.name)
+    except UserError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("reuse_key") == key else None
+
+
+def _quality_stage(out: Path, model: str, sparsity: float, fit_dir: Path, q, lm) -> None:
+    """The KL table (quality.json), then long-prompt accuracy of the same methods (longctx.json).
+    The methods are built once for both; each part is reused when a previous run finished it."""
+    from dataclasses import replace
+
+    from .fileio import write_json_atomic
+    from .train.report import longctx_examples, longctx_section, quality_methods, quality_table
+
+    kl_key, lc_key = _quality_keys(model, sparsity, fit_dir, q, lm)
+    table = _reusable(out / "quality.json", kl_key)
+    long = _reusable(out / "longctx.json", lc_key) if q.longctx else None
+    built, examples = None, []
+    if table is None or (q.longctx and long is None):
+        examples = longctx_examples(lm, q)  # a --longctx-lengths beyond the model's context fails before scoring
+        built = quality_methods(lm, fit_dir, sparsity, q)
+    if table is None:
+        table = quality_table(model, sparsity, fit_dir, replace(q, longctx=()), lm=lm, built=built)
+        write_json_atomic(out / "quality.json", {**table, "reuse_key": kl_key})
+    else:
+        click.echo(f"(reusing {out / 'quality.json'}: same model, fit and settings)")
+    click.echo(table["markdown"])
+    if not q.longctx:
+        return
+    if long is None:
+        t0 = time.time()
+        base, models, _ = built
+        long = longctx_section(lm, base, models, sparsity, examples, q)
+        write_json_atomic(out / "longctx.json", {**long, "reuse_key": lc_key})
+        click.echo(f"\n(long prompts: {time.time() - t0:.0f} s)")
+    else:
+        click.echo(f"\n(reusing {out / 'longctx.json'}: same model, fit and settings)")
+    click.echo("\n" + long["markdown"])
+
+
 def _gpu_can_run_engine() -> bool:
     return torch.cuda.is_available()
 
@@ -77,14 +151,15 @@ def _gpu_can_run_engine() -> bool:
 @click.option("--budget", type=click.Choice(["tiny", "small", "default"]), default="small", show_default=True,
               help="Search/training budget of the fit stage (small: a few minutes on 2 CPU cores).")
 @quality_options(domains="eval", free_run=8)
+@longctx_options(tasks="needle,article_qa", lengths="512", examples=16)
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Prompt for the generation stage.")
 @click.option("--bench-seq-len", default=1024, show_default=True, help="Prompt length of the speed stage.")
 @click.option("--stages", default=",".join(STAGES), show_default=True, help="Comma-separated stages to run.")
 @click.option("--seed", default=0, show_default=True)
 @device_options
 @click.pass_context
-def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, prompt, bench_seq_len, stages, seed,
-             device, dtype):
+def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, longctx, longctx_lengths,
+             longctx_examples, no_longctx, prompt, bench_seq_len, stages, seed, device, dtype):
     """Run the whole job end to end and print the quality and speed tables.
 
     \b
@@ -93,6 +168,7 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
       tokenskip pipeline --sparsity 0.4 --out out/run-04
       tokenskip pipeline --model ./my-llama --stages fit,quality
       tokenskip pipeline --model ./my-llama --stages fit,quality --device cuda --dtype bf16
+      tokenskip pipeline --longctx needle,kv_lookup,article_qa --longctx-lengths 512,1024 --longctx-examples 24
 
     --device/--dtype apply to the fit and quality stages (the model is loaded once for both).
     """
@@ -104,6 +180,7 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
 
     check_sparsity(sparsity)
     domain_list = parse_domains(domains)
+    long_tasks = longctx_choice(longctx, no_longctx)
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(STAGES))
     if unknown or not chosen:
@@ -127,15 +204,17 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
     routers_dir = fit_dir / "routers"
 
     if "quality" in chosen:
-        from .train.report import QualitySettings, quality_table
+        from .train.report import QualitySettings
 
-        t0 = _stage(2, "quality at equal FLOPs (continuation after a routed prompt, held-out text)")
+        t0 = _stage(2, "quality at equal FLOPs (continuation after a routed prompt, held-out text"
+                       + ("; long prompts)" if long_tasks else ")"))
         if not (routers_dir / "tokenskip.json").is_file():
             raise UserError(f"no fitted routers in {routers_dir}: run the fit stage first")
-        quality = QualitySettings(windows=windows, seed=seed, domains=domain_list, free_run=free_run)
-        table = quality_table(model, sparsity, fit_dir, quality, lm=lm)
-        click.echo(table["markdown"])
-        write_json_atomic(out / "quality.json", table)
+        quality = QualitySettings(windows=windows, seed=seed, domains=domain_list, free_run=free_run,
+                                  longctx=long_tasks, longctx_lengths=longctx_lengths,
+                                  longctx_examples=longctx_examples)
+        quality.check()
+        _quality_stage(out, model, sparsity, fit_dir, quality, lm)
         _figures(ctx, out, "quality", model=model, routers_dir=str(routers_dir))
         _done(t0)
 

@@ -51,6 +51,28 @@ def test_sparsity_out_of_range(value):
     assert_one_line_error(*run(["eval", "--sparsity", value]), "--sparsity")
 
 
+@pytest.mark.parametrize("command", ["report", "pipeline"])
+@pytest.mark.parametrize("args,needle", [
+    (["--longctx", "needle,bogus"], "bogus: choose from needle, kv_lookup, article_qa"),
+    (["--longctx", ","], "(empty): choose from"),
+    (["--longctx-lengths", "512,abc"], "give comma-separated integers"),
+    (["--longctx-lengths", "128"], "must be >= 256"),
+    (["--longctx-examples", "0"], "0 is not in the range x>=1"),
+])
+def test_longctx_flags_are_range_checked_by_click(command, args, needle, tmp_path):
+    """The long-prompt options are shared by `report` and `pipeline` and checked before any work."""
+    paths = [str(tmp_path / "fit")] if command == "report" else ["--out", str(tmp_path / "out")]
+    code, out = run([command, *paths, *args])
+    assert code == 2 and f"Invalid value for '{args[0]}'" in out and needle in out, out
+    assert "Traceback" not in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "pipeline"])
+def test_longctx_and_no_longctx_contradict(command, tmp_path):
+    paths = [str(tmp_path / "fit")] if command == "report" else ["--out", str(tmp_path / "out")]
+    assert_one_line_error(*run([command, *paths, "--longctx", "needle", "--no-longctx"]), "--longctx and --no-longctx")
+
+
 def test_unknown_schedule_file(tmp_path):
     assert_one_line_error(*run(["eval", "--schedule", str(tmp_path / "s.json")]), "s.json")
 

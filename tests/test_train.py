@@ -321,17 +321,105 @@ def test_ste_carries_gradient_through_distillation_alone(tiny_llama):
 
 # -- fit, baselines, report -------------------------------------------------------------------------------------
 
-def test_fit_tiny_budget(tiny_dir, text_file, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_fit(tiny_dir, text_file, tmp_path_factory):
+    """A tiny-budget fit folder of the tiny model (overall sparsity 0.25) and run_fit's return value."""
     from tokenskip.train.fit import FitSettings, run_fit
 
+    fit = tmp_path_factory.mktemp("tiny-fit") / "fit"
     settings = FitSettings(budget="tiny", calib_text=str(text_file), train_text=str(text_file))
-    out = run_fit(str(tiny_dir), 0.25, tmp_path / "fit", settings, progress=False, log=lambda m: None)
-    assert out == tmp_path / "fit" / "routers"
+    return fit, run_fit(str(tiny_dir), 0.25, fit, settings, progress=False, log=lambda m: None)
+
+
+def test_fit_tiny_budget(tiny_fit):
+    fit, out = tiny_fit
+    assert out == fit / "routers"
     for p in ("search-static/schedule.json", "router-1/router.safetensors", "search-learned/schedule.json",
               "routers/tokenskip.json", "routers/router.safetensors", "fit.json"):
-        assert (tmp_path / "fit" / p).is_file(), p
-    re = json.loads((tmp_path / "fit/search-learned/schedule.json").read_text())
+        assert (fit / p).is_file(), p
+    re = json.loads((fit / "search-learned/schedule.json").read_text())
     assert re["router"] == "learned" and abs(re["overall"] - 0.25) < 1e-9
+
+
+LONG = ["--longctx", "needle,article_qa", "--longctx-lengths", 256, "--longctx-examples", 2]
+
+
+def _check_longctx(long: dict, kl_rows: list[dict]) -> None:
+    """The long-prompt section of a quality table: every KL-table method plus the training-free
+    kinds, one row per (task, length) and per task over all lengths, numbers consistent with the
+    per-example outcomes (a tiny random model scores ~0: the structure is what is checked)."""
+    from tokenskip.train.report import training_free_kinds
+
+    methods = [r["method"] for r in kl_rows] + [f"{k} (uniform)" for k in training_free_kinds()]
+    assert sorted(long["methods"]) == sorted(methods) and sorted(long["correct"]) == sorted(methods)
+    assert long["tasks"] == ["needle", "article_qa"] and long["lengths"] == [256]
+    assert len(long["examples"]) == 4 and all(e["prompt_len"] <= 256 for e in long["examples"])
+    keys = {(r["method"], r["task"], r["length"]) for r in long["rows"]}
+    assert keys == {(m, t, n) for m in methods for t in ("needle", "article_qa") for n in (256, "all")}
+    for r in long["rows"]:
+        got = [c for c, e in zip(long["correct"][r["method"]], long["examples"]) if e["task"] == r["task"]]
+        dense = [c for c, e in zip(long["correct"]["dense"], long["examples"]) if e["task"] == r["task"]]
+        assert r["n"] == 2 and r["accuracy"] == sum(got) / 2 and r["dense_accuracy"] == sum(dense) / 2
+        assert r["ratio_to_dense"] == (sum(got) / sum(dense) if sum(dense) else None)
+        assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+        assert sum(b["n"] for b in r["by_depth"]) == 2
+    dense_rows = [r for r in long["rows"] if r["method"] == "dense"]
+    assert all(r["accuracy"] == r["dense_accuracy"] for r in dense_rows)
+    flops = {r["method"]: r["flops"] for r in kl_rows}
+    assert long["methods"]["dense"]["flops"] == 1.0
+    sg = next(m for m in methods if m.startswith("shortgpt"))
+    assert abs(long["methods"][sg]["flops"] - flops[sg]) < 0.05 and long["methods"][sg]["flops"] < 1.0
+    assert all(0.3 < c["flops"] < 1.0 for m, c in long["methods"].items() if m != "dense")
+
+
+def test_report_fit_folder_prints_long_prompts_after_kl(tiny_dir, text_file, tiny_fit, tmp_path):
+    fit, _ = tiny_fit
+    args = [fit, "--model", tiny_dir, "--text", text_file, "--calib-text", text_file, "--seq-len", 32,
+            "--cont-len", 8, "--windows", 2, "--out", tmp_path / "rep.json", *LONG]
+    r = _run("report", args)
+    assert r.exit_code == 0, r.output
+    kl, long = r.output.index("| method | sparsity |"), r.output.index("Long prompts: 2 examples per task and length")
+    assert kl < long < r.output.index("Accuracy by evidence depth")
+    saved = json.loads((fit / "quality-L32-c8.json").read_text())
+    _check_longctx(saved["longctx"], saved["rows"])
+    assert saved["settings"]["longctx"] == ["needle", "article_qa"] and saved["settings"]["longctx_examples"] == 2
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert len(rep["longctx"]) == len(saved["longctx"]["rows"]) and rep["longctx"][0]["source"] == str(fit)
+    r = _run("report", [*args[:-len(LONG)], "--no-longctx"])
+    assert r.exit_code == 0 and "Long prompts" not in r.output
+    assert json.loads((fit / "quality-L32-c8.json").read_text())["longctx"] is None
+    # the model's context (512 positions) is checked before any scoring, naming the flag
+    _one_line_error(_run("report", [*args[:-len(LONG)], "--longctx-lengths", "256,1024"]),
+                    "--longctx-lengths 1024", "512")
+
+
+def test_pipeline_quality_stage_long_prompts_resume(tiny_dir, tiny_fit, tmp_path, monkeypatch):
+    """The pipeline's quality stage writes quality.json and longctx.json; a rerun reuses both, a
+    changed long-prompt flag recomputes only longctx.json."""
+    import shutil
+
+    import tokenskip.pipeline as P
+
+    monkeypatch.setattr(P, "_figures", lambda *a, **k: None)  # the figures hook has its own test (test_explain)
+    out = tmp_path / "run"
+    shutil.copytree(tiny_fit[0], out / "fit")
+    args = ["--model", tiny_dir, "--out", out, "--stages", "quality", "--sparsity", 0.25, "--windows", 2,
+            "--free-run", 0, *LONG]
+    r = _run("pipeline", args)
+    assert r.exit_code == 0, r.output
+    assert "Long prompts: 2 examples" in r.output and "(long prompts:" in r.output
+    quality, long = json.loads((out / "quality.json").read_text()), json.loads((out / "longctx.json").read_text())
+    _check_longctx(long, quality["rows"])
+    stamp = {f: (out / f).stat().st_mtime_ns for f in ("quality.json", "longctx.json")}
+    r = _run("pipeline", args)
+    assert r.exit_code == 0, r.output
+    assert "(reusing" in r.output and r.output.count("(reusing") == 2 and "Long prompts: 2 examples" in r.output
+    assert {f: (out / f).stat().st_mtime_ns for f in stamp} == stamp
+    r = _run("pipeline", [*args[:-1], 3])  # --longctx-examples 3
+    assert r.exit_code == 0, r.output
+    assert r.output.count("(reusing") == 1 and "Long prompts: 3 examples" in r.output
+    assert (out / "quality.json").stat().st_mtime_ns == stamp["quality.json"]
+    assert len(json.loads((out / "longctx.json").read_text())["examples"]) == 6
 
 
 def test_shortgpt_removal_matches_flops(tiny_llama):

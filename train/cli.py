@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tokenskip.errors import UserError, parse_list
-from tokenskip.evaluate_cli import quality_options
+from tokenskip.evaluate_cli import longctx_choice, longctx_options, quality_options
 from tokenskip.models import DEFAULT_MODEL
 from tokenskip.precision import device_options
 
@@ -272,6 +272,7 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--cont-len", default=64, show_default=True)
 @quality_options(domains="eval,news", free_run=0)
+@longctx_options(tasks="needle,article_qa", lengths="512,1024", examples=24)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--tasks", default=None, help="Multiple-choice tasks for fit folders (comma list or `default`).")
 @click.option("--task-examples", default=100, show_default=True)
@@ -283,15 +284,18 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
               help="More JSON for --plots: `tokenskip bench --out` / `tokenskip explain --out` files, sweeps.")
 @_seed
 @device_options
-def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains, free_run, batch_size, tasks,
-           task_examples, eval_text, calib_text, plots_out, plot_json, seed, device, dtype):
+def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains, free_run, longctx, longctx_lengths,
+           longctx_examples, no_longctx, batch_size, tasks, task_examples, eval_text, calib_text, plots_out, plot_json,
+           seed, device, dtype):
     """Markdown table comparing methods at equal FLOPs.
 
     PATHS are result files written by `tokenskip eval --out FILE` (or folders of them), or folders
     written by `tokenskip fit`: those are evaluated here against every baseline (dense, learned,
     static searched/uniform, random, ShortGPT at matched FLOPs) on held-out text, as deployment
     computes it (routed prefill, then decode through the KV cache), with paired bootstrap 95% CIs
-    and the paired comparisons (learned vs static, ...) that the CIs support.
+    and the paired comparisons (learned vs static, ...) that the CIs support; then long-prompt
+    accuracy (--longctx tasks: evidence at a stated depth, question at the end) of the same methods
+    and the training-free attention routers, by task, length and evidence depth.
 
     \b
     Examples:
@@ -300,6 +304,8 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
       tokenskip report res/learned.json res/shortgpt.json
       tokenskip report out/fit --tasks default --free-run 32
       tokenskip report out/fit --domains news --windows 128
+      tokenskip report out/fit --longctx needle --longctx-lengths 512,1024,2048 --longctx-examples 100
+      tokenskip report out/fit --no-longctx
       tokenskip report out/fit --plots figs --plot-json bench.json --plot-json explain.json
     """
     from tokenskip.fileio import read_json, write_json_atomic
@@ -307,11 +313,12 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
     from .report import QualitySettings, collect, markdown, parse_domains, quality_table
 
     domain_list = parse_domains(domains)
+    long_tasks = longctx_choice(longctx, no_longctx)
     if plots_out:
         from .plots import check_plots_out
 
         check_plots_out(plots_out)  # before any evaluation: a missing extra or bad folder fails fast
-    tables, all_rows, reports = [], [], []
+    tables, all_rows, long_rows, reports = [], [], [], []
     result_paths = []
     loaded: dict[str, object] = {}  # each model once, in --dtype on --device
 
@@ -334,12 +341,14 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
             name = model or meta["model"]
             q = QualitySettings(seq_len=seq_len, cont_len=cont_len, windows=windows, batch_size=batch_size, seed=seed,
                                 kv_policy=meta.get("kv_policy", "skip"), tasks=task_list, task_examples=task_examples,
-                                eval_text=eval_text, calib_text=calib_text, domains=domain_list, free_run=free_run)
+                                eval_text=eval_text, calib_text=calib_text, domains=domain_list, free_run=free_run,
+                                longctx=long_tasks, longctx_lengths=longctx_lengths, longctx_examples=longctx_examples)
             obj = quality_table(name, float(meta["sparsity"]), path, q, progress=not as_json, lm=lm_for(name))
             write_json_atomic(path / f"quality-L{seq_len}-c{cont_len}.json", obj)
             tables.append(obj["markdown"])
             reports.append((str(path), obj))
             all_rows.extend({"source": str(path), **r} for r in obj["rows"])
+            long_rows.extend({"source": str(path), **r} for r in (obj["longctx"] or {}).get("rows", []))
         else:
             result_paths.append(p)
     if result_paths:
@@ -347,13 +356,14 @@ def report(paths, as_json, out_file, model, seq_len, cont_len, windows, domains,
         tables.append(markdown(rows))
         all_rows.extend(rows)
     if out_file:
-        write_json_atomic(out_file, {"rows": all_rows, "sweep": [obj for _, obj in reports]})
+        write_json_atomic(out_file, {"rows": all_rows, "longctx": long_rows, "sweep": [obj for _, obj in reports]})
     if plots_out:
         from .plots import report_figures
 
         for f in report_figures(plots_out, reports, paths, plot_json):
             click.echo(f"wrote {f}", err=True)
     if as_json:
-        click.echo(json.dumps({"rows": all_rows, "sweep": [obj for _, obj in reports]}, indent=2))
+        click.echo(json.dumps({"rows": all_rows, "longctx": long_rows, "sweep": [obj for _, obj in reports]},
+                              indent=2))
     else:
         click.echo("\n\n".join(tables))

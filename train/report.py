@@ -52,6 +52,9 @@ class QualitySettings:
     task_examples: int = 100
     free_run: int = 0
     free_run_tokens: int = 64
+    longctx: tuple[str, ...] = ()
+    longctx_lengths: tuple[int, ...] = (512, 1024)
+    longctx_examples: int = 24
 
     def check(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -60,6 +63,16 @@ class QualitySettings:
         bad = set(self.domains) - set(DOMAINS)
         if bad or not self.domains:
             raise UserError(f"--domains {','.join(self.domains)}: choose from {', '.join(DOMAINS)}")
+        if self.longctx:
+            from .longctx_tasks import TASKS
+
+            bad = [t for t in self.longctx if t not in TASKS]
+            if bad:
+                raise UserError(f"--longctx {','.join(bad)}: choose from {', '.join(TASKS)}")
+            if not self.longctx_lengths or min(self.longctx_lengths) < 256:
+                raise UserError(f"--longctx-lengths {','.join(map(str, self.longctx_lengths))}: each must be >= 256")
+            if self.longctx_examples < 1:
+                raise UserError(f"--longctx-examples {self.longctx_examples}: must be >= 1")
 
 
 def parse_domains(text: str) -> tuple[str, ...]:
@@ -188,20 +201,31 @@ def comparisons(results: list, seed: int = 0) -> list[dict]:
     return [compare(by[a], by[b], seed) for a, b in COMPARISONS if a in by and b in by]
 
 
+def quality_methods(lm, fit_dir: str | Path, sparsity: float, q: QualitySettings) -> tuple:
+    """(dense reference, [(name, routed model)], ShortGPT info): the table's methods, built once
+    and shared by the KL table and the long-prompt section (`quality_table(built=...)`)."""
+    from tokenskip.routed import RoutedModel
+    from tokenskip.schedule import Schedule
+
+    models, info = _methods(lm, Path(fit_dir), sparsity, q)
+    base = RoutedModel(lm.model, Schedule.dense(lm.model.config.num_hidden_layers), None, kv_policy=q.kv_policy)
+    return base, models, info
+
+
 def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, q: QualitySettings = QualitySettings(), *,
-                  lm=None, progress: bool = True) -> dict:
+                  lm=None, progress: bool = True, built: tuple | None = None) -> dict:
     """Evaluate every method at `sparsity` on held-out text. `fit_dir` is a `tokenskip fit` output
     (routers/ for the learned router, search-static/schedule.json for the static searched schedule).
 
     `q` says how (windows, domains, tasks, free-running text: QualitySettings); `lm` is the loaded
-    model (loaded here when None). Returns {"model", "sparsity", "settings", "shortgpt", "domains":
+    model (loaded here when None); `built`: its `quality_methods` when the caller built them already.
+    Returns {"model", "sparsity", "settings", "shortgpt", "domains":
     {domain: {"results", "rows", "comparisons", "markdown"}}, "results"/"rows" (the first domain's),
-    "free_running", "tasks", "markdown"}.
+    "free_running", "tasks", "longctx" (with q.longctx: long-prompt accuracy of the same methods plus the
+    training-free router kinds, `longctx_section`), "markdown"}.
     """
     from tokenskip.evaluate import evaluate_methods
     from tokenskip.models import load_model
-    from tokenskip.routed import RoutedModel
-    from tokenskip.schedule import Schedule
     from tokenskip.windows import load_windows
 
     q.check()
@@ -210,9 +234,8 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, q: Qual
     fit_dir = Path(fit_dir)
     torch.manual_seed(seed)
     lm = lm or load_model(model_name)
-    model, n = lm.model, lm.model.config.num_hidden_layers
-    models, info = _methods(lm, fit_dir, sparsity, q)
-    base = RoutedModel(model, Schedule.dense(n), None, kv_policy=kv_policy)
+    long_examples = longctx_examples(lm, q)  # before any scoring: a too-long --longctx-lengths fails fast
+    base, models, info = built or quality_methods(lm, fit_dir, sparsity, q)
     title = f"{model_name} @ sparsity {sparsity:g}"
     per_domain, texts = {}, []
     sources = [("text", eval_text)] if eval_text else [(d, None) for d in q.domains]
@@ -236,9 +259,12 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, q: Qual
            "settings": {"seq_len": seq_len, "cont_len": cont_len, "windows": first["windows"], "seed": seed,
                         "kv_policy": kv_policy, "tasks": tasks or [], "task_examples": q.task_examples,
                         "domains": [d for d, _ in sources], "free_run": free_run,
-                        "free_run_tokens": q.free_run_tokens},
+                        "free_run_tokens": q.free_run_tokens, "longctx": list(q.longctx),
+                        "longctx_lengths": list(q.longctx_lengths) if q.longctx else [],
+                        "longctx_examples": q.longctx_examples if q.longctx else 0},
            "shortgpt": info, "domains": per_domain, "results": first["results"], "rows": first["rows"],
-           "comparisons": first["comparisons"], "provenance": provenance, "tasks": {}, "free_running": []}
+           "comparisons": first["comparisons"], "provenance": provenance, "tasks": {}, "free_running": [],
+           "longctx": None}
     if free_run:
         from tokenskip.freerun import format_free_running, free_running
 
@@ -261,5 +287,59 @@ def quality_table(model_name: str, sparsity: float, fit_dir: str | Path, q: Qual
             "\n".join(f"- {comparison_line(c)}" for c in first["comparisons"]) + \
             (f"\n\n{provenance}" if provenance else "")
         texts.append(T.format_tasks(task_results))
+    if long_examples:
+        obj["longctx"] = longctx_section(lm, base, models, sparsity, long_examples, q, progress)
+        texts.insert(len(per_domain), obj["longctx"]["markdown"])  # right after the KL table(s)
     obj["markdown"] = "\n\n".join(texts)
+    return obj
+
+
+# -- long prompts beside the KL ---------------------------------------------------------------------------
+
+def training_free_kinds() -> tuple[str, ...]:
+    """Router kinds that need no training and are not already a row of the table (static, random):
+    LazyLLM/GemFilter-style attention routers, the baselines a learned router must beat
+    (benchmarks.md, "Long prompts"). Read from ROUTER_KINDS, so a new kind is scored too."""
+    from tokenskip.routers import ROUTER_KINDS
+
+    return tuple(k for k in ROUTER_KINDS if k not in ("dense", "static", "random", "learned"))
+
+
+def longctx_examples(lm, q: QualitySettings) -> list:
+    """The long-prompt examples of `q` (empty when q.longctx is empty), checked against the
+    model's context length."""
+    if not q.longctx:
+        return []
+    from .longctx_tasks import make_examples
+
+    max_len = int(getattr(lm.model.config, "max_position_embeddings", 2048))
+    too_long = [n for n in q.longctx_lengths if n > max_len]
+    if too_long:
+        raise UserError(f"--longctx-lengths {','.join(map(str, too_long))}: longer than the model's context "
+                        f"({max_len} tokens)")
+    return make_examples(lm.tokenizer, list(q.longctx), list(q.longctx_lengths), q.longctx_examples, q.seed)
+
+
+def longctx_section(lm, base, models: list, sparsity: float, examples: list, q: QualitySettings,
+                    progress: bool = True) -> dict:
+    """Long-prompt accuracy of the table's own methods (the same routed models, dense first) plus
+    the training-free router kinds on the uniform schedule at `sparsity` (so at the FLOPs of
+    static (uniform)). Returns run_longctx's JSON with "markdown" (format_longctx)."""
+    from tokenskip.config import build_routed
+
+    from .longctx import format_longctx, run_longctx
+
+    methods = [("dense", base), *models]
+    for kind in training_free_kinds():
+        routed, _ = build_routed(lm.model, router=kind, sparsity=sparsity, kv_policy=q.kv_policy, seed=q.seed,
+                                 model_name=lm.name)
+        methods.append((f"{kind} (uniform)", routed))
+    obj = {"tasks": list(q.longctx), "lengths": list(q.longctx_lengths), "examples_per_task_length": q.longctx_examples,
+           "sparsity": sparsity, "kv_policy": q.kv_policy, "seed": q.seed,
+           **run_longctx(methods, examples, q.seed, q.batch_size, progress)}
+    head = (f"Long prompts: {q.longctx_examples} examples per task and length ({', '.join(q.longctx)} at "
+            f"{', '.join(map(str, q.longctx_lengths))} tokens), evidence at a stated depth, question at the end; "
+            f"routed prefill, answer through the KV cache, correct = greedy decoding reproduces it; Wilson 95% CIs, "
+            f"ratio to dense with paired bootstrap 95% CIs, kv_policy={q.kv_policy}, seed {q.seed}:")
+    obj["markdown"] = head + "\n\n" + format_longctx(obj)
     return obj
