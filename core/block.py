@@ -71,11 +71,12 @@ def attention_allowed(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, k_active: T
 
 
 def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tensor, window: int,
-                            scaling: float) -> tuple[Tensor, Tensor]:
+                            scaling: float, heads: str = "mean") -> tuple[Tensor, Tensor]:
     """Attention each key received from the last `window` usable query rows, without a q x T matrix.
 
     q [B,nh,q,d] (post-RoPE), k [B,nkv,T,d] (GQA: not expanded; nh = nkv x groups), allowed [B,q,T],
-    row_ok [B,q] (rows that are real, kept tokens). Returns (score [B,T], seen [B,T]): the mean over
+    row_ok [B,q] (rows that are real, kept tokens). Returns (score [B,T], seen [B,T]): the mean
+    (heads="mean") or the max (heads="max": the few retrieval heads are not averaged away) over
     heads of the attention probability, averaged over the window queries that may see the key;
     `seen` is False for keys no window query can see (the caller keeps their previous score).
     Cost: window x T per head. The groups' queries share their KV head's matmul (query heads
@@ -99,7 +100,8 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
         logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         probs = probs.masked_fill(probs.isnan(), 0.0)  # rows with no key -> 0
-        total = probs.sum(dim=2).mean(dim=1)  # [B,T]
+        per_head = probs.sum(dim=2)  # [B,nh,T]
+        total = per_head.amax(dim=1) if heads == "max" else per_head.mean(dim=1)  # [B,T]
         count = mask.sum(dim=1)  # [B,T] window queries that see each key
         score = total / count.clamp(min=1).to(total.dtype)
     return score, count > 0
@@ -136,6 +138,7 @@ class BlockArgs:
     k_soft: Tensor | None = None  # [B,T] soft key weights: straight-through gradient (training)
     q_active: Tensor | None = None  # [B,q] bool rows that are real kept tokens (score window)
     score_window: int = 0  # >0: return the window attention score per key
+    score_heads: str = "mean"  # how the score window reduces over heads: "mean" or "max"
     causal: bool = False  # the caller's promise that SDPA(is_causal=True) may run
     x_norm: Tensor | None = None  # [B,q,H] the input norm of x, when the caller has it (tokenskip.fused)
 
@@ -219,5 +222,5 @@ def run_block(family: Family, layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], 
     if args.score_window > 0:
         row_ok = q_valid if args.q_active is None else (q_valid & args.q_active)
         result.attn_score, result.attn_seen = window_attention_scores(q, kv.key, allowed, row_ok, args.score_window,
-                                                                      attn.scaling)
+                                                                      attn.scaling, args.score_heads)
     return result

@@ -6,6 +6,9 @@ full q x T rectangle, not a causal triangle, because that is what SDPA with an e
 the exported MatMul+Softmax graphs compute. Embedding and the LM head are excluded (they do not
 change with routing). A router that reads attention scores (`needs_attention`: the learned and the
 attention routers) adds its score window, window x keys per block; callers pass `score_window` for it.
+The hybrid router refreshes the window in every executed block too (its default); one built with
+score_refresh=False computes it only in the dense blocks before the first routed one
+(`score_refresh=False` here; left True the count is an upper bound).
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ def block_flops(config, n_q: int, n_kv: int, n_keys: int, score_window: int = 0)
 
 
 def forward_flops(config, schedule: Schedule | None, seq: int, n_tail: int = 0, kv_policy: str = "skip",
-                  score_window: int = 0, removed: frozenset[int] = frozenset()) -> float:
+                  score_window: int = 0, removed: frozenset[int] = frozenset(), score_refresh: bool = True) -> float:
     """FLOPs of one sequence of length `seq` through all blocks (schedule None = dense);
-    `removed` blocks (ShortGPT baseline) cost nothing."""
+    `removed` blocks (ShortGPT baseline) cost nothing. score_refresh=False: the score window runs
+    only in the blocks before the first routed one (a router's one selection layer)."""
     total = 0.0
+    routed_seen = False
     for layer in range(config.num_hidden_layers):
         if layer in removed:
             continue
+        routed_seen = routed_seen or (schedule is not None and schedule.is_routed(layer))
+        if routed_seen and not score_refresh:
+            score_window = 0
         if schedule is None or not schedule.is_routed(layer):
             total += block_flops(config, seq, seq, seq, score_window)
             continue
@@ -50,7 +58,7 @@ def forward_flops(config, schedule: Schedule | None, seq: int, n_tail: int = 0, 
 
 
 def flops_ratio(config, schedule: Schedule | None, seq: int, n_tail: int = 0, kv_policy: str = "skip",
-                score_window: int = 0, removed: frozenset[int] = frozenset()) -> float:
+                score_window: int = 0, removed: frozenset[int] = frozenset(), score_refresh: bool = True) -> float:
     """Routed FLOPs / dense FLOPs (the ideal speed-up is its inverse)."""
-    routed = forward_flops(config, schedule, seq, n_tail, kv_policy, score_window, removed)
+    routed = forward_flops(config, schedule, seq, n_tail, kv_policy, score_window, removed, score_refresh)
     return routed / forward_flops(config, None, seq)

@@ -166,7 +166,8 @@ class RoutedModel(nn.Module):
         self.schedule = schedule
         self.router = router
         self.kv_policy = kv_policy
-        self.score_window = score_window
+        own = getattr(router, "score_window", None)  # a router may fix its own window (hybrid: part of its rule)
+        self.score_window = own if own is not None else score_window
         # ShortGPT-style baseline: whole blocks removed for every token (not routing; no router call)
         self.removed_layers = frozenset(removed_layers)
         self.ste_keys = False  # training: straight-through gradient over the key mask too (run_block k_soft)
@@ -197,6 +198,18 @@ class RoutedModel(nn.Module):
 
     def _needs_scores(self) -> bool:
         return self.router is not None and self.router.needs_attention
+
+    def _score_window(self, li: int) -> int:
+        """Window rows block `li` spends on the attention-score table (0: it leaves it alone). With
+        score_refresh=False the table stays as the dense blocks before the first routed one left
+        it (one selection layer, GemFilter-style): no block from there on computes the window."""
+        if not self._needs_scores():
+            return 0
+        frozen = not self.router.score_refresh and any(self.layer_is_routed(j) for j in range(li + 1))
+        return 0 if frozen else self.score_window
+
+    def _score_heads(self) -> str:
+        return self.router.score_heads if self.router is not None else "mean"
 
     # -- full-sequence forward (prefill, evaluation, training) ------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, n_tail: int = 0,
@@ -251,11 +264,12 @@ class RoutedModel(nn.Module):
             h, cos_sin, positions, valid, routable, forced, table = placement.enter(
                 layer, h, cos_sin, positions, valid, routable, forced, table)
             if not self.layer_is_routed(li):
-                args = BlockArgs(q_active=routable, past=lp, score_window=self.score_window if want_scores else 0,
+                window = self._score_window(li)
+                args = BlockArgs(q_active=routable, past=lp, score_window=window, score_heads=self._score_heads(),
                                  causal=unpadded)
                 res = _own_scores(run_block(self.family, layer, h, cos_sin, positions, valid, args), lp)
                 h = res.out
-                if want_scores:
+                if window:
                     table = torch.where(res.attn_seen, res.attn_score, table)
                 cache.append(res.kv)
                 new_cache.append(res.new_kv)
@@ -308,12 +322,13 @@ class RoutedModel(nn.Module):
         kvalid = valid.gather(1, index)  # [B,k]
         krows = routable.gather(1, index)  # [B,k] kept rows of the routed part (score-window queries)
         kcos_sin = tuple(t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin)
-        window = self.score_window if self._needs_scores() else 0
+        window, heads = self._score_window(li), self._score_heads()
         if self.kv_policy == "skip":
-            args = BlockArgs(q_active=krows, past=past, score_window=window, causal=unpadded, x_norm=kept_norm)
+            args = BlockArgs(q_active=krows, past=past, score_window=window, score_heads=heads, causal=unpadded,
+                             x_norm=kept_norm)
         else:  # skipped tokens stay keys, from their un-updated hidden state
             args = BlockArgs(keys=KeyRows(h, cos_sin, positions, valid), q_active=krows, past=past,
-                             score_window=window, x_norm=kept_norm)
+                             score_window=window, score_heads=heads, x_norm=kept_norm)
         res = _own_scores(run_block(self.family, layer, kept, kcos_sin, kpos, kvalid, args), past)
         if lean:
             h = fused.scatter_delta_(h, res.out, kept, index)  # [B,S,H] in place
@@ -331,7 +346,7 @@ class RoutedModel(nn.Module):
         counts = block_keep_counts(self.schedule, li, valid, n_tail)  # [B] real tokens each row keeps
         index, hard = keep_mask(sel, k, valid, counts)  # [B,k], [B,S] 1 = keep
         keep = hard.bool()
-        window = self.score_window if self._needs_scores() else 0
+        window = self._score_window(li)
         k_active = keep if self.kv_policy == "skip" else None
         soft = None
         if ste:  # forward value = hard mask, gradient = d soft / d logit (none for forced tokens)
@@ -341,7 +356,8 @@ class RoutedModel(nn.Module):
         k_soft = None
         if soft is not None and self.ste_keys and k_active is not None:  # keys too (kv_policy=skip)
             k_soft = torch.where(free, soft, torch.ones_like(soft))  # forced/tail keys: weight 1
-        args = BlockArgs(k_active=k_active, q_active=keep & routable, score_window=window, k_soft=k_soft)
+        args = BlockArgs(k_active=k_active, q_active=keep & routable, score_window=window,
+                         score_heads=self._score_heads(), k_soft=k_soft)
         res = run_block(self.family, layer, h, cos_sin, positions, valid, args)
         gate = hard
         if soft is not None:

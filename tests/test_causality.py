@@ -18,10 +18,11 @@ import torch
 from tokenskip.block import attention_allowed, window_attention_scores
 from tokenskip.evaluate import continuation_logprobs
 from tokenskip.routed import RoutedModel
-from tokenskip.routers import LearnedRouter, RandomRouter, StaticRouter
+from tokenskip.routers import HybridRouter, LearnedRouter, RandomRouter, StaticRouter
 from tokenskip.schedule import Schedule
 
-ROUTERS = {"static": StaticRouter, "random": lambda: RandomRouter(3), "learned": LearnedRouter}
+ROUTERS = {"static": StaticRouter, "random": lambda: RandomRouter(3), "learned": LearnedRouter, "hybrid": HybridRouter,
+           "hybrid-frozen": lambda: HybridRouter(window=8, refresh=False)}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def _one_pass(rm: RoutedModel, ids: torch.Tensor, n_cont: int, mode: str) -> tor
 
 
 @pytest.mark.parametrize("kv_policy", ["skip", "dense"])
-@pytest.mark.parametrize("kind", ["static", "random", "learned"])
+@pytest.mark.parametrize("kind", ["static", "random", "learned", "hybrid", "hybrid-frozen"])
 @pytest.mark.parametrize("mode", ["gather", "mask"])
 def test_one_pass_equals_prefill_then_decode(model64, kind, kv_policy, mode):
     """Training's fast form (mask mode) and the gather one-pass equal routed prefill + cached
@@ -75,7 +76,7 @@ def test_one_pass_equals_prefill_then_decode(model64, kind, kv_policy, mode):
 
 
 @pytest.mark.parametrize("kv_policy", ["skip", "dense"])
-@pytest.mark.parametrize("kind", ["static", "random", "learned"])
+@pytest.mark.parametrize("kind", ["static", "random", "learned", "hybrid", "hybrid-frozen"])
 def test_prompt_routing_never_reads_the_continuation(tiny_llama, kind, kv_policy):
     """Change only the continuation: the prompt's keep sets and its last prediction do not move."""
     model, _ = tiny_llama
