@@ -100,7 +100,9 @@ def test_make_router_builds_it():
     assert isinstance(r, HybridRouter) and r.needs_attention and r.score_window is not None
 
 
-def test_exports_with_pytorch_parity(tiny_llama, tmp_path):
+@pytest.mark.parametrize("router", ["attention", "hybrid"])
+def test_exports_with_pytorch_parity(tiny_llama, tmp_path, router):
+    """The training-free attention routers export to ONNX and run there as in PyTorch."""
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
 
@@ -111,7 +113,7 @@ def test_exports_with_pytorch_parity(tiny_llama, tmp_path):
     from tokenskip.routed import default_positions
 
     model, path = tiny_llama
-    routed, cfg = build_routed(model, router="hybrid", sparsity=0.25)
+    routed, cfg = build_routed(model, router=router, sparsity=0.25)
     routed.score_window = cfg.score_window = 8
     loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
                                    name=str(path))

@@ -9,7 +9,6 @@ routed model (prefill + decode = one pass, the causality rule) and through the O
 from __future__ import annotations
 
 import random
-import types
 
 import pytest
 import torch
@@ -150,34 +149,6 @@ def test_attention_router_routes_by_content_and_is_causal(tiny_llama):
         first, cache = att.prefill(ids[:, :34])
         rest, _ = att.decode_step(ids[:, 34:39], torch.arange(34, 39).unsqueeze(0), cache, all_logits=True)
     assert torch.allclose(one[:, 0], first, atol=1e-4) and torch.allclose(one[:, 1:], rest, atol=1e-4)
-
-
-def test_attention_router_exports(tiny_llama, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    import numpy as np
-
-    from tokenskip.config import build_routed
-    from tokenskip.deploy.runtime.validate import empty_past
-    from tokenskip.export import exporter
-    from tokenskip.export.wrappers import StepGraph
-    from tokenskip.routed import default_positions
-
-    model, path = tiny_llama
-    routed, cfg = build_routed(model, router="attention", sparsity=0.25)
-    routed.score_window = cfg.score_window = 8
-    loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
-                                   name=str(path))
-    exporter.export_model(loaded, routed, cfg, tmp_path / "exp")
-    sess = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx"), providers=["CPUExecutionProvider"])
-    graph = StepGraph(routed).eval()
-    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    past = empty_past(graph, 1)
-    inputs = (ids, mask, default_positions(mask.bool()), *past)
-    got = sess.run(None, dict(zip(graph.input_names(), [t.numpy() for t in inputs])))
-    with torch.no_grad():
-        ref = graph(*inputs)
-    assert np.abs(got[0] - ref[0].numpy()).max() <= 1e-4
 
 
 def test_cli_errors_name_the_flag():
