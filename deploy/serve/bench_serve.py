@@ -9,7 +9,7 @@ to back until `requests` are done: random token-id prompts of exactly `prompt_le
 `ignore_eos` so every request generates `max_tokens` tokens, greedy.
 
 Reported per level: output tokens/s over the level's wall time, TTFT p50/p99 (request sent ->
-first token received), and the per-token latency p50 (time between tokens after the first). Plus
+first token received), and the per-token latency p50 and p99 (time between tokens after the first). Plus
 the analytic KV-cache bytes of one sequence (prompt + max_tokens; tokenskip.kv_bytes, tested equal
 to the real caches) and how many sequences each side admits under one `--kv-cache-gb` budget.
 """
@@ -222,14 +222,15 @@ def format_table(result: dict) -> str:
              f"prompt {result['prompt_len']} tokens, {result['max_tokens']} generated"
              f"{' on average (mixed lengths)' if result.get('mixed_lengths') else ''}, max batch {result['max_batch']}",
              "", "| batching | concurrency | side | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | ms/token p50 | "
-             "routed/dense tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "ms/token p99 | routed/dense tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["batching"], r["concurrency"], r["side"]): r for r in result["rows"]}
     for (mode, level, side), r in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         ratio = ""
         if side == "routed" and (mode, level, "dense") in by_key:
             ratio = f"{r['tokens_per_s'] / by_key[(mode, level, 'dense')]['tokens_per_s']:.2f}x"
         lines.append(f"| {mode} | {level} | {side} | {r['requests']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | {ratio} |")
+                     f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | "
+                     f"{ratio} |")
     kv = result["kv"]
     lines += ["", f"KV cache per sequence ({kv['prompt_len']} + {kv['max_tokens']} tokens), budget "
               f"{kv['budget_bytes'] / 2**30:g} GiB:", "", "| side | routed blocks | KV bytes / sequence | admitted |",
