@@ -145,10 +145,19 @@ def metric_samples(url: str) -> dict:
 @pytest.fixture(scope="session")
 def tiny_served(tmp_path_factory):
     """A folder `tokenskip serve --model` loads in a subprocess: tiny random Llama (seed 1) + a 256-id
-    char tokenizer (every id decodes to one character), its generation config's EOS = the tokenizer's."""
+    char tokenizer (every id decodes to one character); the model's EOS is the tokenizer's."""
     path = tmp_path_factory.mktemp("tiny-served")
-    model = make_tiny_llama(path, seed=1)
-    tok = make_char_tokenizer(path, vocab_size=256)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.save_pretrained(path)
+    make_tiny_llama(path, seed=1)
+    make_char_tokenizer(path, vocab_size=256)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    """(model, tokenizer, folder): tiny random Llama (seed 1) + a 256-id char tokenizer with a chat
+    template; the model's EOS is the tokenizer's (make_tiny_llama), so servers stop where it says."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    model = make_tiny_llama(path, seed=1)
+    tok = make_char_tokenizer(path, vocab_size=256, chat_template=CHAT_TEMPLATE)
+    model.requires_grad_(False)
+    return model, tok, path

@@ -27,23 +27,10 @@ from tokenskip.deploy.serve.engine import AsyncEngine, EngineSettings  # noqa: E
 from tokenskip.deploy.serve.model_info import model_info  # noqa: E402
 from tokenskip.deploy.serve.runner import ServerThread  # noqa: E402
 
-from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402
+from conftest import make_char_tokenizer  # noqa: E402
 
 NAME = "tiny"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory):
-    """(model, tokenizer, folder): tiny random Llama + a 256-id char tokenizer with a chat template."""
-    path = tmp_path_factory.mktemp("tiny-serve")
-    model = make_tiny_llama(path, seed=1)
-    tok = make_char_tokenizer(path, vocab_size=256, chat_template=CHAT_TEMPLATE)
-    model.requires_grad_(False)
-    # the random model's config says EOS = 2 (the char tokenizer's space); the server stops on the
-    # generation config's ids too (tests/test_serve_openai.py), so make them agree
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model, tok, path
 
 
 def start(backend, tok, **settings) -> tuple[ServerThread, AsyncEngine]:

@@ -31,7 +31,7 @@ from tokenskip.deploy.serve.runner import ServerThread  # noqa: E402
 from tokenskip.deploy.runtime.stop_ids import model_eos_ids  # noqa: E402
 from tokenskip.deploy.serve.textstream import TextStream  # noqa: E402
 
-from conftest import CHAT_TEMPLATE, make_char_tokenizer, make_tiny_llama  # noqa: E402
+from conftest import make_char_tokenizer  # noqa: E402
 
 NAME = "tiny"
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -39,13 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-openai")
-    model = make_tiny_llama(path, seed=1)
-    tok = make_char_tokenizer(path, vocab_size=256, chat_template=CHAT_TEMPLATE)
-    model.requires_grad_(False)
-    model.generation_config.eos_token_id = tok.eos_token_id  # the random config says 2 (a space)
-    return model, tok
+def tiny(tiny_chat):
+    return tiny_chat[:2]  # (model, tokenizer)
 
 
 def start(backend, tok, **settings):
