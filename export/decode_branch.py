@@ -3,7 +3,12 @@
 At S = 1 every routed block keeps its one token (k = S = 1), so the router, its features, the
 attention-score window and the two custom ops compute nothing that changes the result; yet in one
 traced graph they all run at every decode step (ONNX Runtime CPU, smollm2-135m: routed decode cost
-~12% more than dense). This post-pass, on the graph proto loaded without its weights, rewrites
+~12% more than dense). A copy of the routed graph with the ops replaced by their S = 1 values still
+ran the routed block's per-token gathers (positions, mask, RoPE tables) and scatter (~23% more
+kernels than dense, 1.09x dense per token at 128 tokens of context). So the decode branch is the
+**dense trace of the same model** (`RoutedModel` with its router off: every block runs every token,
+exactly what a routed block does with k = S = 1), and this post-pass, on the graph protos loaded
+without their weights, rewrites
 
     graph(inputs) -> outputs
 into
@@ -11,20 +16,16 @@ into
     outputs = If(cond, then_branch=decode, else_branch=routed)
 
 - `routed` (else) is the traced graph as it was, node for node (prefill, chunked prefill).
-- `decode` (then) is a copy where each `TopKGather(hidden, scores, valid)` becomes
-  `kept = hidden[:, :k]`, `index = zeros[B,k]` and each `ScatterTokens(hidden, delta, index)`
-  becomes `hidden + Pad(delta to S rows)`; at S = 1 (k = 1) that is the ops' own output (one
-  slot, position 0; the body's Add), so logits and cache rows are bit-identical to the routed
-  path. Dead-code removal then drops the router, its features, the forced-token masks and the
-  score window: they only fed the ops' `scores` input.
+- `decode` (then) is the dense trace's graph, its values renamed under `decode/`, plus
+  `index.{l} = zeros [B, 1]` (the one kept position) for the routed layers' index outputs.
 
-Both branches read the weights as outer-scope initializers (nodes computed from initializers
-alone stay outside too), so the file and ONNX Runtime hold them once; the graph's inputs and
-outputs are unchanged. TensorRT shape-checks both branches at every profile point and requires
-their outputs' shapes to be provably equal: the decode branch keeps the routed shapes for any S
-(Slice/Pad above), and both branches reshape the outputs with a `kept_l` dim to one outer shape
-tensor (`keep(S)` from the op's attributes). TensorRT-RTX 1.7 cannot compile plugin layers inside
-a conditional, so engine builds parse `routed_only(model)` (docs/export.md, "Decode path").
+Both branches read the weights as outer-scope initializers: the two traces name parameters by their
+module paths, so the decode trace's initializers are the routed graph's (checked; its weights file
+is never kept), and its initializer-only nodes that the routed graph also computes (e.g. the tied
+lm_head's Transpose, which ONNX Runtime folds into a new tensor per graph holding the node: 113 MB
+on smollm2-135m) are shared by structure. The graph's inputs and outputs are unchanged.
+TensorRT-RTX 1.7 cannot compile plugin layers inside a conditional, so engine builds parse
+`routed_only(model)` (docs/export.md, "Decode path").
 """
 
 from __future__ import annotations
@@ -42,73 +43,8 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-class _Outer:
-    """Shape tensors computed once in the outer scope (cheap int64 arithmetic on S) and read by both
-    branches: S, B, constants, and per keep fraction k = keep(S), [B,k] and the Pad amounts S - k."""
-
-    def __init__(self, ids: str) -> None:
-        self.nodes = [helper.make_node("Shape", [ids], ["ts_s1/batch"], start=0, end=1),  # [1]
-                      helper.make_node("Shape", [ids], ["ts_s1/seq"], start=1, end=2)]  # [1]
-        self.dims = {"batch": "ts_s1/batch", "seq": "ts_s1/seq"}
-        self.keeps: dict[tuple, str] = {}
-
-    def const(self, *values: int) -> str:
-        name = "ts_s1/c" + "_".join(str(v) for v in values)
-        if name not in self.dims.values():
-            self.dims[name] = name
-            self.nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(
-                "c", TensorProto.INT64, [len(values)], list(values))))
-        return name
-
-    def keep(self, topk: onnx.NodeProto) -> str:
-        """k = keep(S) = min(S, max(min_keep, (keep_num*S + keep_den - 1) // keep_den)) ([1] int64),
-        the op's own output width (docs/ops.md)."""
-        a = _attrs(topk)
-        key = (a["keep_num"], a["keep_den"], a["min_keep"])
-        if key not in self.keeps:
-            out = "ts_s1/k_{}_{}_{}".format(*key)
-            s, num, den = self.dims["seq"], self.const(key[0]), self.const(key[1])
-            self.nodes += [helper.make_node("Mul", [s, num], [f"{out}/nx"]),
-                           helper.make_node("Add", [f"{out}/nx", self.const(key[1] - 1)], [f"{out}/t"]),
-                           helper.make_node("Div", [f"{out}/t", den], [f"{out}/ceil"]),
-                           helper.make_node("Max", [f"{out}/ceil", self.const(key[2])], [f"{out}/m"]),
-                           helper.make_node("Min", [f"{out}/m", s], [out]),
-                           helper.make_node("Concat", [self.dims["batch"], out], [f"{out}/bk"], axis=0),  # [B,k]
-                           helper.make_node("Sub", [s, out], [f"{out}/skip"]),  # S - k
-                           helper.make_node("Concat", [self.const(0, 0, 0, 0), f"{out}/skip", self.const(0)],
-                                            [f"{out}/pads"], axis=0)]  # Pad [B,k,H] -> [B,S,H]
-            self.keeps[key] = out
-        return self.keeps[key]
-
-
-def _decode_nodes(nodes: list[onnx.NodeProto], outer: _Outer) -> list[onnx.NodeProto]:
-    """The S = 1 path: each custom op replaced by what it computes at k = S = 1, written so that the
-    shapes stay those of the routed path for every S (TensorRT checks both branches' shapes at
-    every profile point, though it runs one): TopKGather -> kept = hidden[:, :k] (at S = 1: hidden),
-    index = zeros [B,k] (position 0); ScatterTokens -> hidden + Pad(delta, to S rows) (at S = 1:
-    hidden + delta, exactly the op body's Add)."""
-    out, k_of_index = [], {}
-    for n in nodes:
-        if n.domain == onnx_ops.DOMAIN and n.op_type == onnx_ops.TOPK_GATHER:
-            hidden, (kept, index) = n.input[0], n.output
-            k = outer.keep(n)
-            k_of_index[index] = k
-            out += [helper.make_node("Slice", [hidden, outer.const(0), k, outer.const(1)], [kept],
-                                     name=f"{kept}/s1"),  # [B,k,H]
-                    helper.make_node("ConstantOfShape", [f"{k}/bk"], [index], name=f"{index}/s1",
-                                     value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))]  # [B,k]
-        elif n.domain == onnx_ops.DOMAIN and n.op_type == onnx_ops.SCATTER_TOKENS:
-            hidden, delta, index = n.input
-            padded = f"{n.output[0]}/delta_rows"
-            out += [helper.make_node("Pad", [delta, f"{k_of_index[index]}/pads"], [padded], name=padded),  # [B,S,H]
-                    helper.make_node("Add", [hidden, padded], [n.output[0]], name=f"{n.output[0]}/s1")]
-        else:
-            out.append(n)
-    return out
+def _is_custom(node: onnx.NodeProto) -> bool:
+    return node.domain == onnx_ops.DOMAIN
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
@@ -152,88 +88,147 @@ def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
     return new
 
 
-def _keep_shape_nodes(topk: onnx.NodeProto, s: str, out: str) -> list[onnx.NodeProto]:
-    """out = keep(S) = min(S, max(min_keep, (keep_num*S + keep_den - 1) // keep_den)) ([1] int64)."""
-    a = _attrs(topk)
-    c = {k: f"{out}/{k}" for k in ("num", "den1", "den", "mink")}
-    vals = {"num": a["keep_num"], "den1": a["keep_den"] - 1, "den": a["keep_den"], "mink": a["min_keep"]}
-    nodes = [helper.make_node("Constant", [], [c[k]], value=helper.make_tensor(c[k], TensorProto.INT64, [1], [v]))
-             for k, v in vals.items()]
-    return nodes + [helper.make_node("Mul", [s, c["num"]], [f"{out}/nx"]),
-                    helper.make_node("Add", [f"{out}/nx", c["den1"]], [f"{out}/t"]),
-                    helper.make_node("Div", [f"{out}/t", c["den"]], [f"{out}/ceil"]),
-                    helper.make_node("Max", [f"{out}/ceil", c["mink"]], [f"{out}/m"]),
-                    helper.make_node("Min", [f"{out}/m", s], [out])]
+def _signature(node: onnx.NodeProto, names: dict[str, str]) -> tuple:
+    """What a node computes, independent of its own names: op, inputs (after renaming), attributes."""
+    return (node.domain, node.op_type, tuple(names.get(x, x) for x in node.input),
+            tuple(a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name)))
 
 
-def add_decode_branch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite `model` (in place, weights not loaded) into If(S == 1, decode, routed); a graph with
-    no tokenskip op (a dense export) is returned unchanged. The graph's first input is input_ids
-    [batch, seq]; its outputs' dims are the export's names (batch, seq, kept_{l}, integers)."""
-    g = model.graph
+def _digest(t: onnx.TensorProto, base_dir: str | None) -> bytes:
+    """A hash of a tensor's bytes, reading external data from base_dir."""
+    import hashlib
+
+    from onnx import external_data_helper, numpy_helper
+
+    if t.data_location == TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise ValueError("add_decode_branch: external weights to compare and no base_dir")
+        t2 = onnx.TensorProto()
+        t2.CopyFrom(t)
+        external_data_helper.load_external_data_for_tensor(t2, base_dir)
+        t2.data_location = TensorProto.DEFAULT
+        del t2.external_data[:]
+        t = t2
+    return hashlib.sha256(numpy_helper.to_array(t).tobytes()).digest()
+
+
+def _merge_decode_constants(routed: onnx.GraphProto, shared: list[onnx.NodeProto], decode: onnx.GraphProto,
+                            d_shared: list[onnx.NodeProto], base_dir: str | None) -> tuple[dict, list, list]:
+    """Map the decode trace's initializers and initializer-only nodes onto the routed graph's:
+    (names: decode value -> outer name, new outer initializers, new outer nodes). Tensors match by
+    shape, dtype and bytes, not by name: constant folding makes new ones (a projection's transposed
+    weight) whose generated names (val_N) mean different things in the two traces. An external
+    decode tensor with no match is an error: its file is not kept, and a second copy of a weight is
+    what this design avoids; a small inline one is kept under the decode prefix."""
+    names, inits, nodes = {}, [], []
+    key = lambda t: (tuple(t.dims), t.data_type)  # noqa: E731
+    wanted = {key(t) for t in decode.initializer}
+    by_bytes = {}  # the routed graph's tensors of a wanted shape, by content
+    for t in routed.initializer:
+        if key(t) in wanted:
+            by_bytes.setdefault((*key(t), _digest(t, base_dir)), t.name)
+    for t in decode.initializer:
+        same = by_bytes.get((*key(t), _digest(t, base_dir)))
+        if same is not None:
+            names[t.name] = same
+            continue
+        if t.data_location == TensorProto.EXTERNAL:
+            raise ValueError(f"add_decode_branch: the decode trace's tensor {t.name} {list(t.dims)} "
+                             "matches no tensor of the routed graph")
+        new = onnx.TensorProto()
+        new.CopyFrom(t)
+        new.name = names[t.name] = DECODE + t.name
+        inits.append(new)
+    computed = {_signature(n, {}): list(n.output) for n in shared}
+    for n in d_shared:
+        same = computed.get(_signature(n, names))
+        if same is not None and len(same) == len(n.output):
+            names.update(zip(n.output, same))
+        else:
+            names.update({x: DECODE + x for x in n.output if x})
+            nodes.append(_renamed(n, {**names, n.name: DECODE + n.name} if n.name else names))
+    return names, inits, nodes
+
+
+def add_decode_branch(model: onnx.ModelProto, decode: onnx.ModelProto, base_dir: str | None = None
+                      ) -> onnx.ModelProto:
+    """Rewrite `model` (the routed trace, in place, weights not loaded) into If(S == 1, decode,
+    routed), `decode` being the dense trace of the same model (same inputs, the same outputs less
+    index.*); base_dir: the folder of both traces' external data (to match folded tensors by
+    bytes). A graph with no tokenskip op (a dense export) is returned unchanged."""
+    g, d = model.graph, decode.graph
     nodes, shared = _split_constants(g)
-    topk = [n for n in nodes if n.domain == onnx_ops.DOMAIN and n.op_type == onnx_ops.TOPK_GATHER]
-    if not topk:
+    if not any(_is_custom(n) for n in nodes):
         return model
-    if any(_has_subgraph(n) for n in nodes):
-        raise ValueError("add_decode_branch: the traced graph already holds subgraphs")
+    if any(_has_subgraph(n) for n in nodes + list(d.node)):
+        raise ValueError("add_decode_branch: a traced graph already holds subgraphs")
+    if [i.name for i in d.input] != [i.name for i in g.input]:
+        raise ValueError("add_decode_branch: the decode trace's inputs differ from the routed graph's")
+    if any(_is_custom(n) for n in d.node):
+        raise ValueError("add_decode_branch: the decode trace holds a tokenskip op (export it with the router off)")
     outputs = list(g.output)
-    producer = {o: n for n in nodes for o in n.output}
-    topk_of_layer = {}  # l -> the TopKGather whose index output is index.{l}
+    d_outputs = {o.name for o in d.output}
+    missing = [o.name for o in outputs if o.name not in d_outputs and not o.name.startswith("index.")]
+    if missing:
+        raise ValueError(f"add_decode_branch: the decode trace has no output {missing[0]}")
+
+    d_rest, d_shared = _split_constants(d)
+    names, inits, outer = _merge_decode_constants(g, shared, d, d_shared, base_dir)
+    ids = g.input[0].name  # input_ids [B,S]
+    outer += [helper.make_node("Shape", [ids], ["ts_s1/batch"], start=0, end=1),  # [1]
+              helper.make_node("Shape", [ids], ["ts_s1/seq"], start=1, end=2),  # [1]
+              helper.make_node("Constant", [], ["ts_s1/one"], value=helper.make_tensor("one", TensorProto.INT64, [1], [1])),
+              helper.make_node("Concat", ["ts_s1/batch", "ts_s1/one"], ["ts_s1/b1"], axis=0),  # [B,1]
+              helper.make_node("Equal", ["ts_s1/seq", "ts_s1/one"], ["ts_s1/eq"]),
+              helper.make_node("Squeeze", ["ts_s1/eq"], ["ts_s1/cond"])]  # 0-D bool (the If's condition)
+
+    # decode: every value the dense trace defines gets the prefix; the routed layers' index = [0]
+    inner = dict(names)
+    for n in d_rest:
+        inner.update({x: DECODE + x for x in n.output if x})
+        if n.name:
+            inner[n.name] = DECODE + n.name
+    body = [_renamed(n, inner) for n in d_rest]
+    produced = {x for n in body for x in n.output}
+    then_outs, used = [], set()
     for o in outputs:
         if o.name.startswith("index."):
-            topk_of_layer[o.name.split(".", 1)[1]] = producer[o.name]
+            name = DECODE + o.name
+            body.append(helper.make_node("ConstantOfShape", ["ts_s1/b1"], [name], name=name,
+                                         value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])))
+        else:
+            name = inner.get(o.name, o.name)
+            if name not in produced or name in used:  # a branch output must be its own value
+                alias = f"{DECODE}{o.name}/out"
+                body.append(helper.make_node("Identity", [name], [alias], name=alias))
+                name = alias
+        used.add(name)
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(o)
+        vi.name = name
+        if not o.name.startswith("index."):  # at S = 1 the kept dims are 1: say nothing about them
+            vi.type.tensor_type.ClearField("shape")
+        then_outs.append(vi)
+    then_g = helper.make_graph(body, "decode", [], then_outs)
 
-    outer = _Outer(g.input[0].name)  # S, B, k per keep fraction: the shape tensors both branches read
-    decode = _live(_decode_nodes(nodes, outer), [o.name for o in outputs])
-    cond = [helper.make_node("Equal", [outer.dims["seq"], outer.const(1)], ["ts_s1/eq"]),
-            helper.make_node("Squeeze", ["ts_s1/eq"], ["ts_s1/cond"])]  # 0-D bool (TensorRT's condition)
-    # outputs with a kept_l dim: both branches reshape them to one outer shape tensor, so that
-    # their shapes are provably equal (the op's k and the Slice's k are different expressions)
-    targets, shapes = {}, set()
-    for o in outputs:
-        dims = [d.dim_param or int(d.dim_value) for d in o.type.tensor_type.shape.dim]
-        if not any(isinstance(d, str) and d.startswith("kept_") for d in dims):
-            continue
-        parts = [outer.const(d) if isinstance(d, int) else
-                 outer.keep(topk_of_layer[d.split("_", 1)[1]]) if d.startswith("kept_") else outer.dims[d]
-                 for d in dims]
-        name = "ts_s1/shape/" + "/".join(p.rsplit("/", 1)[-1] for p in parts)
-        if name not in shapes:  # one per distinct shape (layers with one keep fraction share it)
-            shapes.add(name)
-            outer.nodes.append(helper.make_node("Concat", parts, [name], axis=0))
-        targets[o.name] = name
-
-    def branch(name: str, body: list[onnx.NodeProto], names: dict[str, str]) -> onnx.GraphProto:
-        """body's nodes with the values in `names` renamed; outputs in graph order, the kept_l ones
-        reshaped to the shared shape tensor."""
-        out_nodes = [_renamed(n, names) for n in body]
-        outs = []
-        for o in outputs:
-            inner = names.get(o.name, o.name)
-            if o.name in targets:
-                reshaped = f"{inner}/reshaped"
-                out_nodes.append(helper.make_node("Reshape", [inner, targets[o.name]], [reshaped]))
-                inner = reshaped
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(o)
-            vi.name = inner
-            outs.append(vi)
-        return helper.make_graph(out_nodes, name, [], outs)
-
-    out_names = {o.name for o in outputs}
-    # decode: every value it defines gets the prefix (no value_info: at S = 1 the kept dims are 1)
-    then_g = branch("decode", decode, {x: DECODE + x for n in decode for x in list(n.output) + [n.name] if x})
     # routed: the traced names, except its outputs (a subgraph may not shadow the If's outputs)
-    else_g = branch("routed", nodes, {x: ROUTED + x for x in out_names})
-    else_g.value_info.extend(vi for vi in g.value_info if vi.name not in out_names)
-    branch_node = helper.make_node("If", ["ts_s1/cond"], [o.name for o in outputs], name="decode_or_routed",
-                                   then_branch=then_g, else_branch=else_g)
+    renamed = {o.name: ROUTED + o.name for o in outputs}
+    else_outs = []
+    for o in outputs:
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(o)
+        vi.name = renamed[o.name]
+        else_outs.append(vi)
+    else_g = helper.make_graph([_renamed(n, renamed) for n in nodes], "routed", [], else_outs)
+    else_g.value_info.extend(vi for vi in g.value_info if vi.name not in renamed)
+
+    branch = helper.make_node("If", ["ts_s1/cond"], [o.name for o in outputs], name="decode_or_routed",
+                              then_branch=then_g, else_branch=else_g)
     del g.node[:]
-    g.node.extend([*shared, *outer.nodes, *cond, branch_node])
+    g.node.extend([*shared, *outer, branch])
+    g.initializer.extend(inits)
     del g.value_info[:]
     return model
-
 
 
 def routed_only(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -252,7 +247,11 @@ def routed_only(model: onnx.ModelProto) -> onnx.ModelProto | None:
     inlined = [_renamed(n, names) for n in routed.node]
     nodes = _live(outer + inlined, [o.name for o in g.output])
     value_info = [v for v in routed.value_info if v.name not in names]
+    used = {x for n in nodes for x in n.input}
+    inits = [t for t in g.initializer if t.name in used or not t.name.startswith(DECODE)]
     del g.node[:]
     g.node.extend(nodes)
     g.value_info.extend(value_info)
+    del g.initializer[:]
+    g.initializer.extend(inits)
     return model

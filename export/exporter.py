@@ -231,13 +231,27 @@ def export_graph(routed: RoutedModel, opset: int, max_seq_len: int, optimize: bo
     return proto
 
 
-def _add_decode_branch(proto, path: Path):
-    """If(S == 1, decode, routed) around the saved graph (tokenskip.export.decode_branch); the
-    weights stay where they are (the graph only is rewritten)."""
+def _add_decode_branch(routed: RoutedModel, proto, opset: int, max_seq_len: int, path: Path, timings: dict):
+    """If(S == 1, decode, routed) around the saved graph (tokenskip.export.decode_branch), the decode
+    branch being the dense trace of the same model (its router off: what k = S = 1 computes). The
+    dense trace goes to a scratch file whose weights are dropped: both traces name the parameters by
+    their module paths, so its graph reads the routed file's weights."""
     import onnx
 
-    proto = decode_branch.add_decode_branch(proto)
-    onnx.save_model(proto, str(path))
+    scratch = path.with_name("decode-trace.onnx")
+    saved = routed.router
+    routed.router = None  # every block runs every token: layer_is_routed() is False, no score window
+    try:
+        decode = export_graph(routed, opset, max_seq_len, False, scratch, {})
+        routed.router = saved
+        t0 = time.perf_counter()
+        proto = decode_branch.add_decode_branch(proto, decode, str(path.parent))
+        onnx.save_model(proto, str(path))
+    finally:
+        routed.router = saved
+        for f in (scratch, scratch.with_name(scratch.name + ".data")):
+            f.unlink(missing_ok=True)
+    timings["decode_merge_s"] = time.perf_counter() - t0
     return proto
 
 
@@ -264,7 +278,8 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
     The graph is always simplified (constant folding, dead code, CSE: seconds); `optimize` adds the
     whole onnxscript optimizer (its rewrite rules take minutes and changed nothing measurable in
     ONNX Runtime; docs/export.md). `decode_at_dense_cost` (default True): a call with S = 1 takes
-    a branch without the router, score window and custom ops (docs/export.md, "Decode path");
+    the dense trace of the same model: no router, score window, custom op or per-token gather
+    (docs/export.md, "Decode path");
     False exports the single traced path (for before/after comparisons).
     """
     log = log or (lambda msg: None)
@@ -287,9 +302,10 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
         t0 = time.perf_counter()
         log(f"exporting the graph ({exported}; torch.export + ONNX translation, weights streamed to disk)...")
         proto = export_graph(routed, opset, max_seq_len, optimize, tmp / MODEL_FILE, timings)
-        if decode_at_dense_cost:
+        if decode_at_dense_cost and StepGraph(routed).routed_layers:  # a dense export has one path
             t1 = time.perf_counter()
-            proto = _add_decode_branch(proto, tmp / MODEL_FILE)
+            log("tracing the decode branch (the same model, router off)...")
+            proto = _add_decode_branch(routed, proto, opset, max_seq_len, tmp / MODEL_FILE, timings)
             timings["decode_branch_s"] = time.perf_counter() - t1
         log(f"  {MODEL_FILE}: {time.perf_counter() - t0:.0f} s")
         if check:

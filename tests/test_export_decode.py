@@ -2,9 +2,10 @@
 
 On a tiny random Llama, for the static and a learned router (random weights) and both kv_policy
 values: ONNX Runtime outputs of the exported graph equal the routed path alone (the graph before
-this change, `routed_only`) bit for bit, and PyTorch (StepGraph / RoutedModel.decode_step) to 1e-4,
-in prefill, decode and a chunked call, at batch 1 and 2; the decode branch holds no custom op, no
-TopK, no router weight and no score-window softmax; the weights are stored once (outer scope only).
+this change, `routed_only`) bit for bit in prefill and a chunked call and to 1e-5 in decode (the
+dense trace: same math, other op order), and PyTorch (StepGraph / RoutedModel.decode_step) to
+1e-4, at batch 1 and 2; the decode branch holds no custom op, no TopK, no gather of the routed
+block, no router weight and no score-window softmax; the weights are stored once (outer scope).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def exported(request, tiny_llama, tmp_path_factory):
                                    name=str(path))
     out = tmp_path_factory.mktemp("export") / "exp"
     side = exporter.export_model(loaded, routed, cfg, out, max_seq_len=256)
-    assert side["timings"]["decode_branch_s"] < 5
+    assert side["timings"]["decode_merge_s"] < 5
     old = decode_branch.routed_only(onnx.load(str(out / "model.onnx"), load_external_data=False))
     onnx.save(old, str(out / "routed_only.onnx"))  # the same external data file, next to it
     sessions = [ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"])
@@ -64,18 +65,22 @@ def _run(sess, feeds) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
-def _same(a: dict, b: dict, where) -> None:
+def _same(a: dict, b: dict, where, tol: float = 0.0) -> None:
     assert list(a) == list(b)
     for n in a:
         assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, (where, n, a[n].shape, b[n].shape)
-        assert np.array_equal(a[n], b[n]), (where, n)
+        if tol and a[n].dtype.kind == "f":
+            assert np.abs(a[n] - b[n]).max() <= tol, (where, n)
+        else:
+            assert np.array_equal(a[n], b[n]), (where, n)
 
 
 @pytest.mark.parametrize("bsz", [1, 2])
 def test_decode_branch_equals_routed_path_and_pytorch(exported, bsz):
     """Prefill (S > 1, empty past), 4 decode steps (S = 1) and a chunk of 3 tokens against the
-    cache: the graph with the decode branch gives exactly the routed path's outputs (the same Add
-    at k = S = 1), and PyTorch's to 1e-4; index.* at decode is the one position, 0."""
+    cache: the graph with the decode branch gives the routed path's outputs (exactly in prefill and
+    the chunk, to 1e-5 and the same argmax in decode), and PyTorch's to 1e-4; index.* at decode is
+    the one position, 0."""
     routed, out, old, new = exported
     graph = StepGraph(routed).eval()
     layers, n_layers = graph.layers, len(graph.layers)
@@ -101,7 +106,8 @@ def test_decode_branch_equals_routed_path_and_pytorch(exported, bsz):
         feeds = {"input_ids": tok.numpy(), "attention_mask": np.ones((bsz, 1), np.int64), "position_ids": p.numpy(),
                  **past}
         a, b = _run(old, feeds), _run(new, feeds)
-        _same(a, b, f"decode {step}")
+        _same(a, b, f"decode {step}", tol=1e-5)
+        assert np.array_equal(a["logits"].argmax(-1), b["logits"].argmax(-1))
         with torch.no_grad():
             logits, cache = routed.decode_step(tok, p, cache)
         assert np.abs(b["logits"] - logits.numpy()).max() <= 1e-4
@@ -134,7 +140,7 @@ def test_decode_branch_runs_no_router_no_ops_and_weights_are_stored_once(exporte
     assert ops.count("TopKGather") == ops.count("ScatterTokens") == n_routed == 2
     ops = [n.op_type for n in decode.node]
     assert not any(n.domain == "tokenskip" for n in decode.node)
-    assert "TopK" not in ops and "ScatterElements" not in ops
+    assert "TopK" not in ops and "ScatterElements" not in ops and "GatherElements" not in ops
     # one attention softmax per block: no score window (the learned router's routed branch has more)
     assert ops.count("Softmax") == len(routed.layers)
     if routed.router.needs_attention:
@@ -148,8 +154,11 @@ def test_decode_branch_runs_no_router_no_ops_and_weights_are_stored_once(exporte
     reads = [{x for n in branch.node for x in n.input} & big for branch in (decode, routed_g)]
     assert reads[0] == reads[1] and len(reads[0]) >= 5 * len(routed.layers)  # q, o, gate, up, down
     assert sorted(p.name for p in out.glob("*.onnx.data")) == ["model.onnx.data"]
-    # the decode branch is small: a dense graph plus a few shape nodes
+    # the decode branch is the dense graph: at most the dense trace's nodes plus the index outputs
     assert len(decode.node) < len(routed_g.node)
+    assert sum(n.op_type == "ConstantOfShape" for n in decode.node) >= n_routed
+    assert not [t.name for t in model.graph.initializer if t.name.startswith(decode_branch.DECODE)
+                and np.prod(t.dims) >= 4096]  # no second copy of a weight
 
 
 def test_routed_only_restores_the_previous_graph_and_dense_exports_are_unchanged():
@@ -162,5 +171,5 @@ def test_routed_only_restores_the_previous_graph_and_dense_exports_are_unchanged
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq"])])
     m = helper.make_model(g)
     before = m.SerializeToString()
-    assert decode_branch.add_decode_branch(m).SerializeToString() == before
+    assert decode_branch.add_decode_branch(m, m).SerializeToString() == before
     assert decode_branch.routed_only(m) is None
