@@ -128,15 +128,15 @@ def build_routed(model, *, router: str = "static", sparsity: float | None = None
             raise UserError(f"--router {router}: choose from {', '.join(ROUTER_KINDS)}")
         if router == "learned":
             raise UserError("--router learned needs --routers DIR (a folder written by `tokenskip train`)")
+        module = make_router(router, seed)
         if router == "dense":
             sched = Schedule.dense(n)
         elif schedule is not None:
             sched = Schedule.load(schedule, n)
-        elif sparsity is not None:
-            sched = Schedule.uniform(n, check_sparsity(sparsity))
+        elif sparsity is not None:  # the router's own schedule shape (uniform, or gemfilter's select_after)
+            sched = module.schedule_for(n, check_sparsity(sparsity))
         else:
             raise UserError(f"--router {router} needs --sparsity X or --schedule FILE")
-        module = make_router(router, seed)
         cfg = RoutingConfig(model=model_name, num_layers=n, router=router, schedule=list(sched.sparsity),
                             kv_policy=kv_policy or "skip", seed=seed, model_type=model.config.model_type,
                             hidden_size=model.config.hidden_size)

@@ -104,7 +104,7 @@ def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
                      help="Folder written by `tokenskip train` (tokenskip.json + router.safetensors).")(f)
     f = click.option("--schedule", type=click.Path(), default=None, help="Per-block sparsity JSON (schedule.json).")(f)
     f = click.option("--sparsity", type=float, default=None, help="Overall sparsity, uniform schedule, in [0,1).")(f)
-    kinds = ["dense", "static", "random", "learned", "attention", "hybrid", *extra_routers]
+    kinds = ["dense", "static", "random", "learned", "attention", "hybrid", "gemfilter", *extra_routers]
     f = click.option("--router", type=click.Choice(kinds),
                      default=None, help="Router kind (default: learned with --routers, else static)."
                      + (" shortgpt: ShortGPT layer removal at the FLOPs of --sparsity." if "shortgpt" in extra_routers

@@ -11,6 +11,11 @@ router never changes how tokens are selected, only their ranking.
   position, latest attention received, its rank, and the block's target sparsity).
 - attention: the training-free baseline (LazyLLM / GemFilter style): keep the tokens the prompt's
   last tokens attend to most, read from the same attention-score table the learned router sees.
+- hybrid: half the budget by recency, half by the question's attention (max over heads, pooled),
+  refreshed by every block.
+- gemfilter: hybrid's rule with ONE selection layer, as GemFilter selects: the blocks up to the
+  middle of the model run dense, the last of them fills the attention table once, and the budget
+  is spent on the blocks after it (`Schedule.select_after`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor, nn
 
 from .precision import fp32_region
 
-ROUTER_KINDS = ("dense", "static", "random", "learned", "attention", "hybrid")
+ROUTER_KINDS = ("dense", "static", "random", "learned", "attention", "hybrid", "gemfilter")
 NUM_FEATURES = 4
 HIDDEN = 64
 
@@ -48,6 +53,13 @@ class Router(nn.Module):
 
     def scores(self, ctx: RouteContext) -> Tensor:  # [B,S] float32, higher = keep
         raise NotImplementedError
+
+    def schedule_for(self, num_layers: int, overall: float):
+        """The schedule this router runs at an overall sparsity (--sparsity): the uniform one
+        (middle blocks routed alike) unless the router's rule needs another shape."""
+        from .schedule import Schedule
+
+        return Schedule.uniform(num_layers, overall)
 
 
 class StaticRouter(Router):
@@ -223,6 +235,29 @@ class HybridRouter(Router):
         return torch.where(recent, 2 * n + ctx.positions.to(torch.float32), attn + 1e-3 * pos)  # [B,S]
 
 
+class GemFilterRouter(HybridRouter):
+    """GemFilter-style selection (issue 20): the hybrid rule (half recency, half the tokens the
+    question's last 16 rows attend to, max over heads, pooled over 7 positions) read from ONE
+    selection layer: the blocks through `select_layer - 1` run dense, the table is what the last
+    of them computed (score_refresh=False), and every later block ranks by it.
+
+    Why: in smollm2-135m the question finds its evidence in the attention of a few middle blocks
+    only, and a per-block refresh mostly reads blocks that do not (docs/training.md 8.5: needle at
+    512 tokens, sparsity 0.3, n = 24, by selection layer: 14 -> 20/24, 16 -> 6/24, dense 23/24;
+    refreshed hybrid 11/24, static 11/24). The default layer, num_layers // 2, is GemFilter's middle
+    of the model; the best layer is model-specific (a sweep, as GemFilter does)."""
+
+    def __init__(self, select_layer: int | None = None) -> None:
+        super().__init__(refresh=False)
+        self.select_layer = select_layer
+
+    def schedule_for(self, num_layers: int, overall: float):
+        from .schedule import Schedule
+
+        select = num_layers // 2 if self.select_layer is None else self.select_layer
+        return Schedule.select_after(num_layers, overall, select)
+
+
 def make_router(kind: str, seed: int = 0) -> Router | None:
     """A router by name; `dense` means no routing at all (None). `learned` starts untrained."""
     if kind == "dense":
@@ -237,4 +272,6 @@ def make_router(kind: str, seed: int = 0) -> Router | None:
         return AttentionRouter()
     if kind == "hybrid":
         return HybridRouter()
+    if kind == "gemfilter":
+        return GemFilterRouter()
     raise ValueError(f"unknown router {kind!r} (choose from {', '.join(ROUTER_KINDS)})")

@@ -88,6 +88,26 @@ class Schedule:
         s = [0.0] * dense_first + [per_block] * routed + [0.0] * dense_last
         return cls(tuple(s), meta={"kind": "uniform", "target": overall})
 
+    @classmethod
+    def select_after(cls, num_layers: int, overall: float, select: int, dense_last: int = 2) -> "Schedule":
+        """Blocks 0..select-1 dense (the last of them is the selection layer of a one-selection
+        router, GemFilter-style), the same sparsity on the blocks after it, the last `dense_last`
+        dense; mean = `overall` (so the FLOPs of the uniform schedule, up to attention's quadratic
+        term)."""
+        check_sparsity(overall)
+        routed = num_layers - select - dense_last
+        if routed < 1 <= num_layers - select:  # a small model: no dense tail rather than no routed block
+            dense_last, routed = 0, num_layers - select
+        if not 1 <= select or routed < 1:
+            raise UserError(f"selection layer {select}: must leave routed blocks between it and the last "
+                            f"{dense_last} of {num_layers}")
+        per_block = overall * num_layers / routed
+        if per_block >= 0.95:
+            raise UserError(f"--sparsity {overall}: with the first {select} blocks dense (the selection layer) the "
+                            f"{routed} blocks after need {per_block:.2f} each (at most 0.95); choose a lower sparsity")
+        s = [0.0] * select + [per_block] * routed + [0.0] * dense_last
+        return cls(tuple(s), meta={"kind": "select_after", "select": select, "target": overall})
+
     # -- files ------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"sparsity": list(self.sparsity), "overall": self.overall(), **self.meta}

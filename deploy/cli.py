@@ -152,7 +152,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
 @click.command("bench")
 @click.option("--backend", type=BackendChoice("bench"), default="torch", show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in name, local HF folder, or Hub id.")
-@click.option("--router", type=click.Choice(["static", "random", "learned", "hybrid"]), default=None,
+@click.option("--router", type=click.Choice(["static", "random", "learned", "hybrid", "gemfilter"]), default=None,
               help="Router for the routed side (default: learned with --routers, else static).")
 @click.option("--routers", "routers_dir", type=click.Path(), default=None,
               help="Trained routers folder (its schedule replaces --sparsity).")

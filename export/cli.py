@@ -24,8 +24,8 @@ def _log(quiet: bool):
               help="Built-in name, local Hugging Face folder or Hub id.")
 @click.option("--routers", "routers_dir", type=click.Path(path_type=Path), default=None,
               help="A routers folder written by `tokenskip train` (tokenskip.json [+ router.safetensors]).")
-@click.option("--router", type=click.Choice(["static", "hybrid", "dense"]), default=None,
-              help="Without --routers: the static (sink + recency) router, the hybrid one, or the dense model.")
+@click.option("--router", type=click.Choice(["static", "hybrid", "gemfilter", "dense"]), default=None,
+              help="Without --routers: the static (sink + recency) router, the hybrid or gemfilter one, or the dense model.")
 @click.option("--sparsity", type=float, default=None, help="Overall sparsity in [0, 1) for --router static.")
 @click.option("--schedule", "schedule_file", type=click.Path(path_type=Path), default=None,
               help="Per-block sparsity schedule JSON for --router static (instead of --sparsity).")
@@ -76,7 +76,7 @@ def export(model_name, routers_dir, router, sparsity, schedule_file, out_dir, kv
         raise UserError("choose what to export: --routers DIR, --router static --sparsity X, or --router dense")
     elif router == "dense" and (sparsity is not None or schedule_file is not None):
         raise UserError("--router dense takes no --sparsity/--schedule")
-    elif router in ("static", "hybrid") and sparsity is None and schedule_file is None:
+    elif router in ("static", "hybrid", "gemfilter") and sparsity is None and schedule_file is None:
         raise UserError(f"--router {router} needs --sparsity X (in [0, 1)) or --schedule FILE")
     if sparsity is not None:
         from tokenskip.schedule import check_sparsity

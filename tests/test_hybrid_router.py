@@ -100,7 +100,36 @@ def test_make_router_builds_it():
     assert isinstance(r, HybridRouter) and r.needs_attention and r.score_window is not None
 
 
-@pytest.mark.parametrize("router", ["attention", "hybrid"])
+def test_gemfilter_selects_once_after_the_dense_half():
+    """gemfilter = the hybrid rule with one selection layer; --sparsity gives its select_after
+    schedule: dense through the middle, the same mean sparsity (so uniform's FLOPs), clear errors."""
+    from tokenskip.errors import UserError
+    from tokenskip.routers import GemFilterRouter
+
+    r = make_router("gemfilter")
+    assert isinstance(r, GemFilterRouter) and r.score_refresh is False and r.needs_attention
+    s = r.schedule_for(30, 0.3)
+    assert s.sparsity[:15] == (0.0,) * 15 and s.sparsity[-2:] == (0.0, 0.0)
+    assert set(s.sparsity[15:28]) == {round(0.3 * 30 / 13, 4)}
+    assert s.overall() == pytest.approx(0.3, abs=1e-4) and s.meta["select"] == 15
+    assert GemFilterRouter(select_layer=10).schedule_for(30, 0.3).sparsity[:11] == (0.0,) * 10 + (0.5,)
+    tiny = r.schedule_for(4, 0.25)  # a small model: the blocks after the selection layer all routed
+    assert tiny.sparsity == (0.0, 0.0, 0.5, 0.5)
+    with pytest.raises(UserError, match="at most 0.95"):
+        r.schedule_for(30, 0.5)
+
+
+def test_build_routed_uses_the_routers_schedule(tiny_llama):
+    from tokenskip.config import build_routed
+
+    model, _ = tiny_llama
+    g, _ = build_routed(model, router="gemfilter", sparsity=0.25)
+    u, _ = build_routed(model, router="hybrid", sparsity=0.25)
+    assert g.schedule.sparsity == (0.0, 0.0, 0.5, 0.5) and g.schedule.meta["kind"] == "select_after"
+    assert u.schedule.meta["kind"] == "uniform"
+
+
+@pytest.mark.parametrize("router", ["attention", "hybrid", "gemfilter"])
 def test_exports_with_pytorch_parity(tiny_llama, tmp_path, router):
     """The training-free attention routers export to ONNX and run there as in PyTorch."""
     ort = pytest.importorskip("onnxruntime")

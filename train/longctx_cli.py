@@ -12,7 +12,7 @@ from tokenskip.precision import device_options
 
 from .longctx_tasks import TASKS
 
-ROUTERS = ("static", "attention", "hybrid", "random")
+ROUTERS = ("static", "attention", "hybrid", "gemfilter", "random")
 
 
 def _csv(value: str, flag: str) -> list[str]:

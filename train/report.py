@@ -323,8 +323,9 @@ def longctx_examples(lm, q: QualitySettings) -> list:
 def longctx_section(lm, base, models: list, sparsity: float, examples: list, q: QualitySettings,
                     progress: bool = True) -> dict:
     """Long-prompt accuracy of the table's own methods (the same routed models, dense first) plus
-    the training-free router kinds on the uniform schedule at `sparsity` (so at the FLOPs of
-    static (uniform)). Returns run_longctx's JSON with "markdown" (format_longctx)."""
+    the training-free router kinds at `sparsity`, each on its own schedule shape (uniform; gemfilter's
+    select_after: the same mean sparsity, so the FLOPs of static (uniform) up to attention's
+    quadratic term; the FLOPs column says). Returns run_longctx's JSON with "markdown" (format_longctx)."""
     from tokenskip.config import build_routed
 
     from .longctx import format_longctx, run_longctx
@@ -333,7 +334,7 @@ def longctx_section(lm, base, models: list, sparsity: float, examples: list, q: 
     for kind in training_free_kinds():
         routed, _ = build_routed(lm.model, router=kind, sparsity=sparsity, kv_policy=q.kv_policy, seed=q.seed,
                                  model_name=lm.name)
-        methods.append((f"{kind} (uniform)", routed))
+        methods.append((f"{kind} ({routed.schedule.meta.get('kind', 'uniform')})", routed))
     obj = {"tasks": list(q.longctx), "lengths": list(q.longctx_lengths), "examples_per_task_length": q.longctx_examples,
            "sparsity": sparsity, "kv_policy": q.kv_policy, "seed": q.seed,
            **run_longctx(methods, examples, q.seed, q.batch_size, progress)}
