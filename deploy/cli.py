@@ -96,6 +96,12 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
                  routers_dir=routers_dir, kv_policy=kv_policy, seed=seed, dtype=dtype)
     spec = backend_spec(flags, given_flags(ctx, flags), threshold_skip=threshold_skip)
     backend, tok, desc = create_backend(spec)
+    rows = backend.model_facts().max_batch  # an engine's profile bounds the rows of one call
+    if rows is not None and batch_size > rows:
+        if given_flags(ctx, {"batch_size": batch_size}):
+            raise UserError(f"--batch-size {batch_size}: the engine takes at most {rows} rows per call "
+                            f"(engine.json max_batch); use --batch-size {rows} or rebuild with --max-batch {batch_size}")
+        batch_size = rows
     encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:

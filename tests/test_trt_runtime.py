@@ -157,6 +157,7 @@ def test_limits_come_from_engine_json(tmp_path, monkeypatch):
     make, mod = opener(tmp_path, monkeypatch, Spec(max_batch=2, min_seq=4))
     backend = make()
     assert (backend.max_batch, backend.max_length, backend.min_seq_len) == (2, 64, 4)
+    assert backend.model_facts().max_batch == 2  # what `generate --engine` batches prompts by
     three = left_pad(PROMPTS + [[1, 2, 3, 4, 5]], 0)
     with pytest.raises(UserError, match=r"batch of 3 sequences exceeds the engine's --max-batch 2 .*engine\.json"):
         backend.prefill(*three)

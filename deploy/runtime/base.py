@@ -47,6 +47,7 @@ class ModelFacts:
     config fields tokenskip.kv_bytes reads; None when unknown: no KV budget) and the routing."""
 
     max_length: int | None = None
+    max_batch: int | None = None  # rows one call takes (a TensorRT engine's profile); None: no limit
     config: object | None = None  # num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim
     schedule: Schedule | None = None  # None: dense
     kv_policy: str = "skip"

@@ -392,7 +392,9 @@ class TrtBackend(PreallocatedBackend):
             from tokenskip.export.sidecar import read_export
 
             try:
-                return facts_from_sidecar(read_export(export_dir), self.max_length)
+                facts = facts_from_sidecar(read_export(export_dir), self.max_length)
+                facts.max_batch = self.max_batch
+                return facts
             except UserError:  # an unreadable export: serve without a KV budget
                 pass
-        return ModelFacts(max_length=self.max_length)
+        return ModelFacts(max_length=self.max_length, max_batch=self.max_batch)
