@@ -21,6 +21,7 @@ from ..runtime.base import Backend, ModelFacts, facts_from_sidecar
 class ModelInfo:
     name: str
     max_length: int | None = None
+    max_batch: int | None = None  # rows one backend call takes (an engine's profile); None: no limit
     config: object | None = None  # num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim
     schedule: Schedule | None = None  # None: dense
     kv_policy: str = "skip"
