@@ -350,7 +350,8 @@ def _check_longctx(long: dict, kl_rows: list[dict]) -> None:
     per-example outcomes (a tiny random model scores ~0: the structure is what is checked)."""
     from tokenskip.train.report import training_free_kinds
 
-    methods = [r["method"] for r in kl_rows] + [f"{k} (uniform)" for k in training_free_kinds()]
+    shape = {"gemfilter": "select_after"}  # the kinds with their own schedule shape (Router.schedule_for)
+    methods = [r["method"] for r in kl_rows] + [f"{k} ({shape.get(k, 'uniform')})" for k in training_free_kinds()]
     assert sorted(long["methods"]) == sorted(methods) and sorted(long["correct"]) == sorted(methods)
     assert long["tasks"] == ["needle", "article_qa"] and long["lengths"] == [256]
     assert len(long["examples"]) == 4 and all(e["prompt_len"] <= 256 for e in long["examples"])
