@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import stats
-from .flops import flops_ratio
+from .flops import routed_flops_ratio
 from .precision import model_device
 from .routed import RoutedModel
 
@@ -89,11 +89,9 @@ class EvalResult:
 def _describe(routed: RoutedModel, seq: int, n_cont: int) -> tuple[float, float]:
     """(FLOPs of the routed prompt prefill relative to dense, achieved sparsity over the prompt)."""
     cfg = routed.model.config
-    routed_on = routed.router is not None
-    schedule = routed.schedule if routed_on else None
-    window = routed.score_window if routed_on and routed.router.needs_attention else 0
+    schedule = routed.schedule if routed.router is not None else None
     prompt = seq - n_cont
-    ratio = flops_ratio(cfg, schedule, prompt, 0, routed.kv_policy, window, routed.removed_layers)
+    ratio = routed_flops_ratio(routed, prompt)
     sparsity = schedule.overall(prompt) if schedule is not None else 0.0
     if routed.removed_layers:  # whole blocks skipped by every token
         sparsity = len(routed.removed_layers) / cfg.num_hidden_layers

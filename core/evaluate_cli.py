@@ -36,16 +36,14 @@ def quality_options(domains: str, free_run: int):
     return wrap
 
 
-LONGCTX_MIN_LENGTH = 256  # the long-prompt generators' shortest prompt (train/longctx_tasks.check_request)
-
-
 def _longctx_tasks(ctx, param, value: str) -> tuple[str, ...]:
-    from tokenskip.train.longctx_tasks import TASKS
+    from tokenskip.train.longctx_tasks import check_tasks
 
     tasks = tuple(t.strip() for t in value.split(",") if t.strip())
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise click.BadParameter(f"{','.join(bad) or '(empty)'}: choose from {', '.join(TASKS)}")
+    try:
+        check_tasks(tasks, "--longctx")
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
     return tasks
 
 
@@ -54,10 +52,12 @@ def _longctx_lengths(ctx, param, value: str) -> tuple[int, ...]:
         lengths = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"{value}: give comma-separated integers, e.g. 512,1024") from None
-    short = [n for n in lengths if n < LONGCTX_MIN_LENGTH]
-    if short or not lengths:
-        raise click.BadParameter(f"{value}: each length must be >= {LONGCTX_MIN_LENGTH} tokens (and fit the "
-                                 "model's context)")
+    from tokenskip.train.longctx_tasks import check_lengths
+
+    try:
+        check_lengths(lengths, "--longctx-lengths")  # the model's context is checked once it is loaded
+    except UserError as exc:
+        raise click.BadParameter(str(exc)) from None
     return tuple(sorted(set(lengths)))
 
 
@@ -104,8 +104,9 @@ def model_options(f=None, *, extra_routers: tuple[str, ...] = ()):
                      help="Folder written by `tokenskip train` (tokenskip.json + router.safetensors).")(f)
     f = click.option("--schedule", type=click.Path(), default=None, help="Per-block sparsity JSON (schedule.json).")(f)
     f = click.option("--sparsity", type=float, default=None, help="Overall sparsity, uniform schedule, in [0,1).")(f)
-    kinds = ["dense", "static", "random", "learned", "attention", "hybrid", "gemfilter", *extra_routers]
-    f = click.option("--router", type=click.Choice(kinds),
+    from .routers import ROUTER_KINDS
+
+    f = click.option("--router", type=click.Choice([*ROUTER_KINDS, *extra_routers]),
                      default=None, help="Router kind (default: learned with --routers, else static)."
                      + (" shortgpt: ShortGPT layer removal at the FLOPs of --sparsity." if "shortgpt" in extra_routers
                         else ""))(f)

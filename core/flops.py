@@ -39,12 +39,11 @@ def forward_flops(config, schedule: Schedule | None, seq: int, n_tail: int = 0, 
     `removed` blocks (ShortGPT baseline) cost nothing. score_refresh=False: the score window runs
     only in the blocks before the first routed one (a router's one selection layer)."""
     total = 0.0
-    routed_seen = False
+    first = schedule.first_routed if schedule is not None else None
     for layer in range(config.num_hidden_layers):
         if layer in removed:
             continue
-        routed_seen = routed_seen or (schedule is not None and schedule.is_routed(layer))
-        if routed_seen and not score_refresh:
+        if not score_refresh and first is not None and layer >= first:
             score_window = 0
         if schedule is None or not schedule.is_routed(layer):
             total += block_flops(config, seq, seq, seq, score_window)
@@ -62,3 +61,13 @@ def flops_ratio(config, schedule: Schedule | None, seq: int, n_tail: int = 0, kv
     """Routed FLOPs / dense FLOPs (the ideal speed-up is its inverse)."""
     routed = forward_flops(config, schedule, seq, n_tail, kv_policy, score_window, removed, score_refresh)
     return routed / forward_flops(config, None, seq)
+
+
+def routed_flops_ratio(routed, seq: int) -> float:
+    """flops_ratio of a RoutedModel's prefill of `seq` tokens, everything read from the model: its
+    schedule (none while its router is off), its router's score window where that runs (every
+    executed block, or only the dense blocks before the first routed one), removed blocks."""
+    router = routed.router
+    window = routed.score_window if router is not None and router.needs_attention else 0
+    return flops_ratio(routed.model.config, routed.schedule if router is not None else None, seq, 0, routed.kv_policy,
+                       window, routed.removed_layers, True if router is None else router.score_refresh)

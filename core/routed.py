@@ -119,7 +119,8 @@ class RoutedModel(nn.Module):
         it (one selection layer, GemFilter-style): no block from there on computes the window."""
         if not self._needs_scores():
             return 0
-        frozen = not self.router.score_refresh and any(self.layer_is_routed(j) for j in range(li + 1))
+        first = self.schedule.first_routed
+        frozen = not self.router.score_refresh and first is not None and li >= first
         return 0 if frozen else self.score_window
 
     def _score_heads(self) -> str:

@@ -8,6 +8,7 @@ disagreements (0.7 * 10 is 7.000000000000001 in float64, 7 in float32).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ class Schedule:
     def is_routed(self, layer: int) -> bool:
         return self.sparsity[layer] > 0.0
 
+    @functools.cached_property
+    def first_routed(self) -> int | None:
+        """The first routed block (None: a dense schedule); a one-selection router's table is what
+        the dense blocks before it left (RoutedModel._score_window, flops.forward_flops)."""
+        return next((layer for layer, s in enumerate(self.sparsity) if s > 0.0), None)
+
     def keep_count(self, layer: int, routable: int) -> int:
         """Tokens kept out of `routable` routable tokens in block `layer`."""
         if not self.is_routed(layer):
@@ -70,23 +77,27 @@ class Schedule:
         return cls(tuple(0.0 for _ in range(num_layers)))
 
     @classmethod
+    def _middle(cls, num_layers: int, overall: float, first: int, last: int, where: str, meta: dict) -> "Schedule":
+        """Blocks [first, num_layers - last) at one sparsity, the others dense, mean = `overall`
+        (`where` says, in the error, why the outer blocks are dense)."""
+        routed = num_layers - first - last
+        per_block = overall * num_layers / routed
+        if per_block >= 0.95:
+            raise UserError(f"--sparsity {overall}: {where} the {routed} routed blocks need {per_block:.2f} each "
+                            "(at most 0.95); choose a lower sparsity")
+        return cls(tuple([0.0] * first + [per_block] * routed + [0.0] * last), meta=meta)
+
+    @classmethod
     def uniform(cls, num_layers: int, overall: float, dense_first: int = 2, dense_last: int = 2) -> "Schedule":
         """The same sparsity on every routed block, the outer blocks dense, mean = `overall`.
-
         The first and last blocks transform tokens most (FTP's redundancy statistics), so they stay
         dense; the middle blocks carry the whole budget.
         """
         check_sparsity(overall)
-        routed = num_layers - dense_first - dense_last
-        if routed <= 0:
+        if num_layers - dense_first - dense_last <= 0:
             dense_first = dense_last = 0
-            routed = num_layers
-        per_block = overall * num_layers / routed
-        if per_block >= 0.95:
-            raise UserError(f"--sparsity {overall}: needs {per_block:.2f} on each of the {routed} routed blocks "
-                            "(at most 0.95); choose a lower sparsity")
-        s = [0.0] * dense_first + [per_block] * routed + [0.0] * dense_last
-        return cls(tuple(s), meta={"kind": "uniform", "target": overall})
+        return cls._middle(num_layers, overall, dense_first, dense_last, "with the outer blocks dense",
+                           {"kind": "uniform", "target": overall})
 
     @classmethod
     def select_after(cls, num_layers: int, overall: float, select: int, dense_last: int = 2) -> "Schedule":
@@ -95,18 +106,14 @@ class Schedule:
         dense; mean = `overall` (so the FLOPs of the uniform schedule, up to attention's quadratic
         term)."""
         check_sparsity(overall)
-        routed = num_layers - select - dense_last
-        if routed < 1 <= num_layers - select:  # a small model: no dense tail rather than no routed block
-            dense_last, routed = 0, num_layers - select
-        if not 1 <= select or routed < 1:
+        if num_layers - select - dense_last < 1 <= num_layers - select:  # a small model: no dense tail
+            dense_last = 0
+        if not 1 <= select or num_layers - select - dense_last < 1:
             raise UserError(f"selection layer {select}: must leave routed blocks between it and the last "
                             f"{dense_last} of {num_layers}")
-        per_block = overall * num_layers / routed
-        if per_block >= 0.95:
-            raise UserError(f"--sparsity {overall}: with the first {select} blocks dense (the selection layer) the "
-                            f"{routed} blocks after need {per_block:.2f} each (at most 0.95); choose a lower sparsity")
-        s = [0.0] * select + [per_block] * routed + [0.0] * dense_last
-        return cls(tuple(s), meta={"kind": "select_after", "select": select, "target": overall})
+        return cls._middle(num_layers, overall, select, dense_last,
+                           f"with the first {select} blocks dense (the selection layer)",
+                           {"kind": "select_after", "select": select, "target": overall})
 
     # -- files ------------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -19,8 +19,9 @@ from tokenskip.errors import UserError, parse_list
 from tokenskip.evaluate_cli import model_options
 from tokenskip.models import DEFAULT_MODEL
 from tokenskip.precision import device_options
+from tokenskip.routers import ROUTER_KINDS
 
-from .cli_backend import BackendChoice, backend_options, backend_spec, given_flags
+from .cli_backend import BackendChoice, backend_options, backend_spec, given, given_flags
 from .runtime.base import create_backend
 
 
@@ -98,7 +99,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
     backend, tok, desc = create_backend(spec)
     rows = backend.model_facts().max_batch  # an engine's profile bounds the rows of one call
     if rows is not None and batch_size > rows:
-        if given_flags(ctx, {"batch_size": batch_size}):
+        if given(ctx, "batch_size"):
             raise UserError(f"--batch-size {batch_size}: the engine takes at most {rows} rows per call "
                             f"(engine.json max_batch); use --batch-size {rows} or rebuild with --max-batch {batch_size}")
         batch_size = rows
@@ -158,7 +159,7 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
 @click.command("bench")
 @click.option("--backend", type=BackendChoice("bench"), default="torch", show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in name, local HF folder, or Hub id.")
-@click.option("--router", type=click.Choice(["static", "random", "learned", "hybrid", "gemfilter"]), default=None,
+@click.option("--router", type=click.Choice([k for k in ROUTER_KINDS if k != "dense"]), default=None,
               help="Router for the routed side (default: learned with --routers, else static).")
 @click.option("--routers", "routers_dir", type=click.Path(), default=None,
               help="Trained routers folder (its schedule replaces --sparsity).")

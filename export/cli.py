@@ -9,10 +9,13 @@ from pathlib import Path
 import click
 
 from tokenskip.errors import UserError
-
 from tokenskip.precision import device_options
+from tokenskip.routers import ROUTER_KINDS
 
 from .exporter import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPSET, OPSET_RANGE
+
+# random's scores come from a host-side RNG; learned needs its trained folder (--routers)
+EXPORTABLE = tuple(k for k in ROUTER_KINDS if k not in ("random", "learned"))
 
 
 def _log(quiet: bool):
@@ -24,11 +27,11 @@ def _log(quiet: bool):
               help="Built-in name, local Hugging Face folder or Hub id.")
 @click.option("--routers", "routers_dir", type=click.Path(path_type=Path), default=None,
               help="A routers folder written by `tokenskip train` (tokenskip.json [+ router.safetensors]).")
-@click.option("--router", type=click.Choice(["static", "hybrid", "gemfilter", "dense"]), default=None,
-              help="Without --routers: the static (sink + recency) router, the hybrid or gemfilter one, or the dense model.")
-@click.option("--sparsity", type=float, default=None, help="Overall sparsity in [0, 1) for --router static.")
+@click.option("--router", type=click.Choice(EXPORTABLE), default=None,
+              help="Without --routers: a training-free router (static = sink + recency) or the dense model.")
+@click.option("--sparsity", type=float, default=None, help="Overall sparsity in [0, 1) for a --router (its own schedule shape).")
 @click.option("--schedule", "schedule_file", type=click.Path(path_type=Path), default=None,
-              help="Per-block sparsity schedule JSON for --router static (instead of --sparsity).")
+              help="Per-block sparsity schedule JSON for a --router (instead of --sparsity).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--kv-policy", type=click.Choice(["skip", "dense"]), default=None,
               help="Overrides the routers folder's kv_policy (default: skip).")
@@ -76,7 +79,7 @@ def export(model_name, routers_dir, router, sparsity, schedule_file, out_dir, kv
         raise UserError("choose what to export: --routers DIR, --router static --sparsity X, or --router dense")
     elif router == "dense" and (sparsity is not None or schedule_file is not None):
         raise UserError("--router dense takes no --sparsity/--schedule")
-    elif router in ("static", "hybrid", "gemfilter") and sparsity is None and schedule_file is None:
+    elif router != "dense" and sparsity is None and schedule_file is None:
         raise UserError(f"--router {router} needs --sparsity X (in [0, 1)) or --schedule FILE")
     if sparsity is not None:
         from tokenskip.schedule import check_sparsity

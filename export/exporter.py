@@ -243,7 +243,6 @@ def _add_decode_branch(routed: RoutedModel, proto, opset: int, max_seq_len: int,
     routed.router = None  # every block runs every token: layer_is_routed() is False, no score window
     try:
         decode = export_graph(routed, opset, max_seq_len, False, scratch, {})
-        routed.router = saved
         t0 = time.perf_counter()
         proto = decode_branch.add_decode_branch(proto, decode, str(path.parent))
         onnx.save_model(proto, str(path))

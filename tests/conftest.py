@@ -19,6 +19,37 @@ def make_tiny_llama(path, seed: int = 0, layers: int = 4):
     return model
 
 
+def random_learned_router(seed: int = 0):
+    """A LearnedRouter with random weights (a stand-in for a trained one: its rankings are not
+    recency's, so routing and export paths are exercised for real)."""
+    from tokenskip.routers import LearnedRouter
+
+    torch.manual_seed(seed)
+    router = LearnedRouter()
+    for p in router.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    router.feature_std.fill_(0.5)
+    return router
+
+
+def export_tiny(model, name: str, routed, cfg, out, **kw) -> dict:
+    """exporter.export_model for a test model held in memory (a tokenizer stub: nothing to save)."""
+    import types
+
+    from tokenskip.export import exporter
+
+    loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
+                                   name=name)
+    return exporter.export_model(loaded, routed, cfg, out, **kw)
+
+
+def bench_serve_args(model_dir, *extra) -> list[str]:
+    """`tokenskip bench-serve` on a tiny local model, PyTorch servers, one thread, 40-token prompts
+    and 4 new tokens, plus `extra` flags."""
+    return ["--backend", "torch", "--model", str(model_dir), "--sparsity", "0.5", "--prompt-len", "40",
+            "--max-tokens", "4", "--threads", "1", *map(str, extra)]
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 

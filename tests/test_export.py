@@ -31,8 +31,9 @@ from tokenskip.deploy.runtime.validate import format_report, run_validation  # n
 from tokenskip.deploy.runtime.validate import empty_past  # noqa: E402
 from tokenskip.export.wrappers import CACHE_FIELDS, StepGraph, to_seq_major  # noqa: E402
 from tokenskip.routed import default_positions  # noqa: E402
-from tokenskip.routers import LearnedRouter  # noqa: E402
 from tokenskip.schedule import Schedule  # noqa: E402
+
+from conftest import export_tiny, random_learned_router  # noqa: E402
 
 ATOL = 1e-3
 
@@ -116,21 +117,15 @@ def tiny_learned(tiny_llama, tmp_path_factory):
     """A tiny Llama with a random-initialised LearnedRouter saved via save_routing (a stand-in
     for a trained router), exported once."""
     model, path = tiny_llama
-    torch.manual_seed(0)
-    router = LearnedRouter()
-    for p in router.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    router.feature_std.fill_(0.5)
+    router = random_learned_router()
     sched = Schedule((0.0, 0.4, 0.3, 0.0))
     cfg = RoutingConfig(model=str(path), num_layers=4, router="learned", schedule=list(sched.sparsity),
                         kv_policy="skip", model_type="llama", hidden_size=64, score_window=8)
     routers_dir = tmp_path_factory.mktemp("tiny-routers")
     save_routing(routers_dir, cfg, router)
     routed, cfg = build_routed(model, routers_dir=routers_dir)
-    loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
-                                   name=str(path))
     out = tmp_path_factory.mktemp("tiny-export") / "exp"
-    side = exporter.export_model(loaded, routed, cfg, out)
+    side = export_tiny(model, str(path), routed, cfg, out)
     return routed, out, side
 
 
@@ -205,10 +200,8 @@ def test_one_trace_equals_torch_onnx_own_route(tiny_learned, tmp_path, monkeypat
     assert side["timings"]["retraced"] is False
     monkeypatch.setattr(trace, "lower_in_place", lambda gm, translated: False)  # "an op needs the retrace"
     monkeypatch.setattr(trace, "_recorded_promotion", lambda: (_ for _ in ()).throw(ImportError("moved")))
-    loaded = types.SimpleNamespace(model=routed.model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
-                                   name="tiny")
     cfg, _ = load_routing(fast_out / "routing")
-    slow_side = exporter.export_model(loaded, routed, cfg, tmp_path / "slow")
+    slow_side = export_tiny(routed.model, "tiny", routed, cfg, tmp_path / "slow")
     assert slow_side["timings"]["retraced"] is True
     graph = StepGraph(routed)
     fast, slow = _session(fast_out), _session(tmp_path / "slow")

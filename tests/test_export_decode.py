@@ -10,8 +10,6 @@ block, no router weight and no score-window softmax; the weights are stored once
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import onnx
 import pytest
@@ -21,11 +19,11 @@ ort = pytest.importorskip("onnxruntime")
 
 from tokenskip.config import RoutingConfig, build_routed, save_routing  # noqa: E402
 from tokenskip.deploy.runtime.validate import empty_past  # noqa: E402
-from tokenskip.export import decode_branch, exporter  # noqa: E402
+from tokenskip.export import decode_branch  # noqa: E402
 from tokenskip.export.wrappers import CACHE_FIELDS, StepGraph, to_seq_major  # noqa: E402
 from tokenskip.routed import default_positions  # noqa: E402
-from tokenskip.routers import LearnedRouter  # noqa: E402
-from tokenskip.schedule import Schedule  # noqa: E402
+
+from conftest import export_tiny, random_learned_router  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEDULE = (0.0, 0.4, 0.3, 0.0)
@@ -39,20 +37,12 @@ def exported(request, tiny_llama, tmp_path_factory):
     model, path = tiny_llama
     cfg = RoutingConfig(model=str(path), num_layers=4, router=router_name, schedule=list(SCHEDULE),
                         kv_policy=kv, model_type="llama", hidden_size=64, score_window=8)
-    router = None
-    if router_name == "learned":
-        torch.manual_seed(0)
-        router = LearnedRouter()
-        for p in router.parameters():
-            torch.nn.init.normal_(p, std=0.5)
-        router.feature_std.fill_(0.5)
+    router = random_learned_router() if router_name == "learned" else None
     routers_dir = tmp_path_factory.mktemp("routers")
     save_routing(routers_dir, cfg, router)
     routed, cfg = build_routed(model, routers_dir=routers_dir)
-    loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
-                                   name=str(path))
     out = tmp_path_factory.mktemp("export") / "exp"
-    side = exporter.export_model(loaded, routed, cfg, out, max_seq_len=256)
+    side = export_tiny(model, str(path), routed, cfg, out, max_seq_len=256)
     assert side["timings"]["decode_merge_s"] < 5
     old = decode_branch.routed_only(onnx.load(str(out / "model.onnx"), load_external_data=False))
     onnx.save(old, str(out / "routed_only.onnx"))  # the same external data file, next to it

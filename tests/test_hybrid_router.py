@@ -9,8 +9,6 @@ same logits as PyTorch.
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -18,6 +16,8 @@ from tokenskip.block import attention_allowed, window_attention_scores
 from tokenskip.routed import RoutedModel
 from tokenskip.routers import HybridRouter, RouteContext, StaticRouter, make_router
 from tokenskip.schedule import Schedule
+
+from conftest import export_tiny
 
 
 def _ctx(attn: list[float], sparsity: float) -> RouteContext:
@@ -137,16 +137,13 @@ def test_exports_with_pytorch_parity(tiny_llama, tmp_path, router):
 
     from tokenskip.config import build_routed
     from tokenskip.deploy.runtime.validate import empty_past
-    from tokenskip.export import exporter
     from tokenskip.export.wrappers import StepGraph
     from tokenskip.routed import default_positions
 
     model, path = tiny_llama
     routed, cfg = build_routed(model, router=router, sparsity=0.25)
     routed.score_window = cfg.score_window = 8
-    loaded = types.SimpleNamespace(model=model, tokenizer=types.SimpleNamespace(save_pretrained=lambda p: None),
-                                   name=str(path))
-    exporter.export_model(loaded, routed, cfg, tmp_path / "exp")
+    export_tiny(model, str(path), routed, cfg, tmp_path / "exp")
     sess = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx"), providers=["CPUExecutionProvider"])
     graph = StepGraph(routed).eval()
     ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2))

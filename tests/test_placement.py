@@ -12,8 +12,9 @@ pytest.importorskip("accelerate")
 
 from tokenskip.models import load_model  # noqa: E402
 from tokenskip.routed import RoutedModel  # noqa: E402
-from tokenskip.routers import LearnedRouter  # noqa: E402
 from tokenskip.schedule import Schedule  # noqa: E402
+
+from conftest import random_learned_router  # noqa: E402
 
 OFFLOADED = (1, 3)
 
@@ -31,10 +32,7 @@ def pair(tiny_deploy, tmp_path_factory):
     plain = load_model(str(folder))
     placed = load_model(str(folder), device_map=offload_map(plain.model.config.num_hidden_layers),
                         offload_folder=tmp_path_factory.mktemp("offload"))
-    torch.manual_seed(0)
-    router = LearnedRouter()
-    for p in router.parameters():
-        torch.nn.init.normal_(p, std=0.5)
+    router = random_learned_router()
     sched = Schedule((0.0, 0.5, 0.4, 0.0))
 
     def routed(lm):

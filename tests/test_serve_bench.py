@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("fastapi")
 
-from conftest import make_char_tokenizer, make_tiny_llama  # noqa: E402
+from conftest import bench_serve_args, make_char_tokenizer, make_tiny_llama  # noqa: E402
 
 
 def test_bench_serve_runs_routed_vs_dense(tmp_path):
@@ -20,10 +20,8 @@ def test_bench_serve_runs_routed_vs_dense(tmp_path):
     make_tiny_llama(tmp_path, seed=1)
     make_char_tokenizer(tmp_path, vocab_size=256)
     out = tmp_path / "serve.json"
-    res = CliRunner().invoke(bench_serve, ["--backend", "torch", "--model", str(tmp_path), "--sparsity", "0.5",
-                                           "--concurrency", "1,3", "--requests", "3", "--prompt-len", "40",
-                                           "--max-tokens", "4", "--threads", "1", "--kv-cache-gb", "0.001",
-                                           "--out", str(out)])
+    res = CliRunner().invoke(bench_serve, bench_serve_args(tmp_path, "--concurrency", "1,3", "--requests", 3,
+                                                           "--kv-cache-gb", 0.001, "--out", out))
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     rows = {(r["side"], r["concurrency"]): r for r in data["rows"]}

@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 from tokenskip.deploy.serve.external import client_python, missing_client, run_guidellm  # noqa: E402
 from tokenskip.deploy.serve.runner import ServerProcess  # noqa: E402
 
-from conftest import metric_samples  # noqa: E402
+from conftest import bench_serve_args, metric_samples  # noqa: E402
 
 COMPLETIONS_OK = ("tokenskip_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
 
@@ -60,10 +60,8 @@ def test_bench_serve_external_guidellm_runs_beside_its_own_client(guidellm, tiny
     from tokenskip.deploy.serve.cli import bench_serve
 
     out = tmp_path / "serve.json"
-    res = CliRunner().invoke(bench_serve, ["--backend", "torch", "--model", str(tiny_served), "--sparsity", "0.5",
-                                           "--concurrency", "2", "--requests", "4", "--prompt-len", "40",
-                                           "--max-tokens", "4", "--threads", "1", "--external", "guidellm",
-                                           "--out", str(out)])
+    res = CliRunner().invoke(bench_serve, bench_serve_args(tiny_served, "--concurrency", 2, "--requests", 4,
+                                                           "--external", "guidellm", "--out", out))
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     own = {(r["side"], r["concurrency"]): r for r in data["rows"]}

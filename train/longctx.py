@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from tokenskip import stats
 from tokenskip.evaluate import continuation_logprobs
-from tokenskip.flops import flops_ratio
+from tokenskip.flops import routed_flops_ratio
 from tokenskip.precision import model_device
 
 from .longctx_tasks import LongCtxExample
@@ -108,13 +108,11 @@ def summarize(examples: list[LongCtxExample], correct: dict[str, list[int]], see
 
 def method_cost(routed, examples: list[LongCtxExample]) -> dict:
     """Prefill FLOPs relative to dense (mean over the examples' prompt lengths) and sparsity."""
-    removed = frozenset(getattr(routed, "removed_layers", frozenset()))  # ShortGPT: whole blocks removed
-    if routed.router is None and not removed:
+    if routed.router is None and not routed.removed_layers:  # dense (ShortGPT removes blocks: costed)
         return {"flops": 1.0, "sparsity": 0.0}
-    cfg = routed.model.config
     window = routed.score_window if routed.router is not None and routed.router.needs_attention else 0
     lengths = [len(e.prompt) for e in examples]
-    f = [flops_ratio(cfg, routed.schedule, n, 0, routed.kv_policy, window, removed) for n in lengths]
+    f = [routed_flops_ratio(routed, n) for n in lengths]
     s = [routed.schedule.overall(n) for n in lengths]
     return {"flops": sum(f) / len(f), "sparsity": sum(s) / len(s), "score_window": window}
 

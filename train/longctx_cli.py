@@ -12,7 +12,9 @@ from tokenskip.precision import device_options
 
 from .longctx_tasks import TASKS
 
-ROUTERS = ("static", "attention", "hybrid", "gemfilter", "random")
+from tokenskip.routers import ROUTER_KINDS
+
+ROUTERS = tuple(k for k in ROUTER_KINDS if k not in ("dense", "learned"))  # dense is the reference; learned: --routers
 
 
 def _csv(value: str, flag: str) -> list[str]:
@@ -78,7 +80,7 @@ def longctx(model, routers_kinds, routers_dir, sparsity, schedule, kv_policy, ta
     elif schedule is None and (kinds or not routers_dir):
         raise UserError("--sparsity X or --schedule FILE is needed for the router kinds in --methods")
     task_list, length_list = _csv(tasks, "--tasks"), _ints(lengths, "--lengths")
-    check_request(task_list, length_list, examples, max(length_list))  # bad flags fail before the model loads
+    check_request(task_list, length_list, examples)  # bad flags fail before the model loads
     torch.manual_seed(seed)
     lm = load_model(model, dtype=dtype, device=device)
     max_len = int(getattr(lm.model.config, "max_position_embeddings", 2048))

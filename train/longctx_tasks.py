@@ -25,6 +25,7 @@ from tokenskip.errors import UserError
 
 TASKS = ("needle", "kv_lookup", "article_qa")
 MAX_TRIES = 50
+MIN_LENGTH = 256  # the shortest prompt the generators fill with evidence, filler and a question
 
 _CITIES = ["Berlin", "Lisbon", "Nairobi", "Osaka", "Denver", "Lima", "Oslo", "Cairo", "Perth", "Quebec",
            "Madrid", "Hanoi", "Dublin", "Zurich", "Seoul", "Austin"]
@@ -233,15 +234,32 @@ def _vocab(docs: list[str]) -> list[str]:
     return sorted({w for d in docs for w in re.findall(r"[A-Za-z]+", d) if _WORD.match(w)})
 
 
-def check_request(tasks: list[str], lengths: list[int], n: int, max_len: int) -> None:
+def check_tasks(tasks, flag: str = "--tasks") -> None:
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise UserError(f"--tasks {','.join(bad) or '(empty)'}: choose from {', '.join(TASKS)}")
+        raise UserError(f"{flag} {','.join(bad) or '(empty)'}: choose from {', '.join(TASKS)}")
+
+
+def check_lengths(lengths, flag: str = "--lengths", max_len: int | None = None) -> None:
+    """Prompt lengths in [MIN_LENGTH, max_len] (max_len: the model's context; None before the model
+    is loaded)."""
+    if not lengths:
+        raise UserError(f"{flag}: give at least one length")
     for length in lengths:
-        if not 256 <= length <= max_len:
-            raise UserError(f"--lengths {length}: must be in [256, {max_len}] (the model's context)")
+        if length < MIN_LENGTH:
+            raise UserError(f"{flag} {length}: must be >= {MIN_LENGTH} tokens")
+        if max_len is not None and length > max_len:
+            raise UserError(f"{flag} {length}: longer than the model's context ({max_len} tokens)")
+
+
+def check_request(tasks, lengths, n: int, max_len: int | None = None,
+                  flags: tuple[str, str, str] = ("--tasks", "--lengths", "--examples")) -> None:
+    """One line naming the flag at fault (`flags`: the command's names for tasks, lengths and
+    examples): an unknown task, a length out of range, fewer than one example."""
+    check_tasks(tasks, flags[0])
+    check_lengths(lengths, flags[1], max_len)
     if n < 1:
-        raise UserError(f"--examples {n}: must be >= 1")
+        raise UserError(f"{flags[2]} {n}: must be >= 1")
 
 
 def make_examples(tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 0,

@@ -29,6 +29,9 @@ COMPARISONS = (("learned (searched)", "static (searched)"), ("learned (searched)
 DOMAINS = ("eval", "news")
 
 
+LONGCTX_FLAGS = ("--longctx", "--longctx-lengths", "--longctx-examples")  # their names in report/pipeline
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     """How the quality table measures (the same for every method, so rows compare): windows of
@@ -64,15 +67,9 @@ class QualitySettings:
         if bad or not self.domains:
             raise UserError(f"--domains {','.join(self.domains)}: choose from {', '.join(DOMAINS)}")
         if self.longctx:
-            from .longctx_tasks import TASKS
+            from .longctx_tasks import check_request
 
-            bad = [t for t in self.longctx if t not in TASKS]
-            if bad:
-                raise UserError(f"--longctx {','.join(bad)}: choose from {', '.join(TASKS)}")
-            if not self.longctx_lengths or min(self.longctx_lengths) < 256:
-                raise UserError(f"--longctx-lengths {','.join(map(str, self.longctx_lengths))}: each must be >= 256")
-            if self.longctx_examples < 1:
-                raise UserError(f"--longctx-examples {self.longctx_examples}: must be >= 1")
+            check_request(self.longctx, self.longctx_lengths, self.longctx_examples, flags=LONGCTX_FLAGS)
 
 
 def parse_domains(text: str) -> tuple[str, ...]:
@@ -310,13 +307,10 @@ def longctx_examples(lm, q: QualitySettings) -> list:
     model's context length."""
     if not q.longctx:
         return []
-    from .longctx_tasks import make_examples
+    from .longctx_tasks import check_request, make_examples
 
     max_len = int(getattr(lm.model.config, "max_position_embeddings", 2048))
-    too_long = [n for n in q.longctx_lengths if n > max_len]
-    if too_long:
-        raise UserError(f"--longctx-lengths {','.join(map(str, too_long))}: longer than the model's context "
-                        f"({max_len} tokens)")
+    check_request(q.longctx, q.longctx_lengths, q.longctx_examples, max_len, LONGCTX_FLAGS)
     return make_examples(lm.tokenizer, list(q.longctx), list(q.longctx_lengths), q.longctx_examples, q.seed)
 
 

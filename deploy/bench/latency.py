@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from tokenskip.flops import flops_ratio
+from tokenskip.flops import routed_flops_ratio
 from tokenskip.timing import Timer, alternate, median, self_timed
 
 from ..quality.decode_eval import as_dense
@@ -53,9 +53,7 @@ class BenchRow:
 
 
 def ideal_speedup(routed, seq: int) -> float:
-    window = routed.score_window if routed.router is not None and routed.router.needs_attention else 0
-    sched = routed.schedule if routed.router is not None else None
-    return 1.0 / flops_ratio(routed.model.config, sched, seq, 0, routed.kv_policy, window)
+    return 1.0 / routed_flops_ratio(routed, seq)
 
 
 def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

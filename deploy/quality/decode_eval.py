@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tokenskip.flops import flops_ratio
+from tokenskip.flops import routed_flops_ratio
 from tokenskip.freerun import greedy_tokens, prefix_len
 from tokenskip.routed import RoutedModel
 
@@ -81,12 +81,11 @@ def decode_quality(routed: RoutedModel, windows: torch.Tensor, prompt_len: int, 
     routed_nll, dense_nll = torch.cat(nll_r).mean().item(), torch.cat(nll_d).mean().item()
     router = routed.router
     sched = routed.schedule if router is not None else None
-    window = routed.score_window if router is not None and router.needs_attention else 0
     return {
         "windows": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "router": type(router).__name__ if router is not None else "dense", "kv_policy": routed.kv_policy,
         "sparsity": sched.overall(prompt_len) if sched is not None else 0.0,
-        "prefill_flops": flops_ratio(routed.model.config, sched, prompt_len, 0, routed.kv_policy, window),
+        "prefill_flops": routed_flops_ratio(routed, prompt_len),
         "dense_ppl": math.exp(dense_nll), "routed_ppl": math.exp(routed_nll),
         "ppl_ratio": math.exp(routed_nll - dense_nll),
         "kl": torch.cat(kls).mean().item(), "top1": torch.cat(top1).mean().item(),
