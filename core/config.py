@@ -15,7 +15,7 @@ import torch
 from .errors import UserError
 from .fileio import load_safetensors, read_json, save_safetensors_atomic, write_json_atomic
 from .routed import DEFAULT_WINDOW, KV_POLICIES, RoutedModel
-from .routers import ROUTER_KINDS, LearnedRouter, make_router
+from .routers import ROUTER_KINDS, TRAINED_KINDS, make_router
 from .schedule import Schedule, check_sparsity
 
 CONFIG_NAME = "tokenskip.json"
@@ -27,7 +27,7 @@ FORMAT = "tokenskip-router"
 class RoutingConfig:
     model: str
     num_layers: int
-    router: str  # dense | static | random | learned | attention
+    router: str  # a kind of tokenskip.routers.ROUTER_KINDS
     schedule: list[float]
     kv_policy: str = "skip"
     score_window: int = DEFAULT_WINDOW
@@ -71,12 +71,12 @@ class RoutingConfig:
 
 
 def save_routing(out_dir: str | Path, cfg: RoutingConfig, router=None) -> None:
-    """Write tokenskip.json (+ router.safetensors for a learned router) atomically."""
+    """Write tokenskip.json (+ router.safetensors for a trained router kind) atomically."""
     out_dir = Path(out_dir)
     cfg.validate()
-    if cfg.router == "learned":
+    if cfg.router in TRAINED_KINDS:
         if router is None:
-            raise ValueError("a learned router config needs the router weights")
+            raise ValueError(f"a {cfg.router} router config needs the router weights")
         save_safetensors_atomic(router.state_dict(), out_dir / WEIGHTS_NAME, metadata={"format": FORMAT})
     write_json_atomic(out_dir / CONFIG_NAME, cfg.to_json())
 
@@ -89,7 +89,7 @@ def load_routing(routers_dir: str | Path) -> tuple[RoutingConfig, object]:
     cfg_path = routers_dir / CONFIG_NAME
     cfg = RoutingConfig.from_json(read_json(cfg_path, "router config"), where=str(cfg_path))
     router = make_router(cfg.router, cfg.seed)
-    if isinstance(router, LearnedRouter):
+    if cfg.router in TRAINED_KINDS:
         state = load_safetensors(routers_dir / WEIGHTS_NAME, "router weights")
         try:
             router.load_state_dict(state)
@@ -126,8 +126,9 @@ def build_routed(model, *, router: str = "static", sparsity: float | None = None
     else:
         if router not in ROUTER_KINDS:
             raise UserError(f"--router {router}: choose from {', '.join(ROUTER_KINDS)}")
-        if router == "learned":
-            raise UserError("--router learned needs --routers DIR (a folder written by `tokenskip train`)")
+        if router in TRAINED_KINDS:
+            cmd = "tokenskip train-select" if router == "select" else "tokenskip train` or `tokenskip fit"
+            raise UserError(f"--router {router} needs --routers DIR (a folder written by `{cmd}`)")
         module = make_router(router, seed)
         if router == "dense":
             sched = Schedule.dense(n)

@@ -3,7 +3,8 @@
 Stages (artefacts go to --out; each stage reuses its artefact when it is already there, so an
 interrupted run picks up where it stopped):
   1. fit: genetic sparsity search (static router) -> router training -> re-search -> short train;
-  2. quality: dense, learned (searched), static (searched / uniform), random and ShortGPT at the
+     then the learned one-selection router (`train-select`: long-prompt evidence, fit/select);
+  2. quality: dense, learned (searched), select, static (searched / uniform), random and ShortGPT at the
      same FLOPs, scored on the continuation after a routed prompt (quality.json), then on long
      prompts whose evidence sits at a stated depth, with the training-free attention routers
      beside them (longctx.json);
@@ -78,7 +79,8 @@ def _quality_keys(model: str, sparsity: float, fit_dir: Path, q, lm) -> tuple[di
     from .train.report import training_free_kinds
 
     fit = {}
-    for rel in ("routers/router.safetensors", "routers/tokenskip.json", "search-static/schedule.json"):
+    for rel in ("routers/router.safetensors", "routers/tokenskip.json", "search-static/schedule.json",
+                "select/router.safetensors", "select/tokenskip.json"):
         f = fit_dir / rel
         fit[rel] = sha256_file(f) if f.is_file() else None
     common = {"model": model, "sparsity": sparsity, "dtype": str(next(lm.model.parameters()).dtype),
@@ -197,9 +199,16 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
     if "fit" in chosen:
         from .train.fit import FitSettings, run_fit
 
-        t0 = _stage(1, f"fit the router ({budget} budget): search -> train -> re-search -> train")
+        t0 = _stage(1, f"fit the routers ({budget} budget): search -> train -> re-search -> train; train-select")
         routers = run_fit(model, sparsity, fit_dir, FitSettings(budget=budget, seed=seed), lm=lm)
         click.echo(f"routers: {routers}")
+        from .train.select import done_before, settings_for, train_select
+
+        sel = settings_for(budget, sparsity, seed)
+        if done_before(fit_dir / "select", sel, model):
+            click.echo(f"(reusing {fit_dir / 'select'}: same model and settings)")
+        else:  # the learned one-selection router (long prompts), from train-split long-prompt examples
+            train_select(lm, fit_dir / "select", sel)
         _done(t0)
     routers_dir = fit_dir / "routers"
 

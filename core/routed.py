@@ -45,10 +45,11 @@ class LayerTrace:
 
 @dataclass
 class RoutedOutput:
-    logits: Tensor  # [B,S,V] or [B,1,V] (last position)
+    logits: Tensor | None  # [B,S,V] or [B,1,V] (last position); None with until_routed
     traces: list[LayerTrace] = field(default_factory=list)
     cache: list[LayerKV] | None = None  # per-layer KV (prefill): past + this call's rows
     new_cache: list[LayerKV] | None = None  # per-layer KV of this call's rows only (what a cache appends)
+    table: Tensor | None = None  # [B,S] the attention-score table a first routed block reads (until_routed)
 
 
 def _home(logits: Tensor, inputs: Tensor) -> Tensor:
@@ -131,7 +132,7 @@ class RoutedModel(nn.Module):
                 mode: str = "gather", position_ids: Tensor | None = None, last_only: bool = False,
                 num_logits: int | None = None, return_cache: bool = False, trace: bool = False,
                 ste: bool | float = False, padded: bool | None = None,
-                past: list[LayerKV | None] | None = None) -> RoutedOutput:
+                past: list[LayerKV | None] | None = None, until_routed: bool = False) -> RoutedOutput:
         """input_ids [B,S] -> logits. n_tail: the last n_tail valid tokens run every block (the
         scored continuation, training's fast one-pass form); keep counts are computed over the
         other tokens.
@@ -148,7 +149,11 @@ class RoutedModel(nn.Module):
         past: per-layer caches of earlier tokens (gather mode, explicit position_ids): the S tokens
         are routed among themselves and attend to the cache too; the returned cache is past + new.
         The exported graph serves prefill (empty past) and decode (S = 1: k = S, nothing skipped)
-        with this one path."""
+        with this one path.
+
+        until_routed: stop before the first routed block and return only the attention-score table
+        it would read (`RoutedOutput.table`, logits None): what training a one-selection router
+        (train/select.py) needs, at the cost of the dense blocks before it."""
         if mode not in ("gather", "mask"):
             raise ValueError(f"mode must be 'gather' or 'mask', got {mode!r}")
         if past is not None and (mode != "gather" or position_ids is None):
@@ -192,6 +197,8 @@ class RoutedModel(nn.Module):
                 if trace:
                     traces.append(LayerTrace(k=seq))
                 continue
+            if until_routed:
+                return RoutedOutput(logits=None, table=table)
             ctx = RouteContext(layer=li, sparsity=self.schedule.sparsity[li], positions=positions, valid=routable,
                                attn=table if want_scores else None)
             raw = self._router_scores(ctx)  # [B,S]

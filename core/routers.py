@@ -16,10 +16,14 @@ router never changes how tokens are selected, only their ranking.
 - gemfilter: hybrid's rule with ONE selection layer, as GemFilter selects: the blocks up to the
   middle of the model run dense, the last of them fills the attention table once, and the budget
   is spent on the blocks after it (`Schedule.select_after`).
+- select: gemfilter's schedule and table with a LEARNED scoring of it: a soft max over each token's
+  neighbourhood with learned per-offset weights, plus a learned recency tilt, trained on where the
+  evidence of long-prompt questions sits (`tokenskip train-select`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +32,8 @@ from torch import Tensor, nn
 
 from .precision import fp32_region
 
-ROUTER_KINDS = ("dense", "static", "random", "learned", "attention", "hybrid", "gemfilter")
+ROUTER_KINDS = ("dense", "static", "random", "learned", "attention", "hybrid", "gemfilter", "select")
+TRAINED_KINDS = ("learned", "select")  # kinds with weights: built from a routers folder (--routers DIR)
 NUM_FEATURES = 4
 HIDDEN = 64
 
@@ -198,9 +203,9 @@ class HybridRouter(Router):
 
     - max over heads (heads="max"): the few retrieval heads are not averaged away by the rest;
     - a short window (16 rows, about the question) rather than the learned router's 64;
-    - max-pooled over `pool` neighbouring positions (SnapKV): a phrase is kept whole, not only its
-      most-attended token; the first token is left out of the pooling (it is forced anyway, and
-      its sink attention would spread to its neighbours);
+    - max-pooled over neighbouring positions (SnapKV; `reach` = (back, ahead), default 3 and 3: a
+      pool of 7): a phrase is kept whole, not only its most-attended token; the first token is left
+      out of the pooling (it is forced anyway, and its sink attention would spread to its neighbours);
     - refresh=True: every executed block updates the table, as for the other routers; False: only
       the dense blocks before the first routed one (GemFilter's one selection layer). Measured on
       smollm2-135m (needle, 512 tokens, sparsity 0.3): the refresh kept more needles.
@@ -209,13 +214,14 @@ class HybridRouter(Router):
 
     needs_attention = True
 
-    def __init__(self, window: int = 16, heads: str = "max", pool: int = 7, recent: float = 0.5,
+    def __init__(self, window: int = 16, heads: str = "max", reach: tuple[int, int] = (3, 3), recent: float = 0.5,
                  refresh: bool = True) -> None:
         super().__init__()
-        if heads not in ("mean", "max") or pool < 1 or pool % 2 == 0 or not 0.0 <= recent <= 1.0:
-            raise ValueError(f"hybrid router: heads mean|max, odd pool >= 1, recent in [0,1] "
-                             f"(got {heads}, {pool}, {recent})")
-        self.score_window, self.score_heads, self.pool, self.recent = window, heads, pool, recent
+        back, ahead = reach
+        if heads not in ("mean", "max") or min(back, ahead) < 0 or not 0.0 <= recent <= 1.0:
+            raise ValueError(f"hybrid router: heads mean|max, reach (back, ahead) >= 0, recent in [0,1] "
+                             f"(got {heads}, {reach}, {recent})")
+        self.score_window, self.score_heads, self.reach, self.recent = window, heads, (back, ahead), recent
         self.score_refresh = refresh
 
     def scores(self, ctx: RouteContext) -> Tensor:
@@ -223,11 +229,7 @@ class HybridRouter(Router):
         pos = ctx.positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S] in [0, 1]
         attn = ctx.attn.to(torch.float32) if ctx.attn is not None else torch.zeros_like(pos)  # [B,S]
         attn = torch.where(ctx.valid & (ctx.positions > 0), attn, torch.zeros_like(attn)) * n  # [B,S]
-        if self.pool > 1:  # 1-D max-pool over neighbouring positions (stride 1, same length), as the
-            # max of shifted slices: F.max_pool1d would pin the exported graph to the example length
-            r, seq = self.pool // 2, attn.shape[1]
-            padded = F.pad(attn, (r, r))  # [B,S+2r] zeros: scores are >= 0
-            attn = torch.stack([padded[:, i:i + seq] for i in range(self.pool)], -1).amax(-1)  # [B,S]
+        attn = reach_max(attn, *self.reach)  # [B,S]
         # the newest `recent` share of the keep budget (1 - s_l) of the routed part ranks first
         recent = pos > 1.0 - self.recent * (1.0 - float(ctx.sparsity))  # [B,S]
         # attn * n <= n, so 2n + position ranks the recent share above everything, newest first
@@ -235,9 +237,22 @@ class HybridRouter(Router):
         return torch.where(recent, 2 * n + ctx.positions.to(torch.float32), attn + 1e-3 * pos)  # [B,S]
 
 
+def reach_max(score: Tensor, back: int, ahead: int) -> Tensor:
+    """score [B,S] -> [B,S]: token i takes the largest score of tokens i-back .. i+ahead (a 1-D max-pool,
+    stride 1, same length, zeros beyond the ends; scores are >= 0). As the max of shifted slices:
+    F.max_pool1d would pin the exported graph to the example length. Reaching back keeps the words
+    that FOLLOW an attended phrase: the question quotes the evidence's start, and the answer is what
+    comes after it (the induction pattern), so a symmetric pool keeps the quote but cuts the answer."""
+    if back == 0 and ahead == 0:
+        return score
+    seq = score.shape[1]
+    padded = F.pad(score, (back, ahead))  # [B,S+back+ahead]: padded[:, j + back] = score[:, j]
+    return torch.stack([padded[:, i:i + seq] for i in range(back + ahead + 1)], -1).amax(-1)  # [B,S]
+
+
 class GemFilterRouter(HybridRouter):
     """GemFilter-style selection (issue 20): the hybrid rule (half recency, half the tokens the
-    question's last 16 rows attend to, max over heads, pooled over 7 positions) read from ONE
+    question's last 16 rows attend to, max over heads, max-pooled over 7 positions) read from ONE
     selection layer: the blocks through `select_layer - 1` run dense, the table is what the last
     of them computed (score_refresh=False), and every later block ranks by it.
 
@@ -258,6 +273,70 @@ class GemFilterRouter(HybridRouter):
         return Schedule.select_after(num_layers, overall, select)
 
 
+class SelectRouter(Router):
+    """The learned one-selection router (issue 20): gemfilter's schedule (blocks before the middle
+    dense, `Schedule.select_after`) and its table (the question's last 16 rows, max over heads, read
+    once from the last dense block), scored by a learned function instead of a fixed pool:
+
+        score_i = (1/T) logsumexp_o T (log(a_{i+o} + eps) + b_o) + w * position_i / (L - 1)
+
+    over offsets o in [-BACK, AHEAD], where a is the table scaled by the routed part's length (1 for
+    a uniform spread). The per-offset weights b_o say which neighbours' attention a token inherits
+    (a learned, soft max-pool: T = 8 makes it close to a max of the neighbours' attention, each
+    scaled by e^{b_o}); w tilts towards recent tokens. The
+    newest `recent` share of the keep budget ranks first, as hybrid/gemfilter rank it.
+
+    Why this input: in smollm2-135m the question's attention at the selection layer already points
+    at the evidence (docs/training.md 8.5), but at the phrase the question quotes, while the answer
+    is what FOLLOWS it; a fixed symmetric pool cuts it off. A hidden-state probe and a logistic
+    weighting of neighbours were screened and found weaker (docs/training.md 8.6).
+
+    The start (untrained) is gemfilter's pool of 7 (b_o = 0 on [-3, 3]) with a faint reach beyond it
+    (b_o = -3: a neighbour 4-16 back or 4-8 ahead counts at 5% of its attention, so the loss has a
+    gradient there), w = 0.
+    Training (train/select.py) fits b and w to the evidence spans of train-split long-prompt
+    examples. Causal: the table, positions and lengths are over the routed part only."""
+
+    needs_attention = True
+    BACK, AHEAD, T, EPS = 16, 8, 8.0, 1e-4
+    RECENT_RANK = 1.0e4  # recent tokens score this + position; learned scores are clamped below it
+
+    def __init__(self, select_layer: int | None = None, recent: float = 0.5) -> None:
+        super().__init__()
+        self.score_window, self.score_heads, self.score_refresh = 16, "max", False
+        self.select_layer, self.recent = select_layer, recent
+        self.offset_bias = nn.Parameter(torch.full((self.BACK + self.AHEAD + 1,), -3.0))  # [K] b_o, o = -BACK..AHEAD
+        self.recency = nn.Parameter(torch.zeros(()))  # w
+        with torch.no_grad():
+            self.offset_bias[self.BACK - 3:self.BACK + 4] = 0.0  # the start: gemfilter's symmetric pool of 7
+
+    schedule_for = GemFilterRouter.schedule_for
+
+    def learned_scores(self, attn: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
+        """The learned part [B,S] (what training fits), before the recent share is ranked first."""
+        with fp32_region(attn):
+            n = valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1]
+            pos = positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S] in [0, 1]
+            a = torch.where(valid & (positions > 0), attn.float(), torch.zeros_like(pos)) * n  # [B,S]
+            la = torch.log(a + self.EPS)  # [B,S]
+            seq = la.shape[1]
+            padded = F.pad(la, (self.BACK, self.AHEAD), value=math.log(self.EPS))  # [B,S+K-1]
+            # slice i holds the score of token j + i - BACK at j: offsets -BACK..AHEAD
+            shifted = torch.stack([padded[:, i:i + seq] for i in range(self.BACK + self.AHEAD + 1)], -1)  # [B,S,K]
+            pooled = torch.logsumexp(self.T * (shifted + self.offset_bias.float()), -1) / self.T  # [B,S]
+            return pooled + self.recency.float() * pos  # [B,S]
+
+    def scores(self, ctx: RouteContext) -> Tensor:
+        learned = self.learned_scores(ctx.attn if ctx.attn is not None else torch.zeros_like(ctx.positions, dtype=torch.float32),
+                                      ctx.valid, ctx.positions)  # [B,S]
+        n = ctx.valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1]
+        pos = ctx.positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S]
+        recent = pos > 1.0 - self.recent * (1.0 - float(ctx.sparsity))  # [B,S]
+        bound = self.RECENT_RANK / 2
+        return torch.where(recent, self.RECENT_RANK + ctx.positions.to(torch.float32),
+                           learned.clamp(-bound, bound))  # [B,S]
+
+
 def make_router(kind: str, seed: int = 0) -> Router | None:
     """A router by name; `dense` means no routing at all (None). `learned` starts untrained."""
     if kind == "dense":
@@ -274,4 +353,6 @@ def make_router(kind: str, seed: int = 0) -> Router | None:
         return HybridRouter()
     if kind == "gemfilter":
         return GemFilterRouter()
+    if kind == "select":
+        return SelectRouter()
     raise ValueError(f"unknown router {kind!r} (choose from {', '.join(ROUTER_KINDS)})")

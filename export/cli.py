@@ -10,12 +10,12 @@ import click
 
 from tokenskip.errors import UserError
 from tokenskip.precision import device_options
-from tokenskip.routers import ROUTER_KINDS
+from tokenskip.routers import ROUTER_KINDS, TRAINED_KINDS
 
 from .exporter import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPSET, OPSET_RANGE
 
-# random's scores come from a host-side RNG; learned needs its trained folder (--routers)
-EXPORTABLE = tuple(k for k in ROUTER_KINDS if k not in ("random", "learned"))
+# random's scores come from a host-side RNG; trained kinds need their folder (--routers)
+EXPORTABLE = tuple(k for k in ROUTER_KINDS if k != "random" and k not in TRAINED_KINDS)
 
 
 def _log(quiet: bool):

@@ -29,7 +29,7 @@ def _ctx(attn: list[float], sparsity: float) -> RouteContext:
 def test_ranks_recent_share_then_pooled_attention():
     # 10 tokens, sparsity 0.6: budget share 0.4, recent 0.5 of it -> positions >= 0.8 * 9 (8, 9)
     attn = [0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0]
-    r = HybridRouter(window=4, heads="max", pool=3, recent=0.5)
+    r = HybridRouter(window=4, heads="max", reach=(1, 1), recent=0.5)
     order = r.scores(_ctx(attn, 0.6)).argsort(descending=True, stable=True)[0].tolist()
     assert order[:2] == [9, 8]  # the recent share, newest first
     assert order[2:5] == [7, 6, 5]  # token 6 and its pooled neighbours, newest first on ties
@@ -39,13 +39,13 @@ def test_ranks_recent_share_then_pooled_attention():
 
 def test_no_pool_no_recency_is_attention_order():
     attn = [0.0, 0.1, 0.5, 0.2, 0.0, 0.3]
-    r = HybridRouter(window=4, heads="max", pool=1, recent=0.0)
+    r = HybridRouter(window=4, heads="max", reach=(0, 0), recent=0.0)
     order = r.scores(_ctx(attn, 0.5)).argsort(descending=True)[0].tolist()
     assert order == [2, 5, 3, 1, 4, 0]
 
 
 def test_bad_settings_are_refused():
-    for kw in (dict(heads="sum"), dict(pool=4), dict(recent=1.5)):
+    for kw in (dict(heads="sum"), dict(reach=(-1, 2)), dict(recent=1.5)):
         with pytest.raises(ValueError):
             HybridRouter(**kw)
 

@@ -219,6 +219,51 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
         click.echo(f"wrote {out / 'tokenskip.json'} and {out / 'router.safetensors'}")
 
 
+@click.command("train-select")
+@_model
+@click.option("--sparsity", default=0.3, show_default=True,
+              help="Overall sparsity; the router runs gemfilter's schedule shape (select_after) at it.")
+@click.option("--out", "out_dir", type=click.Path(), required=True,
+              help="Routers folder to write (tokenskip.json + router.safetensors + select.json).")
+@click.option("--examples", default=24, show_default=True,
+              help="Training examples per task and length (train split); validation: a third of it (calib split).")
+@click.option("--lengths", default="512,1024", show_default=True, help="Prompt lengths of the training examples.")
+@click.option("--tasks", default="needle,kv_lookup,article_qa", show_default=True,
+              help="Long-prompt tasks the training examples come from.")
+@click.option("--steps", default=150, show_default=True, help="Adam steps over all the examples (full batch).")
+@click.option("--lr", default=0.05, show_default=True)
+@_kv
+@_seed
+@device_options
+@click.option("--json", "as_json", is_flag=True, help="Print the fit's record (select.json) as JSON.")
+def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, kv_policy, seed, device, dtype,
+                     as_json):
+    """Train the learned one-selection router (kind `select`): gemfilter's schedule and attention
+    table, with a learned scoring of it fitted to where the evidence of long-prompt questions sits
+    (examples built from the train split; the evaluation uses the eval split and the news corpus).
+    Runs the dense half of the model once per example, then fits in seconds.
+
+    \b
+    Examples:
+      tokenskip train-select --sparsity 0.3 --out out/select
+      tokenskip longctx --sparsity 0.3 --methods gemfilter --routers out/select --lengths 512,1024
+      tokenskip export --routers out/select --out out/export-select
+    """
+    from tokenskip.models import load_model
+
+    from .select import SelectSettings, train_select
+
+    out = _check_out(out_dir)
+    settings = SelectSettings(sparsity=sparsity, examples=examples, lengths=tuple(parse_list(lengths, int, "--lengths")),
+                              tasks=tuple(parse_list(tasks, str, "--tasks")), steps=steps, lr=lr, seed=seed,
+                              kv_policy=kv_policy)
+    settings.check()  # bad flags fail before the model loads
+    lm = load_model(model, dtype=dtype, device=device)
+    record = train_select(lm, out, settings, progress=not as_json, log=(lambda m: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+
+
 @click.command("fit")
 @_model
 @click.option("--sparsity", type=float, required=True, help="Overall target sparsity, in [0, 1).")

@@ -12,9 +12,9 @@ from tokenskip.precision import device_options
 
 from .longctx_tasks import TASKS
 
-from tokenskip.routers import ROUTER_KINDS
+from tokenskip.routers import ROUTER_KINDS, TRAINED_KINDS
 
-ROUTERS = tuple(k for k in ROUTER_KINDS if k not in ("dense", "learned"))  # dense is the reference; learned: --routers
+ROUTERS = tuple(k for k in ROUTER_KINDS if k != "dense" and k not in TRAINED_KINDS)  # dense: the reference; trained: --routers
 
 
 def _csv(value: str, flag: str) -> list[str]:
@@ -36,8 +36,9 @@ def _ints(value: str, flag: str) -> list[int]:
               help="Built-in name, local Hugging Face folder, or Hub id.")
 @click.option("--methods", "routers_kinds", default="static,attention,random", show_default=True,
               help=f"Training-free router kinds to compare with dense (comma list of {', '.join(ROUTERS)}).")
-@click.option("--routers", "routers_dir", type=click.Path(), default=None,
-              help="Also a trained router folder (written by `tokenskip train`), scored as `learned`.")
+@click.option("--routers", "routers_dir", type=click.Path(), multiple=True,
+              help="Also a trained router folder (`tokenskip train`/`fit`/`train-select`), scored under its kind; "
+                   "repeat the flag for several.")
 @click.option("--sparsity", type=float, default=None, help="Overall sparsity, uniform schedule, in [0,1).")
 @click.option("--schedule", type=click.Path(), default=None, help="Per-block sparsity JSON instead of --sparsity.")
 @click.option("--kv-policy", type=click.Choice(["skip", "dense"]), default="skip", show_default=True)
@@ -92,9 +93,10 @@ def longctx(model, routers_kinds, routers_dir, sparsity, schedule, kv_policy, ta
         routed, _ = build_routed(lm.model, router=kind, sparsity=sparsity, schedule=schedule, kv_policy=kv_policy,
                                  seed=seed, model_name=model)
         methods.append((kind, routed))
-    if routers_dir:
-        routed, _ = build_routed(lm.model, routers_dir=routers_dir, kv_policy=kv_policy, model_name=model)
-        methods.append(("learned", routed))
+    for folder in routers_dir:
+        routed, cfg = build_routed(lm.model, routers_dir=folder, kv_policy=kv_policy, model_name=model)
+        name = cfg.router if cfg.router not in dict(methods) else f"{cfg.router} ({folder})"
+        methods.append((name, routed))
     obj = {"model": model, "sparsity": sparsity, "schedule": schedule, "kv_policy": kv_policy, "seed": seed,
            "tasks": task_list, "lengths": length_list, "examples_per_task_length": examples, "dtype": dtype,
            "device": str(lm.model.device)}

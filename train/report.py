@@ -20,12 +20,14 @@ import torch
 from tokenskip.errors import UserError
 from tokenskip.quality_format import comparison_line, quality_markdown
 
-METHODS = ("learned", "static-searched", "static-uniform", "random", "shortgpt")
+METHODS = ("learned", "select", "static-searched", "static-uniform", "random", "shortgpt")
+SELECT_NAME = "select (select_after)"  # the learned one-selection router's row (fit_dir/select, when trained)
 COLUMNS = ("method", "sparsity", "flops", "ppl", "ppl_ratio", "ppl_ratio_ci", "kl", "kl_ci", "top1", "top1_ci",
            "mc_acc", "mc_retention", "mc_retention_ci")
 # paired comparisons reported under every table: (a, b) where a is meant to beat b
 COMPARISONS = (("learned (searched)", "static (searched)"), ("learned (searched)", "static (uniform)"),
-               ("static (searched)", "static (uniform)"), ("static (uniform)", "random (uniform)"))
+               ("static (searched)", "static (uniform)"), ("static (uniform)", "random (uniform)"),
+               (SELECT_NAME, "static (uniform)"))
 DOMAINS = ("eval", "news")
 
 
@@ -150,6 +152,9 @@ def _methods(lm, fit_dir: Path, sparsity: float, q: QualitySettings) -> tuple[li
     if "learned" in names:
         learned, _ = build_routed(model, routers_dir=fit_dir / "routers", kv_policy=kv_policy, model_name=lm.name)
         out.append(("learned (searched)", learned))
+    if "select" in names and (fit_dir / "select" / "tokenskip.json").is_file():  # `train-select` / the pipeline
+        sel, _ = build_routed(model, routers_dir=fit_dir / "select", kv_policy=kv_policy, model_name=lm.name)
+        out.append((SELECT_NAME, sel))
     if "static-searched" in names:
         searched = Schedule.load(fit_dir / "search-static" / "schedule.json", n)
         out.append(("static (searched)", RoutedModel(model, searched, StaticRouter(), kv_policy=kv_policy)))
@@ -297,9 +302,9 @@ def training_free_kinds() -> tuple[str, ...]:
     """Router kinds that need no training and are not already a row of the table (static, random):
     LazyLLM/GemFilter-style attention routers, the baselines a learned router must beat
     (benchmarks.md, "Long prompts"). Read from ROUTER_KINDS, so a new kind is scored too."""
-    from tokenskip.routers import ROUTER_KINDS
+    from tokenskip.routers import ROUTER_KINDS, TRAINED_KINDS
 
-    return tuple(k for k in ROUTER_KINDS if k not in ("dense", "static", "random", "learned"))
+    return tuple(k for k in ROUTER_KINDS if k not in ("dense", "static", "random") and k not in TRAINED_KINDS)
 
 
 def longctx_examples(lm, q: QualitySettings) -> list:

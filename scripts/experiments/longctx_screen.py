@@ -3,11 +3,12 @@ tasks, a router told where the evidence is (is selection the whole problem?), an
 KL of the candidates. smollm2-135m, 512-token prompts, seed 0, overall sparsity S at the same mean.
 
 usage:
-  .venv/bin/python scripts/experiments/longctx_screen.py routers N TASKS S [NAME ...]   # e.g. 24 needle,article_qa 0.3 gem-E15 static-U
+  .venv/bin/python scripts/experiments/longctx_screen.py routers N TASKS S [LENGTH] [NAME ...]   # e.g. 24 needle,article_qa 0.3 gem-E15 static-U
   .venv/bin/python scripts/experiments/longctx_screen.py evidence N TASKS S
   .venv/bin/python scripts/experiments/longctx_screen.py kl WINDOWS S
 NAME: static-U, hybrid-U, static-E<k>, hybrid-E<k>, gem-E<k> (one selection layer, block k-1),
-gem-E<k>-mean, gem-E<k>-r25 (recency share 0.25), gem-E<k>-w32 (32 window rows); E<k> = blocks
+gem-E<k>-mean, gem-E<k>-r25 (recency share 0.25), gem-E<k>-w32 (32 window rows), gem-E<k>-p10.3
+(pooled attention reaching 10 tokens back and 3 ahead); E<k> = blocks
 0..k-1 dense, the blocks after routed alike, the last two dense (Schedule.select_after).
 """
 import sys
@@ -45,6 +46,8 @@ def method(lm, name: str, overall: float, kv: str = "skip"):
             routed.router.recent = int(o[1:]) / 100
         elif o.startswith("w"):
             routed.score_window = int(o[1:])
+        elif o.startswith("p"):  # p<back>.<ahead>: the reach of the pooled attention
+            routed.router.reach = tuple(int(v) for v in o[1:].split("."))
     return routed
 
 
@@ -80,9 +83,10 @@ def main() -> None:
                 print(dom, r.method, f"KL {r.kl:.4f} {r.kl_ci} ppl_ratio {r.ppl_ratio:.3f} flops {r.flops:.3f}", flush=True)
         return
     n, tasks, overall = int(sys.argv[2]), sys.argv[3].split(","), float(sys.argv[4])
-    exs = make_examples(lm.tokenizer, tasks, [512], n, 0)
+    length = int(sys.argv[5]) if mode == "routers" and sys.argv[5].isdigit() else 512
+    exs = make_examples(lm.tokenizer, tasks, [length], n, 0)
     if mode == "routers":
-        names = ["dense", *sys.argv[5:]]
+        names = ["dense", *[a for a in sys.argv[5:] if not a.isdigit()]]
         for nm in names:
             t0 = time.time()
             routed = build_routed(lm.model, router="dense")[0] if nm == "dense" else method(lm, nm, overall)

@@ -1,0 +1,229 @@
+"""Train the learned one-selection router (`tokenskip train-select`, routers.SelectRouter).
+
+What it learns: which tokens of a long prompt the question needs, read from the question's
+attention at the selection layer (gemfilter's table). The labels are free: long-prompt examples
+built from the TRAIN split of the built-in data (train/longctx_tasks.py generators; the evaluation
+draws the eval split and the news corpus) know the token span of their evidence. The router's
+learned part ranks the tokens outside the recent share; the loss is listwise, a cross-entropy
+against the uniform distribution over the evidence span:
+
+    loss = - mean_{e in evidence} log softmax(SCALE * score)_e      (softmax over the candidates)
+
+so the gradient acts on the ranking itself (the top-k decision), not on a scale or a bias that top-k
+ignores (issue 20's complaint about the four-feature router's sparsity and guide terms), and it
+pushes up EVERY evidence token, as the top-k must keep all of them (a log of the summed evidence
+probability is satisfied by one token far ahead: measured, it kept less evidence than the start).
+
+Everything before the first routed block is dense, so the table each example gives is computed once
+(`RoutedModel.forward(until_routed=True)`: the dense half of the model) and the fit runs on those
+tables alone: seconds, deterministic under the seed. Router selection: the start (gemfilter's rule)
+and the trained router are compared on validation examples from the CALIB split (disjoint from
+training and evaluation text); the one that keeps more evidence ships.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tokenskip.errors import UserError
+from tokenskip.schedule import check_sparsity
+
+from .longctx_tasks import TASKS, check_request
+
+SCALE = 4.0  # logit scale of the listwise softmax (the learned scores are log-attention sized)
+
+
+@dataclass(frozen=True)
+class SelectSettings:
+    sparsity: float = 0.3
+    examples: int = 24  # per task and length, training; validation uses a third of it
+    lengths: tuple[int, ...] = (512, 1024)
+    tasks: tuple[str, ...] = TASKS
+    steps: int = 150
+    lr: float = 0.05
+    seed: int = 0
+    kv_policy: str = "skip"
+
+    def check(self, max_len: int | None = None) -> None:
+        check_sparsity(self.sparsity)
+        check_request(list(self.tasks), list(self.lengths), self.examples, max_len)
+        if self.steps < 0:
+            raise UserError(f"--steps {self.steps}: must be >= 0")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: must be > 0")
+
+
+# examples per task and length, lengths, steps by fit budget (the pipeline's --budget); the CLI's
+# defaults are "default"
+BUDGETS = {"tiny": (2, (256,), 5), "small": (16, (512, 1024), 150), "default": (24, (512, 1024), 150)}
+
+
+def settings_for(budget: str, sparsity: float, seed: int = 0, kv_policy: str = "skip") -> SelectSettings:
+    examples, lengths, steps = BUDGETS[budget]
+    return SelectSettings(sparsity=sparsity, examples=examples, lengths=lengths, steps=steps, seed=seed,
+                          kv_policy=kv_policy)
+
+
+def done_before(out_dir: str | Path, settings: SelectSettings, model_name: str) -> bool:
+    """Whether `out_dir` holds a select router trained with exactly these settings (a rerun reuses it)."""
+    from tokenskip.fileio import read_json
+
+    out = Path(out_dir)
+    if not (out / "tokenskip.json").is_file() or not (out / "select.json").is_file():
+        return False
+    try:
+        rec = read_json(out / "select.json", "select.json")
+    except UserError:
+        return False
+    return rec.get("model") == model_name and rec.get("settings") == _settings_json(settings)
+
+
+def _settings_json(settings: SelectSettings) -> dict:
+    return {**asdict(settings), "lengths": list(settings.lengths), "tasks": list(settings.tasks)}
+
+
+@dataclass
+class Item:
+    """One example as the router sees it at the selection layer."""
+
+    table: torch.Tensor  # [S] float32 the attention-score table the first routed block reads
+    positions: torch.Tensor  # [S] int64
+    candidates: torch.Tensor  # [S] bool: tokens the learned part ranks (not the sink, not the recent share)
+    evidence: torch.Tensor  # [S] bool: the evidence span, within the candidates
+    keep: int  # tokens the first routed block keeps
+
+
+def _examples(tokenizer, split: str, settings: SelectSettings, n: int, seed: int):
+    from tokenskip.data import load_split
+
+    from .longctx_tasks import make_examples
+
+    text = load_split(split)
+    return make_examples(tokenizer, list(settings.tasks), list(settings.lengths), n, seed, wiki=text, news=text)
+
+
+@torch.no_grad()
+def selection_items(routed, examples, progress: bool = False, desc: str = "selection tables") -> list[Item]:
+    """Each example's table, candidates and evidence at the first routed block (dense prefix only)."""
+    from tokenskip.precision import model_device
+    from tokenskip.selection import block_keep_count
+
+    router, sched = routed.router, routed.schedule
+    first = sched.first_routed
+    device = model_device(routed.model)
+    items = []
+    for ex in tqdm(examples, desc=desc, disable=not progress, leave=False):
+        ids = torch.tensor([ex.prompt], device=device)  # [1,S]
+        table = routed(ids, until_routed=True).table[0].float().cpu()  # [S]
+        seq = table.shape[0]
+        positions = torch.arange(seq)
+        recent = positions.float() / max(seq - 1, 1) > 1.0 - router.recent * (1.0 - sched.sparsity[first])  # [S]
+        candidates = ~recent & (positions > 0)
+        evidence = torch.zeros(seq, dtype=torch.bool)
+        evidence[ex.evidence[0]:ex.evidence[1]] = True
+        items.append(Item(table, positions, candidates, evidence & candidates,
+                          block_keep_count(sched, first, seq, 0)))
+    return items
+
+
+def listwise_loss(router, items: list[Item]) -> torch.Tensor:
+    """Mean over the examples with evidence among the candidates of the mean over their evidence
+    tokens of -log softmax(SCALE * learned score) over the candidates."""
+    losses = []
+    for it in items:
+        if not it.evidence.any():
+            continue  # the evidence is in the recent share: kept whatever the router learns
+        valid = torch.ones_like(it.candidates)
+        score = router.learned_scores(it.table[None], valid[None], it.positions[None])[0]  # [S]
+        logp = torch.log_softmax(SCALE * score[it.candidates], 0)  # [C]
+        losses.append(-logp[it.evidence[it.candidates]].mean())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+@torch.no_grad()
+def evidence_kept(router, items: list[Item], sparsity: float) -> float:
+    """Mean fraction of each example's evidence tokens the first routed block keeps, ranked by the
+    router's full rule (recent share, forced sink and last token, top-k): what deployment keeps."""
+    from tokenskip.routers import RouteContext
+    from tokenskip.selection import forced_tokens, routing_scores
+
+    fractions = []
+    for it in items:
+        seq = it.table.shape[0]
+        valid = torch.ones(1, seq, dtype=torch.bool)
+        ctx = RouteContext(layer=0, sparsity=sparsity, positions=it.positions[None], valid=valid, attn=it.table[None])
+        sel = routing_scores(router.scores(ctx), valid, forced_tokens(valid, 0))[0]  # [S]
+        kept = torch.zeros(seq, dtype=torch.bool)
+        kept[torch.topk(sel, it.keep).indices] = True
+        full = int(it.evidence.sum())  # evidence in the candidates (the recent share's is kept anyway)
+        if full:
+            fractions.append(float((kept & it.evidence).sum()) / full)
+    return sum(fractions) / max(len(fractions), 1)
+
+
+def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSettings(), progress: bool = True,
+                 log=print) -> dict:
+    """Fit a SelectRouter and write its routers folder (tokenskip.json + router.safetensors +
+    select.json with the fit's record). Returns that record."""
+    from tokenskip.config import RoutingConfig, save_routing
+    from tokenskip.fileio import write_json_atomic
+    from tokenskip.routed import RoutedModel
+    from tokenskip.routers import SelectRouter
+
+    from .common import deterministic
+
+    max_len = int(getattr(lm.model.config, "max_position_embeddings", 2048))
+    settings.check(max_len)
+    deterministic(settings.seed)
+    t0 = time.time()
+    out = Path(out_dir)
+    n_layers = lm.model.config.num_hidden_layers
+    router = SelectRouter()
+    schedule = router.schedule_for(n_layers, settings.sparsity)
+    routed = RoutedModel(lm.model, schedule, router, kv_policy=settings.kv_policy)
+    first = schedule.first_routed
+    train_ex = _examples(lm.tokenizer, "train", settings, settings.examples, settings.seed)
+    val_ex = _examples(lm.tokenizer, "calib", settings, max(1, settings.examples // 3), settings.seed + 1)
+    train_items = selection_items(routed, train_ex, progress, "selection tables (train)")
+    val_items = selection_items(routed, val_ex, progress, "selection tables (validation)")
+    s_block = schedule.sparsity[first]
+    start_state = {k: v.clone() for k, v in router.state_dict().items()}
+    with torch.no_grad():
+        start = {"loss": float(listwise_loss(router, train_items)),
+                 "val_evidence_kept": evidence_kept(router, val_items, s_block)}
+    opt = torch.optim.Adam(router.parameters(), lr=settings.lr)
+    bar = tqdm(range(settings.steps), desc="train-select", disable=not progress, leave=False)
+    for _ in bar:
+        loss = listwise_loss(router, train_items)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    with torch.no_grad():
+        trained = {"loss": float(listwise_loss(router, train_items)),
+                   "val_evidence_kept": evidence_kept(router, val_items, s_block)}
+    trained_state = {k: v.detach().clone() for k, v in router.state_dict().items()}
+    ships = "trained" if trained["val_evidence_kept"] >= start["val_evidence_kept"] else "start"
+    if ships == "start":
+        router.load_state_dict(start_state)
+    cfg = RoutingConfig(model=lm.name, num_layers=n_layers, router="select", schedule=list(schedule.sparsity),
+                        kv_policy=settings.kv_policy, score_window=router.score_window, seed=settings.seed,
+                        model_type=lm.model.config.model_type, hidden_size=lm.model.config.hidden_size,
+                        extra={"schedule_meta": schedule.meta})
+    record = {"model": lm.name, "settings": _settings_json(settings),
+              "train_examples": len(train_items), "val_examples": len(val_items), "selection_layer": first - 1,
+              "start": start, "trained": trained, "ships": ships,
+              "offset_bias": [round(float(v), 3) for v in trained_state["offset_bias"]],
+              "offsets": [-router.BACK, router.AHEAD], "recency": round(float(trained_state["recency"]), 4),
+              "seconds": round(time.time() - t0, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_routing(out, cfg, router)
+    write_json_atomic(out / "select.json", record)
+    log(f"train-select: evidence kept on validation {start['val_evidence_kept']:.3f} (start) -> "
+        f"{trained['val_evidence_kept']:.3f} (trained); ships the {ships} router; {record['seconds']:.0f}s; wrote {out}")
+    return record
