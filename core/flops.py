@@ -7,8 +7,8 @@ the exported MatMul+Softmax graphs compute. Embedding and the LM head are exclud
 change with routing). A router that reads attention scores (`needs_attention`: the learned and the
 attention routers) adds its score window, window x keys per block; callers pass `score_window` for it.
 The hybrid router refreshes the window in every executed block too (its default); one built with
-score_refresh=False computes it only in the dense blocks before the first routed one
-(`score_refresh=False` here; left True the count is an upper bound).
+score_refresh=False computes it only in the last dense block before the first routed one, its
+selection layer (`score_refresh=False` here; left True the count is an upper bound).
 """
 
 from __future__ import annotations
@@ -37,22 +37,23 @@ def forward_flops(config, schedule: Schedule | None, seq: int, n_tail: int = 0, 
                   score_window: int = 0, removed: frozenset[int] = frozenset(), score_refresh: bool = True) -> float:
     """FLOPs of one sequence of length `seq` through all blocks (schedule None = dense);
     `removed` blocks (ShortGPT baseline) cost nothing. score_refresh=False: the score window runs
-    only in the blocks before the first routed one (a router's one selection layer)."""
+    only in the block before the first routed one (a router's one selection layer)."""
     total = 0.0
     first = schedule.first_routed if schedule is not None else None
     for layer in range(config.num_hidden_layers):
         if layer in removed:
             continue
-        if not score_refresh and first is not None and layer >= first:
-            score_window = 0
+        window = score_window
+        if not score_refresh and first is not None and layer != first - 1:
+            window = 0
         if schedule is None or not schedule.is_routed(layer):
-            total += block_flops(config, seq, seq, seq, score_window)
+            total += block_flops(config, seq, seq, seq, window)
             continue
         k = schedule.keep_count(layer, seq - n_tail) + n_tail
         if kv_policy == "skip":
-            total += block_flops(config, k, k, k, score_window)
+            total += block_flops(config, k, k, k, window)
         else:
-            total += block_flops(config, k, seq, seq, score_window)
+            total += block_flops(config, k, seq, seq, window)
     return total
 
 

@@ -116,13 +116,16 @@ class RoutedModel(nn.Module):
 
     def _score_window(self, li: int) -> int:
         """Window rows block `li` spends on the attention-score table (0: it leaves it alone). With
-        score_refresh=False the table stays as the dense blocks before the first routed one left
-        it (one selection layer, GemFilter-style): no block from there on computes the window."""
+        score_refresh=False the table is what the last dense block before the first routed one
+        computed (one selection layer, GemFilter-style): only that block computes the window (its
+        window rows see every key of the routed part, so it overwrites the whole table: an earlier
+        block's window would be discarded)."""
         if not self._needs_scores():
             return 0
         first = self.schedule.first_routed
-        frozen = not self.router.score_refresh and first is not None and li >= first
-        return 0 if frozen else self.score_window
+        if not self.router.score_refresh and first is not None and li != first - 1:
+            return 0
+        return self.score_window
 
     def _score_heads(self) -> str:
         return self.router.score_heads if self.router is not None else "mean"

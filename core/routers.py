@@ -54,7 +54,7 @@ class Router(nn.Module):
     # how the routed model fills that table for this router (tokenskip.routed, run_block)
     score_window: int | None = None  # window query rows; None: the routed model's (--score-window)
     score_heads = "mean"  # reduction over heads: "mean" or "max"
-    score_refresh = True  # False: only the dense blocks before the first routed one update the table
+    score_refresh = True  # False: only the block before the first routed one fills the table
 
     def scores(self, ctx: RouteContext) -> Tensor:  # [B,S] float32, higher = keep
         raise NotImplementedError
@@ -207,7 +207,7 @@ class HybridRouter(Router):
       pool of 7): a phrase is kept whole, not only its most-attended token; the first token is left
       out of the pooling (it is forced anyway, and its sink attention would spread to its neighbours);
     - refresh=True: every executed block updates the table, as for the other routers; False: only
-      the dense blocks before the first routed one (GemFilter's one selection layer). Measured on
+      the last dense block before the first routed one (GemFilter's one selection layer). Measured on
       smollm2-135m (needle, 512 tokens, sparsity 0.3): the refresh kept more needles.
 
     Everything it reads is over the routed part only (ctx.valid), so it is causal."""
