@@ -219,7 +219,7 @@ def bench(backend, model, router, routers_dir, kv_policy, onnx_dir, onnx_dense_d
         click.echo(format_table([BenchRow(**r) for r in result["rows"]]))
         ov = result.get("overhead")
         if ov:
-            click.echo(f"learned router + features at S={ov['seq']}: {ov['router_ms']:.2f} ms router + "
+            click.echo(f"{ov['router']} + features at S={ov['seq']}: {ov['router_ms']:.2f} ms router + "
                        f"{ov['window_ms']:.2f} ms attention-score window = {100 * ov['overhead']:.2f}% of dense "
                        f"prefill ({ov['dense_ms']:.1f} ms)")
 

@@ -32,11 +32,13 @@ def _routed_for(lm, router, routers_dir, kv_policy, sparsity, seed):
 
 
 def _learned_like(routed):
-    """The same schedule and kv_policy with a learned router (untrained weights cost the same)."""
+    """The routed model itself when its router is a trained kind (learned, select: their overhead is
+    what is measured), else the same schedule and kv_policy with a learned router (untrained weights
+    cost the same)."""
     from tokenskip.routed import RoutedModel
-    from tokenskip.routers import LearnedRouter
+    from tokenskip.routers import LearnedRouter, SelectRouter
 
-    if isinstance(routed.router, LearnedRouter):
+    if isinstance(routed.router, (LearnedRouter, SelectRouter)):
         return routed
     return RoutedModel(routed.model, routed.schedule, LearnedRouter(), kv_policy=routed.kv_policy,
                        score_window=routed.score_window)
