@@ -212,3 +212,18 @@ def test_cli_refuses_bad_flags_before_loading():
     assert res.exit_code != 0 and "--lengths 100" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["train-select", "--out", "x", "--tasks", "poem"])
     assert res.exit_code != 0 and "--tasks poem" in res.output
+
+
+def test_a_rerun_reuses_only_the_same_settings(tmp_path):
+    """The pipeline's fit stage reuses fit/select only when model and settings are those it was
+    trained with (select.json records them)."""
+    from tokenskip.fileio import write_json_atomic
+
+    s = S.settings_for("small", 0.3)
+    assert (s.examples, s.lengths, s.steps) == S.BUDGETS["small"]
+    assert not S.done_before(tmp_path, s, "m")
+    (tmp_path / "tokenskip.json").write_text("{}")
+    write_json_atomic(tmp_path / "select.json", {"model": "m", "settings": S._settings_json(s)})
+    assert S.done_before(tmp_path, s, "m")
+    assert not S.done_before(tmp_path, s, "other-model")
+    assert not S.done_before(tmp_path, S.settings_for("small", 0.3, seed=1), "m")
