@@ -326,12 +326,17 @@ class SelectRouter(Router):
             pooled = torch.logsumexp(self.T * (shifted + self.offset_bias.float()), -1) / self.T  # [B,S]
             return pooled + self.recency.float() * pos  # [B,S]
 
+    def recent_share(self, pos: Tensor, sparsity: float) -> Tensor:
+        """pos [..,S] = position / (L - 1) -> bool [..,S]: the newest `recent` share of the keep
+        budget (1 - s_l), ranked first whatever the learned score (training leaves it out)."""
+        return pos > 1.0 - self.recent * (1.0 - float(sparsity))
+
     def scores(self, ctx: RouteContext) -> Tensor:
         learned = self.learned_scores(ctx.attn if ctx.attn is not None else torch.zeros_like(ctx.positions, dtype=torch.float32),
                                       ctx.valid, ctx.positions)  # [B,S]
         n = ctx.valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1]
         pos = ctx.positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S]
-        recent = pos > 1.0 - self.recent * (1.0 - float(ctx.sparsity))  # [B,S]
+        recent = self.recent_share(pos, ctx.sparsity)  # [B,S]
         bound = self.RECENT_RANK / 2
         return torch.where(recent, self.RECENT_RANK + ctx.positions.to(torch.float32),
                            learned.clamp(-bound, bound))  # [B,S]

@@ -122,7 +122,7 @@ def selection_items(routed, examples, progress: bool = False, desc: str = "selec
         table = routed(ids, until_routed=True).table[0].float().cpu()  # [S]
         seq = table.shape[0]
         positions = torch.arange(seq)
-        recent = positions.float() / max(seq - 1, 1) > 1.0 - router.recent * (1.0 - sched.sparsity[first])  # [S]
+        recent = router.recent_share(positions.float() / max(seq - 1, 1), sched.sparsity[first])  # [S]
         candidates = ~recent & (positions > 0)
         evidence = torch.zeros(seq, dtype=torch.bool)
         evidence[ex.evidence[0]:ex.evidence[1]] = True
