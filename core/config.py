@@ -127,8 +127,7 @@ def build_routed(model, *, router: str = "static", sparsity: float | None = None
         if router not in ROUTER_KINDS:
             raise UserError(f"--router {router}: choose from {', '.join(ROUTER_KINDS)}")
         if router in TRAINED_KINDS:
-            cmd = "tokenskip train-select" if router == "select" else "tokenskip train` or `tokenskip fit"
-            raise UserError(f"--router {router} needs --routers DIR (a folder written by `{cmd}`)")
+            raise UserError(f"--router {router} needs --routers DIR (a folder written by `{TRAINED_KINDS[router]}`)")
         module = make_router(router, seed)
         if router == "dense":
             sched = Schedule.dense(n)

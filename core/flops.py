@@ -39,13 +39,11 @@ def forward_flops(config, schedule: Schedule | None, seq: int, n_tail: int = 0, 
     `removed` blocks (ShortGPT baseline) cost nothing. score_refresh=False: the score window runs
     only in the block before the first routed one (a router's one selection layer)."""
     total = 0.0
-    first = schedule.first_routed if schedule is not None else None
     for layer in range(config.num_hidden_layers):
         if layer in removed:
             continue
-        window = score_window
-        if not score_refresh and first is not None and layer != first - 1:
-            window = 0
+        runs = schedule is None or schedule.window_runs(layer, score_refresh)
+        window = score_window if runs else 0
         if schedule is None or not schedule.is_routed(layer):
             total += block_flops(config, seq, seq, seq, window)
             continue
@@ -66,8 +64,8 @@ def flops_ratio(config, schedule: Schedule | None, seq: int, n_tail: int = 0, kv
 
 def routed_flops_ratio(routed, seq: int) -> float:
     """flops_ratio of a RoutedModel's prefill of `seq` tokens, everything read from the model: its
-    schedule (none while its router is off), its router's score window where that runs (every
-    executed block, or only the dense blocks before the first routed one), removed blocks."""
+    schedule (none while its router is off), its router's score window where that runs
+    (Schedule.window_runs), removed blocks."""
     router = routed.router
     window = routed.score_window if router is not None and router.needs_attention else 0
     return flops_ratio(routed.model.config, routed.schedule if router is not None else None, seq, 0, routed.kv_policy,

@@ -117,13 +117,8 @@ class RoutedModel(nn.Module):
     def _score_window(self, li: int) -> int:
         """Window rows block `li` spends on the attention-score table (0: it leaves it alone). With
         score_refresh=False the table is what the last dense block before the first routed one
-        computed (one selection layer, GemFilter-style): only that block computes the window (its
-        window rows see every key of the routed part, so it overwrites the whole table: an earlier
-        block's window would be discarded)."""
-        if not self._needs_scores():
-            return 0
-        first = self.schedule.first_routed
-        if not self.router.score_refresh and first is not None and li != first - 1:
+        computed (one selection layer, GemFilter-style; Schedule.window_runs)."""
+        if not self._needs_scores() or not self.schedule.window_runs(li, self.router.score_refresh):
             return 0
         return self.score_window
 

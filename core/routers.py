@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from .precision import fp32_region
 
 ROUTER_KINDS = ("dense", "static", "random", "learned", "attention", "hybrid", "gemfilter", "select")
-TRAINED_KINDS = ("learned", "select")  # kinds with weights: built from a routers folder (--routers DIR)
+# kinds with weights, built from a routers folder (--routers DIR): the command that writes one
+TRAINED_KINDS = {"learned": "tokenskip fit` or `tokenskip train", "select": "tokenskip train-select"}
 NUM_FEATURES = 4
 HIDDEN = 64
 
@@ -225,29 +226,48 @@ class HybridRouter(Router):
         self.score_refresh = refresh
 
     def scores(self, ctx: RouteContext) -> Tensor:
-        n = ctx.valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1] tokens of the routed part
-        pos = ctx.positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S] in [0, 1]
-        attn = ctx.attn.to(torch.float32) if ctx.attn is not None else torch.zeros_like(pos)  # [B,S]
-        attn = torch.where(ctx.valid & (ctx.positions > 0), attn, torch.zeros_like(attn)) * n  # [B,S]
+        n, pos, attn = attention_share(ctx.attn, ctx.valid, ctx.positions)  # [B,1], [B,S], [B,S]
         attn = reach_max(attn, *self.reach)  # [B,S]
-        # the newest `recent` share of the keep budget (1 - s_l) of the routed part ranks first
-        recent = pos > 1.0 - self.recent * (1.0 - float(ctx.sparsity))  # [B,S]
+        recent = recent_share(pos, self.recent, ctx.sparsity)  # [B,S]
         # attn * n <= n, so 2n + position ranks the recent share above everything, newest first
         # (integer positions stay exact in fp32, unlike a large constant plus a fraction)
         return torch.where(recent, 2 * n + ctx.positions.to(torch.float32), attn + 1e-3 * pos)  # [B,S]
 
 
+def attention_share(attn: Tensor | None, valid: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the retrieval routers (hybrid, gemfilter, select) read, over the routed part only:
+    n [B,1] its token count, pos [B,S] = position / (n - 1) in [0, 1], and the attention table
+    [B,S] scaled by n (1 = a uniform spread, whatever the length), 0 on the sink (forced anyway:
+    its attention would spread to its neighbours), on padding and on a scored tail."""
+    n = valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1]
+    pos = positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S]
+    a = attn.to(torch.float32) if attn is not None else torch.zeros_like(pos)  # [B,S]
+    return n, pos, torch.where(valid & (positions > 0), a, torch.zeros_like(a)) * n
+
+
+def recent_share(pos: Tensor, recent: float, sparsity: float) -> Tensor:
+    """pos [..,S] -> bool [..,S]: the newest `recent` share of a block's keep budget (1 - s_l), which
+    the retrieval routers rank first (continuation quality) whatever their attention score."""
+    return pos > 1.0 - recent * (1.0 - float(sparsity))
+
+
+def neighbour_slices(score: Tensor, back: int, ahead: int, fill: float = 0.0) -> Tensor:
+    """score [B,S] -> [B,S,K], K = back + ahead + 1: [b, i, k] = score[b, i + k - back] (`fill` beyond
+    the ends). Shifted slices rather than unfold/max_pool1d, which would pin the exported graph to
+    the example length."""
+    seq = score.shape[1]
+    padded = F.pad(score, (back, ahead), value=fill)  # [B,S+K-1]: padded[:, j + back] = score[:, j]
+    return torch.stack([padded[:, i:i + seq] for i in range(back + ahead + 1)], -1)  # [B,S,K]
+
+
 def reach_max(score: Tensor, back: int, ahead: int) -> Tensor:
-    """score [B,S] -> [B,S]: token i takes the largest score of tokens i-back .. i+ahead (a 1-D max-pool,
-    stride 1, same length, zeros beyond the ends; scores are >= 0). As the max of shifted slices:
-    F.max_pool1d would pin the exported graph to the example length. Reaching back keeps the words
-    that FOLLOW an attended phrase: the question quotes the evidence's start, and the answer is what
-    comes after it (the induction pattern), so a symmetric pool keeps the quote but cuts the answer."""
+    """score [B,S] (>= 0) -> [B,S]: token i takes the largest score of tokens i-back .. i+ahead (a 1-D
+    max-pool, stride 1, same length). Reaching back keeps the words that FOLLOW an attended phrase:
+    the question quotes the evidence's start, and the answer is what comes after it (the induction
+    pattern), so a symmetric pool keeps the quote but cuts the answer."""
     if back == 0 and ahead == 0:
         return score
-    seq = score.shape[1]
-    padded = F.pad(score, (back, ahead))  # [B,S+back+ahead]: padded[:, j + back] = score[:, j]
-    return torch.stack([padded[:, i:i + seq] for i in range(back + ahead + 1)], -1).amax(-1)  # [B,S]
+    return neighbour_slices(score, back, ahead).amax(-1)  # [B,S]
 
 
 class GemFilterRouter(HybridRouter):
@@ -312,31 +332,21 @@ class SelectRouter(Router):
 
     schedule_for = GemFilterRouter.schedule_for
 
-    def learned_scores(self, attn: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
+    def learned_scores(self, attn: Tensor | None, valid: Tensor, positions: Tensor) -> Tensor:
         """The learned part [B,S] (what training fits), before the recent share is ranked first."""
-        with fp32_region(attn):
-            n = valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1]
-            pos = positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S] in [0, 1]
-            a = torch.where(valid & (positions > 0), attn.float(), torch.zeros_like(pos)) * n  # [B,S]
+        return self._learned(*attention_share(attn, valid, positions)[1:])
+
+    def _learned(self, pos: Tensor, a: Tensor) -> Tensor:  # pos, a [B,S] (attention_share) -> [B,S]
+        with fp32_region(a):
             la = torch.log(a + self.EPS)  # [B,S]
-            seq = la.shape[1]
-            padded = F.pad(la, (self.BACK, self.AHEAD), value=math.log(self.EPS))  # [B,S+K-1]
-            # slice i holds the score of token j + i - BACK at j: offsets -BACK..AHEAD
-            shifted = torch.stack([padded[:, i:i + seq] for i in range(self.BACK + self.AHEAD + 1)], -1)  # [B,S,K]
+            shifted = neighbour_slices(la, self.BACK, self.AHEAD, math.log(self.EPS))  # [B,S,K] offsets -BACK..AHEAD
             pooled = torch.logsumexp(self.T * (shifted + self.offset_bias.float()), -1) / self.T  # [B,S]
             return pooled + self.recency.float() * pos  # [B,S]
 
-    def recent_share(self, pos: Tensor, sparsity: float) -> Tensor:
-        """pos [..,S] = position / (L - 1) -> bool [..,S]: the newest `recent` share of the keep
-        budget (1 - s_l), ranked first whatever the learned score (training leaves it out)."""
-        return pos > 1.0 - self.recent * (1.0 - float(sparsity))
-
     def scores(self, ctx: RouteContext) -> Tensor:
-        learned = self.learned_scores(ctx.attn if ctx.attn is not None else torch.zeros_like(ctx.positions, dtype=torch.float32),
-                                      ctx.valid, ctx.positions)  # [B,S]
-        n = ctx.valid.sum(-1, keepdim=True).to(torch.float32)  # [B,1]
-        pos = ctx.positions.to(torch.float32) / (n - 1).clamp(min=1)  # [B,S]
-        recent = self.recent_share(pos, ctx.sparsity)  # [B,S]
+        _, pos, a = attention_share(ctx.attn, ctx.valid, ctx.positions)  # [B,S], [B,S]
+        learned = self._learned(pos, a)  # [B,S]
+        recent = recent_share(pos, self.recent, ctx.sparsity)  # [B,S]
         bound = self.RECENT_RANK / 2
         return torch.where(recent, self.RECENT_RANK + ctx.positions.to(torch.float32),
                            learned.clamp(-bound, bound))  # [B,S]

@@ -53,9 +53,16 @@ class Schedule:
 
     @functools.cached_property
     def first_routed(self) -> int | None:
-        """The first routed block (None: a dense schedule); a one-selection router's table is what
-        the dense blocks before it left (RoutedModel._score_window, flops.forward_flops)."""
+        """The first routed block (None: a dense schedule)."""
         return next((layer for layer, s in enumerate(self.sparsity) if s > 0.0), None)
+
+    def window_runs(self, layer: int, refresh: bool) -> bool:
+        """Whether block `layer` computes an attention-score router's window (RoutedModel and
+        flops.forward_flops ask here). refresh: every block does. Otherwise (a one-selection
+        router) only the block before the first routed one: its window rows see every key of the
+        routed part, so it overwrites the whole table and an earlier block's window is discarded."""
+        first = self.first_routed
+        return refresh or first is None or layer == first - 1
 
     def keep_count(self, layer: int, routable: int) -> int:
         """Tokens kept out of `routable` routable tokens in block `layer`."""

@@ -272,7 +272,8 @@ def make_examples(tokenizer, tasks: list[str], lengths: list[int], n: int, seed:
 
         wiki = load_split("eval") if wiki is None else wiki
         news = load_news() if news is None else news
-    corpora = [Corpus(tokenizer, wiki, "wiki"), Corpus(tokenizer, news, "news")]
+    first = Corpus(tokenizer, wiki, "wiki")
+    corpora = [first, first if news is wiki else Corpus(tokenizer, news, "news")]  # one text: tokenised once
     vocab = _vocab(wiki)
     out: list[LongCtxExample] = []
     for task in tasks:

@@ -111,6 +111,7 @@ def _examples(tokenizer, split: str, settings: SelectSettings, n: int, seed: int
 def selection_items(routed, examples, progress: bool = False, desc: str = "selection tables") -> list[Item]:
     """Each example's table, candidates and evidence at the first routed block (dense prefix only)."""
     from tokenskip.precision import model_device
+    from tokenskip.routers import recent_share
     from tokenskip.selection import block_keep_count
 
     router, sched = routed.router, routed.schedule
@@ -122,7 +123,7 @@ def selection_items(routed, examples, progress: bool = False, desc: str = "selec
         table = routed(ids, until_routed=True).table[0].float().cpu()  # [S]
         seq = table.shape[0]
         positions = torch.arange(seq)
-        recent = router.recent_share(positions.float() / max(seq - 1, 1), sched.sparsity[first])  # [S]
+        recent = recent_share(positions.float() / max(seq - 1, 1), router.recent, sched.sparsity[first])  # [S]
         candidates = ~recent & (positions > 0)
         evidence = torch.zeros(seq, dtype=torch.bool)
         evidence[ex.evidence[0]:ex.evidence[1]] = True
