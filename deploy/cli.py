@@ -121,12 +121,13 @@ def generate(ctx, model, router, sparsity, schedule, routers_dir, kv_policy, see
             shown = {"text": "", "ids": []}
             click.echo(prompts[picked[0]], nl=False)
 
-            def on_token(row, token, shown=shown):
+            def show(row, token, shown=shown):
                 shown["ids"].append(token)
                 text = tok.decode(shown["ids"], skip_special_tokens=True)
                 click.echo(text[len(shown["text"]):], nl=False)
                 sys.stdout.flush()
                 shown["text"] = text
+            on_token = show
         gen = generate_tokens(backend, chunk, sampling, pad_id=tok.pad_token_id, eos_ids=eos, on_token=on_token,
                               seed_offsets=picked)
         if stream:

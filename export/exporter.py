@@ -313,6 +313,9 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
             _check(tmp / MODEL_FILE)
             timings["check_s"] = time.perf_counter() - t1
         loaded.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        gen_config = getattr(loaded.model, "generation_config", None)
+        if gen_config is not None:  # its eos_token_id list (end-of-turn ids) stops ORT/TRT serving too
+            gen_config.save_pretrained(str(tmp / TOKENIZER_DIR))  # (deploy/runtime/stop_ids.py reads it)
         save_routing(tmp / ROUTING_DIR, cfg, routed.router)
         sidecar = build_sidecar(loaded.name, routed, cfg, exported, opset, max_seq_len, proto)
         del proto

@@ -392,6 +392,8 @@ def test_smol_graph_has_custom_ops_and_functions(smol_exports):
     assert sorted(p.name for p in out.glob("*.onnx*")) == ["model.onnx", "model.onnx.data"]
     assert 134e6 * 4 <= (out / "model.onnx.data").stat().st_size <= 136e6 * 4
     assert (out / "tokenizer" / "tokenizer.json").is_file() or (out / "tokenizer" / "tokenizer_config.json").is_file()
+    # the generation config travels with the tokenizer: ORT/TRT serving stops on all its eos ids
+    assert "eos_token_id" in json.loads((out / "tokenizer" / "generation_config.json").read_text())
     dense_side = json.loads((smol_exports["dense"] / "export.json").read_text())
     assert dense_side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["seq", "batch", 3, 64]
     assert side["graphs"]["model"]["outputs"]["new.5.key"]["shape"] == ["kept_5", "batch", 3, 64]
