@@ -201,14 +201,8 @@ def pipeline(ctx, model, out_dir, sparsity, budget, windows, domains, free_run, 
 
         t0 = _stage(1, f"fit the routers ({budget} budget): search -> train -> re-search -> train; train-select")
         routers = run_fit(model, sparsity, fit_dir, FitSettings(budget=budget, seed=seed), lm=lm)
-        click.echo(f"routers: {routers}")
-        from .train.select import done_before, settings_for, train_select
-
-        sel = settings_for(budget, sparsity, seed)
-        if done_before(fit_dir / "select", sel, model):
-            click.echo(f"(reusing {fit_dir / 'select'}: same model and settings)")
-        else:  # the learned one-selection router (long prompts), from train-split long-prompt examples
-            train_select(lm, fit_dir / "select", sel)
+        click.echo(f"routers: {routers}" + (f"; select router: {fit_dir / 'select'}"
+                                            if (fit_dir / "select" / "tokenskip.json").is_file() else ""))
         _done(t0)
     routers_dir = fit_dir / "routers"
 

@@ -11,6 +11,7 @@ and exports to ONNX with PyTorch's logits; `train-select` end to end on the tiny
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,16 +194,37 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "_examples", fake_examples)
     lm = types.SimpleNamespace(model=model, tokenizer=tok, name="tiny")
-    settings = S.SelectSettings(sparsity=0.25, examples=3, lengths=(300,), tasks=("needle", "article_qa"), steps=5)
+    settings = S.SelectSettings(sparsity=0.2, examples=3, lengths=(300,), tasks=("needle", "article_qa"), steps=5,
+                                kl_windows=2, kl_len=64)
     rec = S.train_select(lm, tmp_path / "sel", settings, progress=False, log=lambda m: None)
     assert rec["train_examples"] == 6 and rec["val_examples"] == 2 and rec["ships"] in ("start", "trained")
     assert rec["trained"]["loss"] <= rec["start"]["loss"]
     routed, cfg = build_routed(model, routers_dir=tmp_path / "sel")
     assert cfg.router == "select" and isinstance(routed.router, SelectRouter)
+    # every candidate selection layer was tried; the one keeping the most validation evidence ships,
+    # and the folder's schedule is that layer's
+    n = model.config.num_hidden_layers
+    assert [c["select_layer"] for c in rec["candidates"]] == S.candidate_layers(n, 0.2) == [2, 1]
+    assert all(c["calib_kl"] >= 0 for c in rec["candidates"])  # two candidates: both scored on calibration KL
+    assert rec["select_layer"] == rec["candidates"][S.choose(rec["candidates"])]["select_layer"]
+    assert routed.schedule.first_routed == rec["select_layer"] == rec["selection_layer"] + 1
+    one = S.train_select(lm, tmp_path / "sel1", replace(settings, select_layer=1), progress=False, log=lambda m: None)
+    assert [c["select_layer"] for c in one["candidates"]] == [1] and one["selection_layer"] == 0
+    with pytest.raises(UserError, match="--select-layer"):
+        S.train_select(lm, tmp_path / "bad", replace(settings, select_layer=n), progress=False, log=lambda m: None)
     with pytest.raises(UserError, match="--steps"):
         S.SelectSettings(steps=-1).check()
     with pytest.raises(UserError, match="--lengths"):
         S.SelectSettings(lengths=(100,)).check()
+
+
+def test_choose_prefers_lower_kl_among_depths_keeping_enough_evidence():
+    """The candidate rule: evidence first (>= 0.9 of the best depth's), then calibration KL."""
+    rec = lambda ev, kl: {"val_evidence_kept": ev, "calib_kl": kl}  # noqa: E731
+    assert S.choose([rec(0.975, 0.08), rec(0.907, 0.06)]) == 1  # 0.907 >= 0.9 * 0.975: KL decides
+    assert S.choose([rec(0.975, 0.08), rec(0.80, 0.03)]) == 0  # too little evidence, whatever its KL
+    assert S.choose([rec(0.30, 0.50), rec(0.88, 0.09)]) == 1  # the middle depth collapsed (0.4)
+    assert S.choose([{"val_evidence_kept": 0.5}]) == 0  # one candidate, no KL scored
 
 
 def test_cli_refuses_bad_flags_before_loading():
@@ -220,7 +242,7 @@ def test_a_rerun_reuses_only_the_same_settings(tmp_path):
     from tokenskip.fileio import write_json_atomic
 
     s = S.settings_for("small", 0.3)
-    assert (s.examples, s.lengths, s.steps) == S.BUDGETS["small"]
+    assert (s.examples, s.lengths, s.steps, s.kl_windows, s.kl_len) == S.BUDGETS["small"]
     assert not S.done_before(tmp_path, s, "m")
     (tmp_path / "tokenskip.json").write_text("{}")
     write_json_atomic(tmp_path / "select.json", {"model": "m", "settings": S._settings_json(s)})

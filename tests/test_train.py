@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -335,10 +334,29 @@ def test_fit_tiny_budget(tiny_fit):
     fit, out = tiny_fit
     assert out == fit / "routers"
     for p in ("search-static/schedule.json", "router-1/router.safetensors", "search-learned/schedule.json",
-              "routers/tokenskip.json", "routers/router.safetensors", "fit.json"):
+              "routers/tokenskip.json", "routers/router.safetensors", "fit.json",
+              "select/tokenskip.json", "select/router.safetensors", "select/select.json"):
         assert (fit / p).is_file(), p
     re = json.loads((fit / "search-learned/schedule.json").read_text())
     assert re["router"] == "learned" and abs(re["overall"] - 0.25) < 1e-9
+    assert json.loads((fit / "fit.json").read_text())["select"] == str(fit / "select")
+    sel = json.loads((fit / "select/tokenskip.json").read_text())
+    assert sel["router"] == "select" and abs(sum(sel["schedule"]) / len(sel["schedule"]) - 0.25) < 1e-6
+
+
+def test_fit_select_skipped_where_its_schedule_cannot_hold_the_sparsity():
+    """The select router's routed blocks carry the whole budget: at 0.8 of 30 blocks they would need
+    1.2+ each from either candidate layer, so fit says so before any work and goes on without it (not a
+    failure after the search). At 0.5 the middle layer cannot hold it and the earlier one can."""
+    from tokenskip.train.fit import _select_fits
+    from tokenskip.train.select import candidate_layers
+
+    said = []
+    assert _select_fits(30, 0.3, said.append) and not said
+    assert candidate_layers(30, 0.3) == [15, 8] and candidate_layers(30, 0.5) == [8]
+    assert candidate_layers(30, 0.5, select_layer=6) == [6]
+    assert not _select_fits(30, 0.8, said.append)
+    assert len(said) == 1 and "no select router" in said[0] and "--sparsity 0.8" in said[0]
 
 
 LONG = ["--longctx", "needle,article_qa", "--longctx-lengths", 256, "--longctx-examples", 2]

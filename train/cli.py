@@ -232,12 +232,15 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
               help="Long-prompt tasks the training examples come from.")
 @click.option("--steps", default=150, show_default=True, help="Adam steps over all the examples (full batch).")
 @click.option("--lr", default=0.05, show_default=True)
+@click.option("--select-layer", type=int, default=None,
+              help="First routed block: blocks before it run dense, the last of them is read for the selection "
+                   "[default: half the blocks, gemfilter's]. Earlier leaves more blocks to share --sparsity.")
 @_kv
 @_seed
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the fit's record (select.json) as JSON.")
-def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, kv_policy, seed, device, dtype,
-                     as_json):
+def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, select_layer, kv_policy, seed,
+                     device, dtype, as_json):
     """Train the learned one-selection router (kind `select`): gemfilter's schedule and attention
     table, with a learned scoring of it fitted to where the evidence of long-prompt questions sits
     (examples built from the train split; the evaluation uses the eval split and the news corpus).
@@ -256,8 +259,8 @@ def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, 
     out = _check_out(out_dir)
     settings = SelectSettings(sparsity=sparsity, examples=examples, lengths=tuple(parse_list(lengths, int, "--lengths")),
                               tasks=tuple(parse_list(tasks, str, "--tasks")), steps=steps, lr=lr, seed=seed,
-                              kv_policy=kv_policy)
-    settings.check()  # bad flags fail before the model loads
+                              kv_policy=kv_policy, select_layer=select_layer)
+    settings.check()  # bad flags fail before the model loads (the block count is checked after)
     lm = load_model(model, dtype=dtype, device=device)
     record = train_select(lm, out, settings, progress=not as_json, log=(lambda m: None) if as_json else click.echo)
     if as_json:
@@ -276,11 +279,16 @@ def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, 
 @click.option("--train-text", type=click.Path(), default=None, help="Plain text file to train on.")
 @click.option("--batch-size", type=int, default=None,
               help="Global training batch instead of the budget's (2); at least the number of processes.")
+@click.option("--select/--no-select", default=True, show_default=True,
+              help="Also train the one-selection router for long prompts (kind `select`) into OUT/select.")
 @device_options
-def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text, batch_size, device, dtype):
-    """search (static router) -> train -> re-search (learned router) -> short final train.
+def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_text, batch_size, select, device, dtype):
+    """search (static router) -> train -> re-search (learned router) -> short final train; then the
+    select router (long prompts: what a question at the end needs, wherever it sits).
 
-    Writes OUT/search-static, OUT/router-1, OUT/search-learned and the final OUT/routers.
+    Writes OUT/search-static, OUT/router-1, OUT/search-learned, the final OUT/routers and OUT/select
+    (as `tokenskip train-select` at the budget's size; skipped, with a message, where its schedule
+    cannot hold the sparsity).
     Under torchrun / accelerate launch every stage is split over the processes (docs/gpu.md).
 
     \b
@@ -290,6 +298,7 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
       accelerate launch --multi_gpu --num_processes 8 -m tokenskip fit --sparsity 0.3 --out out/fit \\
           --batch-size 8 --device cuda --dtype bf16
       tokenskip eval --routers out/fit/routers
+      tokenskip longctx --sparsity 0.3 --methods gemfilter --routers out/fit/select
     """
     from tokenskip.schedule import check_sparsity
 
@@ -302,7 +311,7 @@ def fit(model, sparsity, out_dir, budget, kv_policy, seed, calib_text, train_tex
     dist = init_distributed(device)
     deterministic(seed)
     settings = FitSettings(budget=budget, seed=seed, kv_policy=kv_policy, calib_text=calib_text, train_text=train_text,
-                           batch_size=batch_size)
+                           batch_size=batch_size, select=select)
     final = run_fit(model, sparsity, out_dir, settings, log=lambda m: click.echo(m, err=True), device=device,
                     dtype=dtype, dist=dist)
     if dist.is_main:

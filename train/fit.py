@@ -7,6 +7,9 @@
 4. a short final training on the new schedule, starting from the router of step 2 (no guide
    loss: the router has already left the static target behind)
                                                    -> DIR/routers/ (the result)
+5. the one-selection router for long prompts (train/select.py, its own schedule shape, trained on
+   the evidence spans of train-split long-prompt examples)
+                                                   -> DIR/select/ (unless --no-select)
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class FitSettings:
     calib_text: str | None = None
     train_text: str | None = None
     batch_size: int | None = None
+    select: bool = True  # also train the one-selection router (kind `select`) into DIR/select
 
     def resolve(self, world: int) -> Budget:
         """The budget this fit runs, checked (one-line errors naming the flag) before any work."""
@@ -118,6 +122,7 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, settings: Fit
     t0 = time.time()
     lm = lm or load_model(model_name, dtype=dtype, device=dist.device if dist.active else device)
     model = lm.model
+    select = settings.select and _select_fits(model.config.num_hidden_layers, sparsity, log)
     calib = windows(lm.tokenizer, "calib", settings.calib_text, b.seq_len, b.calib_windows, seed)
     train_ids = windows(lm.tokenizer, "train", settings.train_text, b.seq_len, b.train_windows, seed)
     times = {}
@@ -166,16 +171,53 @@ def run_fit(model_name: str, sparsity: float, out_dir: str | Path, settings: Fit
     train_router(model, r2.schedule, train_ids, calib, tf, final_dir, model_name=model_name, init_router=router1,
                  progress=progress, resume=resume, dist=dist)
     times["final_train"] = time.time() - t0
+
+    # 5. the learned one-selection router (long prompts): its own schedule shape, trained on the
+    # evidence spans of train-split long-prompt examples (train/select.py); seconds to minutes
+    if select:
+        if dist.is_main:
+            _fit_select(lm, model_name, sparsity, settings, out / "select", progress, log, resume)
+        dist.barrier()
+        times["select"] = time.time() - t0
     if dist.is_main:
         write_json_atomic(out / "fit.json", {"model": model_name, "sparsity": sparsity, "budget": asdict(b),
                                              "budget_name": settings.budget, "seed": seed, "kv_policy": kv_policy,
                                              "fitness": {"static_search": r1.fitness, "learned_search": r2.fitness},
                                              "seconds": {k: round(v, 1) for k, v in times.items()},
-                                             "routers": str(final_dir), "dtype": dtype_name(model_dtype(model)),
+                                             "routers": str(final_dir),
+                                             "select": str(out / "select") if select else None,
+                                             "dtype": dtype_name(model_dtype(model)),
                                              "device": str(model_device(model)), "processes": dist.world})
     dist.barrier()
     log(f"fit: done in {time.time() - t0:.0f}s; routers in {final_dir}")
     return final_dir
+
+
+def _select_fits(num_layers: int, sparsity: float, log) -> bool:
+    """Whether the select router's schedule shape holds `sparsity` (its routed blocks carry the whole
+    budget); said before any work when it does not, and the rest of the fit goes on without it."""
+    from .select import candidate_layers
+
+    try:
+        candidate_layers(num_layers, sparsity)
+    except UserError as e:
+        log(f"fit: no select router at this sparsity ({e}); fitting the learned router only")
+        return False
+    return True
+
+
+def _fit_select(lm, model_name: str, sparsity: float, settings: FitSettings, out: Path, progress: bool, log,
+                resume: bool) -> None:
+    from .select import done_before, settings_for, train_select
+
+    sel = settings_for(settings.budget, sparsity, settings.seed, settings.kv_policy)
+    if resume and done_before(out, sel, model_name):
+        log(f"fit: reusing {out} (same model and settings)")
+        return
+    if settings.calib_text or settings.train_text:
+        log("fit: the select router trains on long-prompt examples built from the built-in train split "
+            "(--calib-text/--train-text feed the learned router only)")
+    train_select(lm, out, sel, progress=progress, log=log)
 
 
 def _done_search(path: Path, settings: SearchSettings, model_name: str, kv_policy: str):

@@ -35,6 +35,7 @@ from tokenskip.schedule import check_sparsity
 
 from .longctx_tasks import TASKS, check_request
 
+EARLY_FRACTION = 0.27  # the earlier candidate selection depth (8 of smollm2-135m's 30 blocks)
 SCALE = 4.0  # logit scale of the listwise softmax (the learned scores are log-attention sized)
 
 
@@ -48,25 +49,36 @@ class SelectSettings:
     lr: float = 0.05
     seed: int = 0
     kv_policy: str = "skip"
+    select_layer: int | None = None  # first routed block; None = try both candidate_layers
+    kl_windows: int = 8  # calibration windows (split calib) scoring each candidate's continuation KL
+    kl_len: int = 512  # their length; the last 64 tokens (an eighth for short ones) are the continuation
 
-    def check(self, max_len: int | None = None) -> None:
+    def check(self, max_len: int | None = None, num_layers: int | None = None) -> None:
         check_sparsity(self.sparsity)
+        if self.select_layer is not None and (self.select_layer < 1 or
+                                              (num_layers is not None and self.select_layer >= num_layers)):
+            raise UserError(f"--select-layer {self.select_layer}: must be in [1, {num_layers or 'the block count'})")
         check_request(list(self.tasks), list(self.lengths), self.examples, max_len)
         if self.steps < 0:
             raise UserError(f"--steps {self.steps}: must be >= 0")
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: must be > 0")
+        if self.kl_windows < 1 or self.kl_len < 16 or (max_len is not None and self.kl_len > max_len):
+            raise UserError(f"calibration windows {self.kl_windows} x {self.kl_len} tokens: need >= 1 window "
+                            f"of 16..{max_len or 'the context'} tokens")
 
 
 # examples per task and length, lengths, steps by fit budget (the pipeline's --budget); the CLI's
 # defaults are "default"
-BUDGETS = {"tiny": (2, (256,), 5), "small": (16, (512, 1024), 150), "default": (24, (512, 1024), 150)}
+# (and calibration KL windows x length)
+BUDGETS = {"tiny": (2, (256,), 5, 2, 64), "small": (16, (512, 1024), 150, 8, 512),
+           "default": (24, (512, 1024), 150, 8, 512)}
 
 
 def settings_for(budget: str, sparsity: float, seed: int = 0, kv_policy: str = "skip") -> SelectSettings:
-    examples, lengths, steps = BUDGETS[budget]
+    examples, lengths, steps, kl_windows, kl_len = BUDGETS[budget]
     return SelectSettings(sparsity=sparsity, examples=examples, lengths=lengths, steps=steps, seed=seed,
-                          kv_policy=kv_policy)
+                          kv_policy=kv_policy, kl_windows=kl_windows, kl_len=kl_len)
 
 
 def done_before(out_dir: str | Path, settings: SelectSettings, model_name: str) -> bool:
@@ -167,38 +179,48 @@ def evidence_kept(router, items: list[Item], sparsity: float) -> float:
     return sum(fractions) / max(len(fractions), 1)
 
 
-def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSettings(), progress: bool = True,
-                 log=print) -> dict:
-    """Fit a SelectRouter and write its routers folder (tokenskip.json + router.safetensors +
-    select.json with the fit's record). Returns that record."""
-    from tokenskip.config import RoutingConfig, save_routing
-    from tokenskip.fileio import write_json_atomic
+def candidate_layers(num_layers: int, sparsity: float, select_layer: int | None = None) -> list[int]:
+    """The first routed blocks train-select tries, latest first: `select_layer` when given, else
+    half the depth (gemfilter's; the question's attention is sharpest there in smollm2-135m) and
+    EARLY_FRACTION of it. At 0.4 the blocks after the middle would skip >90% each and the selection
+    collapses; from an earlier layer more blocks share the budget, and of first routed blocks
+    6/8/9/10/12 of smollm2's 30, 8 kept the most evidence (docs/training.md 8.7). Those whose schedule
+    cannot hold `sparsity` are left out; none left is the user's error."""
+    from tokenskip.schedule import Schedule
+
+    layers = [select_layer] if select_layer is not None else sorted(
+        {num_layers // 2, max(1, round(EARLY_FRACTION * num_layers))}, reverse=True)
+    fits, last_error = [], None
+    for layer in layers:
+        try:
+            Schedule.select_after(num_layers, sparsity, layer)
+            fits.append(layer)
+        except UserError as e:
+            last_error = e
+    if not fits:
+        raise last_error
+    return fits
+
+
+def _fit_at(lm, layer: int, settings: SelectSettings, train_ex, val_ex, progress: bool) -> dict:
+    """Train a SelectRouter whose first routed block is `layer`; its validation evidence picks the
+    start or the trained state. Returns the router, schedule and the record's numbers."""
     from tokenskip.routed import RoutedModel
     from tokenskip.routers import SelectRouter
 
-    from .common import deterministic
-
-    max_len = int(getattr(lm.model.config, "max_position_embeddings", 2048))
-    settings.check(max_len)
-    deterministic(settings.seed)
-    t0 = time.time()
-    out = Path(out_dir)
-    n_layers = lm.model.config.num_hidden_layers
-    router = SelectRouter()
-    schedule = router.schedule_for(n_layers, settings.sparsity)
+    router = SelectRouter(select_layer=layer)
+    schedule = router.schedule_for(lm.model.config.num_hidden_layers, settings.sparsity)
     routed = RoutedModel(lm.model, schedule, router, kv_policy=settings.kv_policy)
     first = schedule.first_routed
-    train_ex = _examples(lm.tokenizer, "train", settings, settings.examples, settings.seed)
-    val_ex = _examples(lm.tokenizer, "calib", settings, max(1, settings.examples // 3), settings.seed + 1)
-    train_items = selection_items(routed, train_ex, progress, "selection tables (train)")
-    val_items = selection_items(routed, val_ex, progress, "selection tables (validation)")
+    train_items = selection_items(routed, train_ex, progress, f"selection tables, block {first - 1} (train)")
+    val_items = selection_items(routed, val_ex, progress, f"selection tables, block {first - 1} (validation)")
     s_block = schedule.sparsity[first]
     start_state = {k: v.clone() for k, v in router.state_dict().items()}
     with torch.no_grad():
         start = {"loss": float(listwise_loss(router, train_items)),
                  "val_evidence_kept": evidence_kept(router, val_items, s_block)}
     opt = torch.optim.Adam(router.parameters(), lr=settings.lr)
-    bar = tqdm(range(settings.steps), desc="train-select", disable=not progress, leave=False)
+    bar = tqdm(range(settings.steps), desc=f"train-select (block {first - 1})", disable=not progress, leave=False)
     for _ in bar:
         loss = listwise_loss(router, train_items)
         opt.zero_grad()
@@ -212,19 +234,89 @@ def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSetti
     ships = "trained" if trained["val_evidence_kept"] >= start["val_evidence_kept"] else "start"
     if ships == "start":
         router.load_state_dict(start_state)
+    return {"router": router, "schedule": schedule, "record": {
+        "select_layer": layer, "selection_layer": first - 1, "routed_block_sparsity": round(s_block, 4),
+        "train_examples": len(train_items), "val_examples": len(val_items),
+        "start": start, "trained": trained, "ships": ships,
+        "val_evidence_kept": max(start["val_evidence_kept"], trained["val_evidence_kept"]),
+        "offset_bias": [round(float(v), 3) for v in trained_state["offset_bias"]],
+        "offsets": [-router.BACK, router.AHEAD], "recency": round(float(trained_state["recency"]), 4)}}
+
+
+EVIDENCE_SHARE = 0.9  # a depth qualifies keeping >= this share of the best depth's validation evidence
+
+
+def choose(records: list[dict]) -> int:
+    """Which candidate ships: among the depths keeping at least EVIDENCE_SHARE of the best one's
+    validation evidence, the lowest calibration continuation KL (the first, latest depth, when
+    there is one candidate). Why both: evidence alone prefers the middle depth, whose few routed
+    blocks each skip ~70% at 0.3 and cost continuation KL; the earlier depth keeps ~93% as much
+    evidence with the budget spread over more blocks, and lower KL (docs/training.md 8.7)."""
+    best = max(r["val_evidence_kept"] for r in records)
+    ok = [i for i, r in enumerate(records) if r["val_evidence_kept"] >= EVIDENCE_SHARE * best]
+    return min(ok, key=lambda i: (records[i].get("calib_kl", 0.0), i))
+
+
+def _calib_kl(lm, fits: list[dict], settings: SelectSettings) -> None:
+    """Each candidate's mean continuation KL to dense (the deployment function: routed prefill,
+    decode through the KV cache) on calib-split windows (disjoint from training and evaluation
+    text), into its record as `calib_kl`."""
+    from tokenskip.evaluate import dense_reference, evaluate
+    from tokenskip.routed import RoutedModel
+    from tokenskip.schedule import Schedule
+
+    from .common import windows
+
+    calib = windows(lm.tokenizer, "calib", None, settings.kl_len, settings.kl_windows, settings.seed + 2)  # [N,L]
+    cont = max(1, min(64, settings.kl_len // 8))
+    base = RoutedModel(lm.model, Schedule.dense(lm.model.config.num_hidden_layers), None, kv_policy=settings.kv_policy)
+    dense = dense_reference(base, calib, cont, progress=False)
+    for fit in fits:
+        routed = RoutedModel(lm.model, fit["schedule"], fit["router"], kv_policy=settings.kv_policy)
+        kl = evaluate(routed, calib, cont, dense, "select", progress=False).per_window["kl"]
+        fit["record"]["calib_kl"] = round(float(sum(kl) / len(kl)), 6)
+
+
+def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSettings(), progress: bool = True,
+                 log=print) -> dict:
+    """Fit a SelectRouter at each candidate selection layer (candidate_layers) and write the one
+    `choose` picks (evidence kept, then calibration KL) as a routers folder (tokenskip.json + router.safetensors +
+    select.json with the fit's record, every candidate's numbers included). Returns that record."""
+    from tokenskip.config import RoutingConfig, save_routing
+    from tokenskip.fileio import write_json_atomic
+
+    from .common import deterministic
+
+    max_len = int(getattr(lm.model.config, "max_position_embeddings", 2048))
+    n_layers = lm.model.config.num_hidden_layers
+    settings.check(max_len, n_layers)
+    layers = candidate_layers(n_layers, settings.sparsity, settings.select_layer)
+    deterministic(settings.seed)
+    t0 = time.time()
+    out = Path(out_dir)
+    train_ex = _examples(lm.tokenizer, "train", settings, settings.examples, settings.seed)
+    val_ex = _examples(lm.tokenizer, "calib", settings, max(1, settings.examples // 3), settings.seed + 1)
+    fits = [_fit_at(lm, layer, settings, train_ex, val_ex, progress) for layer in layers]
+    if len(fits) > 1:  # continuation KL decides between the depths that keep enough evidence
+        _calib_kl(lm, fits, settings)
+    tried = [f["record"] for f in fits]
+    best = choose(tried)
+    router, schedule, chosen = fits[best]["router"], fits[best]["schedule"], tried[best]
     cfg = RoutingConfig(model=lm.name, num_layers=n_layers, router="select", schedule=list(schedule.sparsity),
                         kv_policy=settings.kv_policy, score_window=router.score_window, seed=settings.seed,
                         model_type=lm.model.config.model_type, hidden_size=lm.model.config.hidden_size,
                         extra={"schedule_meta": schedule.meta})
-    record = {"model": lm.name, "settings": _settings_json(settings),
-              "train_examples": len(train_items), "val_examples": len(val_items), "selection_layer": first - 1,
-              "start": start, "trained": trained, "ships": ships,
-              "offset_bias": [round(float(v), 3) for v in trained_state["offset_bias"]],
-              "offsets": [-router.BACK, router.AHEAD], "recency": round(float(trained_state["recency"]), 4),
+    record = {"model": lm.name, "settings": _settings_json(settings), **chosen,
+              "candidates": [{k: v for k, v in r.items() if k not in ("offset_bias", "offsets")} for r in tried],
               "seconds": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
     save_routing(out, cfg, router)
     write_json_atomic(out / "select.json", record)
-    log(f"train-select: evidence kept on validation {start['val_evidence_kept']:.3f} (start) -> "
-        f"{trained['val_evidence_kept']:.3f} (trained); ships the {ships} router; {record['seconds']:.0f}s; wrote {out}")
+    for r in tried:
+        log(f"train-select: selection at block {r['selection_layer']} (routed blocks skip "
+            f"{r['routed_block_sparsity']:.2f} each): evidence kept on validation "
+            f"{r['start']['val_evidence_kept']:.3f} (start) -> {r['trained']['val_evidence_kept']:.3f} (trained)"
+            + (f"; calibration KL {r['calib_kl']:.4f}" if "calib_kl" in r else ""))
+    log(f"train-select: ships the {chosen['ships']} router selecting at block {chosen['selection_layer']}; "
+        f"{record['seconds']:.0f}s; wrote {out}")
     return record
