@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenskip.routed import RoutedModel, block_keep_count, forced_tokens, keep_mask, routing_scores, tail_tokens
+from tokenskip.routed import RoutedModel, block_keep_count, forced_tokens, keep_mask, routing_scores
 from tokenskip.routers import RouteContext, Router
 from tokenskip.schedule import Schedule
 
