@@ -209,17 +209,10 @@ def _session(model: Path | bytes, threads: int | None, profile_prefix: str | Non
              weights_dir: Path | None = None):
     """The runtime's session options (deploy/runtime/ort_backend.ort_session), CPU, optionally
     profiled; `model` is a file, or serialized bytes whose external weights are in `weights_dir`."""
-    from ..runtime.ort_backend import import_ort
+    from ..runtime.ort_backend import import_ort, session_options
 
     ort = import_ort()
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if os.environ.get("TOKENSKIP_ORT_SPIN") != "1":
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts = session_options(threads)
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix

@@ -59,8 +59,8 @@ def ort_providers(device: str) -> list:
             "CPUExecutionProvider"]
 
 
-def ort_session(path: Path, device: str = "cpu", threads: int | None = None):
-    """The one ONNX Runtime session factory (validation and the ORT backend)."""
+def session_options(threads: int | None = None):
+    """The runtime's ONNX Runtime session options (also what bench/ort_cost.py profiles)."""
     ort = import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -72,6 +72,13 @@ def ort_session(path: Path, device: str = "cpu", threads: int | None = None):
         # ORT's pool threads spin after each Run by default; between decode steps that steals the
         # cores the Python side needs (measured: a 16 ms logits copy on 2 cores). 1 restores it.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def ort_session(path: Path, device: str = "cpu", threads: int | None = None):
+    """The one ONNX Runtime session factory (validation and the ORT backend)."""
+    ort = import_ort()
+    opts = session_options(threads)
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
