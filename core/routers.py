@@ -294,8 +294,9 @@ class GemFilterRouter(HybridRouter):
 
 
 class SelectRouter(Router):
-    """The learned one-selection router (issue 20): gemfilter's schedule (blocks before the middle
-    dense, `Schedule.select_after`) and its table (the question's last 16 rows, max over heads, read
+    """The learned one-selection router (issue 20): gemfilter's schedule shape (the blocks before
+    `select_layer` dense, `Schedule.select_after`; train-select picks the layer, and the saved
+    schedule carries it) and its table (the question's last 16 rows, max over heads, read
     once from the last dense block), scored by a learned function instead of a fixed pool:
 
         score_i = (1/T) logsumexp_o T (log(a_{i+o} + eps) + b_o) + w * position_i / (L - 1)

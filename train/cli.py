@@ -234,7 +234,8 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
 @click.option("--lr", default=0.05, show_default=True)
 @click.option("--select-layer", type=int, default=None,
               help="First routed block: blocks before it run dense, the last of them is read for the selection "
-                   "[default: half the blocks, gemfilter's]. Earlier leaves more blocks to share --sparsity.")
+                   "[default: try half the blocks and 0.27 of them, ship the better (docs/training.md 8.7)]. "
+                   "Earlier leaves more blocks to share --sparsity.")
 @_kv
 @_seed
 @device_options
