@@ -160,3 +160,23 @@ def test_cli_errors_name_the_flag():
     assert res.exit_code != 0 and "--lengths" in res.output
     res = CliRunner().invoke(longctx, ["--methods", "static"])
     assert res.exit_code != 0 and "--sparsity" in res.output
+
+
+def test_report_section_notes_a_router_whose_schedule_cannot_hold_the_sparsity(tiny_llama, tok):
+    """`report` at 0.5 on a fit folder must not fail after its KL table because gemfilter's
+    schedule shape (half the blocks dense) cannot hold 0.5: that router is noted, the rest scored."""
+    import types
+
+    from tokenskip.train.report import QualitySettings, longctx_section
+
+    model, _ = tiny_llama
+    lm = types.SimpleNamespace(model=model, name="tiny")
+    base = RoutedModel(model, Schedule.dense(4), None)
+    q = QualitySettings(longctx=("needle",), longctx_lengths=(300,), longctx_examples=1)
+    exs = _examples(tok, n=1, lengths=(300,))[:1]
+    obj = longctx_section(lm, base, [], 0.5, exs, q, progress=False)
+    methods = {r["method"] for r in obj["rows"]}
+    assert "dense" in methods and any(m.startswith("attention") for m in methods)
+    assert not any(m.startswith("gemfilter") for m in methods)
+    assert len(obj["skipped"]) == 1 and obj["skipped"][0].startswith("gemfilter at sparsity 0.5: ")
+    assert "Not scored: gemfilter at sparsity 0.5" in obj["markdown"]
