@@ -80,11 +80,11 @@ def _synthetic_items(n: int, seed: int) -> list:
     return items
 
 
-def test_training_learns_the_reach_and_keeps_more_evidence():
+def test_training_learns_the_reach_and_keeps_more_of_the_label():
     torch.manual_seed(0)
     train, val = _synthetic_items(24, 0), _synthetic_items(12, 1)
     r = SelectRouter()
-    before = S.evidence_kept(r, val, 0.6)
+    before = S.answer_kept(r, val, 0.6)
     with torch.no_grad():
         loss0 = float(S.listwise_loss(r, train))
     opt = torch.optim.Adam(r.parameters(), lr=0.05)
@@ -93,7 +93,7 @@ def test_training_learns_the_reach_and_keeps_more_evidence():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = S.evidence_kept(r, val, 0.6)
+    after = S.answer_kept(r, val, 0.6)
     with torch.no_grad():
         assert float(S.listwise_loss(r, train)) < loss0
     assert after > before + 0.2 and after > 0.9
@@ -218,13 +218,13 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
         S.SelectSettings(lengths=(100,)).check()
 
 
-def test_choose_prefers_lower_kl_among_depths_keeping_enough_evidence():
-    """The candidate rule: evidence first (>= 0.9 of the best depth's), then calibration KL."""
-    rec = lambda ev, kl: {"val_evidence_kept": ev, "calib_kl": kl}  # noqa: E731
+def test_choose_prefers_lower_kl_among_depths_keeping_enough_answers():
+    """The candidate rule: answers kept first (>= 0.9 of the best depth's), then calibration KL."""
+    rec = lambda ev, kl: {"val_answer_kept": ev, "calib_kl": kl}  # noqa: E731
     assert S.choose([rec(0.975, 0.08), rec(0.907, 0.06)]) == 1  # 0.907 >= 0.9 * 0.975: KL decides
-    assert S.choose([rec(0.975, 0.08), rec(0.80, 0.03)]) == 0  # too little evidence, whatever its KL
+    assert S.choose([rec(0.975, 0.08), rec(0.80, 0.03)]) == 0  # too few answers kept, whatever its KL
     assert S.choose([rec(0.30, 0.50), rec(0.88, 0.09)]) == 1  # the middle depth collapsed (0.4)
-    assert S.choose([{"val_evidence_kept": 0.5}]) == 0  # one candidate, no KL scored
+    assert S.choose([{"val_answer_kept": 0.5}]) == 0  # one candidate, no KL scored
 
 
 def test_cli_refuses_bad_flags_before_loading():
@@ -249,3 +249,16 @@ def test_a_rerun_reuses_only_the_same_settings(tmp_path):
     assert S.done_before(tmp_path, s, "m")
     assert not S.done_before(tmp_path, s, "other-model")
     assert not S.done_before(tmp_path, S.settings_for("small", 0.3, seed=1), "m")
+
+
+def test_label_is_the_answer_inside_the_evidence_and_its_lead_in():
+    """The label train-select fits: the answer's tokens where they stand inside the evidence (not an
+    accidental match outside it) and S.LEAD tokens before them."""
+    from tokenskip.train.longctx_tasks import LongCtxExample
+
+    prompt = [5, 6, 7, 8, 9, 10, 11, 7, 8, 12, 13, 14]
+    ex = LongCtxExample(task="needle", length=12, prompt=prompt, answer=[7, 8], evidence=(5, 10), depth=5 / 12,
+                        source="wiki")
+    assert S.answer_span(ex) == (7 - S.LEAD, 9)  # the match at 7 (inside), not at 2 (outside)
+    ex.answer = [99]  # not inside the evidence as tokenised: the whole evidence is the label
+    assert S.answer_span(ex) == (5, 10)

@@ -3,22 +3,26 @@
 What it learns: which tokens of a long prompt the question needs, read from the question's
 attention at the selection layer (gemfilter's table). The labels are free: long-prompt examples
 built from the TRAIN split of the built-in data (train/longctx_tasks.py generators; the evaluation
-draws the eval split and the news corpus) know the token span of their evidence. The router's
+draws the eval split and the news corpus) know their answer and the span of their evidence. The
+label is the answer's own tokens inside the evidence and the LEAD tokens before them: what greedy
+decoding copies, and the context its copying matches on. (Labelling the whole evidence sentence
+spent the ranking on words the answer does not need: at 0.4 the router kept the answer of 0.83 of
+the validation questions, against 0.94 with answer labels; docs/training.md 8.9.) The router's
 learned part ranks the tokens outside the recent share; the loss is listwise, a cross-entropy
-against the uniform distribution over the evidence span:
+against the uniform distribution over the label tokens:
 
-    loss = - mean_{e in evidence} log softmax(SCALE * score)_e      (softmax over the candidates)
+    loss = - mean_{e in label} log softmax(SCALE * score)_e      (softmax over the candidates)
 
 so the gradient acts on the ranking itself (the top-k decision), not on a scale or a bias that top-k
 ignores (issue 20's complaint about the four-feature router's sparsity and guide terms), and it
-pushes up EVERY evidence token, as the top-k must keep all of them (a log of the summed evidence
+pushes up EVERY label token, as the top-k must keep all of them (a log of the summed label
 probability is satisfied by one token far ahead: measured, it kept less evidence than the start).
 
 Everything before the first routed block is dense, so the table each example gives is computed once
 (`RoutedModel.forward(until_routed=True)`: the dense half of the model) and the fit runs on those
 tables alone: seconds, deterministic under the seed. Router selection: the start (gemfilter's rule)
 and the trained router are compared on validation examples from the CALIB split (disjoint from
-training and evaluation text); the one that keeps more evidence ships.
+training and evaluation text); the one that keeps more of the answers ships.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from tqdm.auto import tqdm
 from tokenskip.errors import UserError
 from tokenskip.schedule import check_sparsity
 
-from .longctx_tasks import TASKS, check_request
+from .longctx_tasks import TASKS, check_request, find_sub
 
 EARLY_FRACTION = 0.27  # the earlier candidate selection depth (8 of smollm2-135m's 30 blocks)
 SCALE = 4.0  # logit scale of the listwise softmax (the learned scores are log-attention sized)
+LEAD = 2  # label tokens before the answer: the context its copying matches on
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class Item:
     table: torch.Tensor  # [S] float32 the attention-score table the first routed block reads
     positions: torch.Tensor  # [S] int64
     candidates: torch.Tensor  # [S] bool: tokens the learned part ranks (not the sink, not the recent share)
-    evidence: torch.Tensor  # [S] bool: the evidence span, within the candidates
+    target: torch.Tensor  # [S] bool: the label (answer_span), within the candidates
     keep: int  # tokens the first routed block keeps
 
 
@@ -119,9 +124,21 @@ def _examples(tokenizer, split: str, settings: SelectSettings, n: int, seed: int
     return make_examples(tokenizer, list(settings.tasks), list(settings.lengths), n, seed, wiki=text, news=text)
 
 
+def answer_span(ex) -> tuple[int, int]:
+    """[start, end) of the label in ex.prompt: the answer's tokens where they stand inside the
+    evidence, and the LEAD tokens before. A tokenizer that splits the answer differently in context
+    (none of the built-in tasks does with smollm2's) gets the whole evidence span instead."""
+    at = find_sub(ex.prompt[ex.evidence[0]:ex.evidence[1]], ex.answer)
+    if not at:
+        return ex.evidence[0], ex.evidence[1]
+    start = ex.evidence[0] + at[0]
+    return max(0, start - LEAD), start + len(ex.answer)
+
+
 @torch.no_grad()
 def selection_items(routed, examples, progress: bool = False, desc: str = "selection tables") -> list[Item]:
-    """Each example's table, candidates and evidence at the first routed block (dense prefix only)."""
+    """Each example's table, candidates and label (answer_span) at the first routed block (dense
+    prefix only)."""
     from tokenskip.precision import model_device
     from tokenskip.routers import recent_share
     from tokenskip.selection import block_keep_count
@@ -137,31 +154,33 @@ def selection_items(routed, examples, progress: bool = False, desc: str = "selec
         positions = torch.arange(seq)
         recent = recent_share(positions.float() / max(seq - 1, 1), router.recent, sched.sparsity[first])  # [S]
         candidates = ~recent & (positions > 0)
-        evidence = torch.zeros(seq, dtype=torch.bool)
-        evidence[ex.evidence[0]:ex.evidence[1]] = True
-        items.append(Item(table, positions, candidates, evidence & candidates,
-                          block_keep_count(sched, first, seq, 0)))
+        target = torch.zeros(seq, dtype=torch.bool)
+        start, end = answer_span(ex)
+        target[start:end] = True
+        items.append(Item(table, positions, candidates, target & candidates, block_keep_count(sched, first, seq, 0)))
     return items
 
 
 def listwise_loss(router, items: list[Item]) -> torch.Tensor:
-    """Mean over the examples with evidence among the candidates of the mean over their evidence
+    """Mean over the examples with a label among the candidates of the mean over their label
     tokens of -log softmax(SCALE * learned score) over the candidates."""
     losses = []
     for it in items:
-        if not it.evidence.any():
-            continue  # the evidence is in the recent share: kept whatever the router learns
+        if not it.target.any():
+            continue  # the label is in the recent share: kept whatever the router learns
         valid = torch.ones_like(it.candidates)
         score = router.learned_scores(it.table[None], valid[None], it.positions[None])[0]  # [S]
         logp = torch.log_softmax(SCALE * score[it.candidates], 0)  # [C]
-        losses.append(-logp[it.evidence[it.candidates]].mean())
+        losses.append(-logp[it.target[it.candidates]].mean())
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
 @torch.no_grad()
-def evidence_kept(router, items: list[Item], sparsity: float) -> float:
-    """Mean fraction of each example's evidence tokens the first routed block keeps, ranked by the
-    router's full rule (recent share, forced sink and last token, top-k): what deployment keeps."""
+def answer_kept(router, items: list[Item], sparsity: float) -> float:
+    """Mean fraction of each example's label tokens (the answer and its lead-in, answer_span) the
+    first routed block keeps, ranked by the router's full rule (recent share, forced sink and last
+    token, top-k): what deployment keeps. Examples whose label is all in the recent share count
+    not (kept whatever the router does)."""
     from tokenskip.routers import RouteContext
     from tokenskip.selection import forced_tokens, routing_scores
 
@@ -173,9 +192,9 @@ def evidence_kept(router, items: list[Item], sparsity: float) -> float:
         sel = routing_scores(router.scores(ctx), valid, forced_tokens(valid, 0))[0]  # [S]
         kept = torch.zeros(seq, dtype=torch.bool)
         kept[torch.topk(sel, it.keep).indices] = True
-        full = int(it.evidence.sum())  # evidence in the candidates (the recent share's is kept anyway)
+        full = int(it.target.sum())  # label in the candidates (the recent share's is kept anyway)
         if full:
-            fractions.append(float((kept & it.evidence).sum()) / full)
+            fractions.append(float((kept & it.target).sum()) / full)
     return sum(fractions) / max(len(fractions), 1)
 
 
@@ -203,7 +222,7 @@ def candidate_layers(num_layers: int, sparsity: float, select_layer: int | None 
 
 
 def _fit_at(lm, layer: int, settings: SelectSettings, train_ex, val_ex, progress: bool) -> dict:
-    """Train a SelectRouter whose first routed block is `layer`; its validation evidence picks the
+    """Train a SelectRouter whose first routed block is `layer`; its validation answer_kept picks the
     start or the trained state. Returns the router, schedule and the record's numbers."""
     from tokenskip.routed import RoutedModel
     from tokenskip.routers import SelectRouter
@@ -218,7 +237,7 @@ def _fit_at(lm, layer: int, settings: SelectSettings, train_ex, val_ex, progress
     start_state = {k: v.clone() for k, v in router.state_dict().items()}
     with torch.no_grad():
         start = {"loss": float(listwise_loss(router, train_items)),
-                 "val_evidence_kept": evidence_kept(router, val_items, s_block)}
+                 "val_answer_kept": answer_kept(router, val_items, s_block)}
     opt = torch.optim.Adam(router.parameters(), lr=settings.lr)
     bar = tqdm(range(settings.steps), desc=f"train-select (block {first - 1})", disable=not progress, leave=False)
     for _ in bar:
@@ -229,31 +248,32 @@ def _fit_at(lm, layer: int, settings: SelectSettings, train_ex, val_ex, progress
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     with torch.no_grad():
         trained = {"loss": float(listwise_loss(router, train_items)),
-                   "val_evidence_kept": evidence_kept(router, val_items, s_block)}
+                   "val_answer_kept": answer_kept(router, val_items, s_block)}
     trained_state = {k: v.detach().clone() for k, v in router.state_dict().items()}
-    ships = "trained" if trained["val_evidence_kept"] >= start["val_evidence_kept"] else "start"
+    ships = "trained" if trained["val_answer_kept"] >= start["val_answer_kept"] else "start"
     if ships == "start":
         router.load_state_dict(start_state)
     return {"router": router, "schedule": schedule, "record": {
         "select_layer": layer, "selection_layer": first - 1, "routed_block_sparsity": round(s_block, 4),
         "train_examples": len(train_items), "val_examples": len(val_items),
         "start": start, "trained": trained, "ships": ships,
-        "val_evidence_kept": max(start["val_evidence_kept"], trained["val_evidence_kept"]),
+        "val_answer_kept": max(start["val_answer_kept"], trained["val_answer_kept"]),
         "offset_bias": [round(float(v), 3) for v in trained_state["offset_bias"]],
         "offsets": [-router.BACK, router.AHEAD], "recency": round(float(trained_state["recency"]), 4)}}
 
 
-EVIDENCE_SHARE = 0.9  # a depth qualifies keeping >= this share of the best depth's validation evidence
+ANSWER_SHARE = 0.9  # a depth qualifies keeping >= this share of the best depth's validation answers
 
 
 def choose(records: list[dict]) -> int:
-    """Which candidate ships: among the depths keeping at least EVIDENCE_SHARE of the best one's
-    validation evidence, the lowest calibration continuation KL (the first, latest depth, when
-    there is one candidate). Why both: evidence alone prefers the middle depth, whose few routed
-    blocks each skip ~70% at 0.3 and cost continuation KL; the earlier depth keeps ~93% as much
-    evidence with the budget spread over more blocks, and lower KL (docs/training.md 8.7)."""
-    best = max(r["val_evidence_kept"] for r in records)
-    ok = [i for i, r in enumerate(records) if r["val_evidence_kept"] >= EVIDENCE_SHARE * best]
+    """Which candidate ships: among the depths keeping at least ANSWER_SHARE of the best one's
+    validation answer_kept, the lowest calibration continuation KL (the first, latest depth, when
+    there is one candidate). Why both: answers kept alone prefer the middle depth, whose few routed
+    blocks each skip ~70% at 0.3 and cost continuation KL; the earlier depth keeps nearly as
+    much (~93% of the evidence, measured with whole-sentence labels) with the budget spread over more
+    blocks, and lower KL (docs/training.md 8.7)."""
+    best = max(r["val_answer_kept"] for r in records)
+    ok = [i for i, r in enumerate(records) if r["val_answer_kept"] >= ANSWER_SHARE * best]
     return min(ok, key=lambda i: (records[i].get("calib_kl", 0.0), i))
 
 
@@ -280,7 +300,7 @@ def _calib_kl(lm, fits: list[dict], settings: SelectSettings) -> None:
 def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSettings(), progress: bool = True,
                  log=print) -> dict:
     """Fit a SelectRouter at each candidate selection layer (candidate_layers) and write the one
-    `choose` picks (evidence kept, then calibration KL) as a routers folder (tokenskip.json + router.safetensors +
+    `choose` picks (answers kept, then calibration KL) as a routers folder (tokenskip.json + router.safetensors +
     select.json with the fit's record, every candidate's numbers included). Returns that record."""
     from tokenskip.config import RoutingConfig, save_routing
     from tokenskip.fileio import write_json_atomic
@@ -297,7 +317,7 @@ def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSetti
     train_ex = _examples(lm.tokenizer, "train", settings, settings.examples, settings.seed)
     val_ex = _examples(lm.tokenizer, "calib", settings, max(1, settings.examples // 3), settings.seed + 1)
     fits = [_fit_at(lm, layer, settings, train_ex, val_ex, progress) for layer in layers]
-    if len(fits) > 1:  # continuation KL decides between the depths that keep enough evidence
+    if len(fits) > 1:  # continuation KL decides between the depths that keep enough of the answers
         _calib_kl(lm, fits, settings)
     tried = [f["record"] for f in fits]
     best = choose(tried)
@@ -314,8 +334,8 @@ def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSetti
     write_json_atomic(out / "select.json", record)
     for r in tried:
         log(f"train-select: selection at block {r['selection_layer']} (routed blocks skip "
-            f"{r['routed_block_sparsity']:.2f} each): evidence kept on validation "
-            f"{r['start']['val_evidence_kept']:.3f} (start) -> {r['trained']['val_evidence_kept']:.3f} (trained)"
+            f"{r['routed_block_sparsity']:.2f} each): answers kept on validation "
+            f"{r['start']['val_answer_kept']:.3f} (start) -> {r['trained']['val_answer_kept']:.3f} (trained)"
             + (f"; calibration KL {r['calib_kl']:.4f}" if "calib_kl" in r else ""))
     log(f"train-select: ships the {chosen['ships']} router selecting at block {chosen['selection_layer']}; "
         f"{record['seconds']:.0f}s; wrote {out}")
