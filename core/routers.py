@@ -18,7 +18,7 @@ router never changes how tokens are selected, only their ranking.
   is spent on the blocks after it (`Schedule.select_after`).
 - select: gemfilter's schedule and table with a LEARNED scoring of it: a soft max over each token's
   neighbourhood with learned per-offset weights, plus a learned recency tilt, trained on where the
-  evidence of long-prompt questions sits (`tokenskip train-select`).
+  answers of long-prompt questions sit (`tokenskip train-select`).
 """
 
 from __future__ import annotations
@@ -315,8 +315,10 @@ class SelectRouter(Router):
     The start (untrained) is gemfilter's pool of 7 (b_o = 0 on [-3, 3]) with a faint reach beyond it
     (b_o = -3: a neighbour 4-16 back or 4-8 ahead counts at 5% of its attention, so the loss has a
     gradient there), w = 0.
-    Training (train/select.py) fits b and w to the evidence spans of train-split long-prompt
-    examples. Causal: the table, positions and lengths are over the routed part only."""
+    Training (train/select.py) fits b and w to where the answers of train-split long-prompt
+    examples sit (the answer's tokens inside the evidence and the two before them); trained, the
+    pool reaches 1-8 tokens back and hardly ahead. Causal: the table, positions and lengths are over
+    the routed part only."""
 
     needs_attention = True
     BACK, AHEAD, T, EPS = 16, 8, 8.0, 1e-4

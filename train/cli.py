@@ -243,9 +243,10 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
 def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, select_layer, kv_policy, seed,
                      device, dtype, as_json):
     """Train the learned one-selection router (kind `select`): gemfilter's schedule and attention
-    table, with a learned scoring of it fitted to where the evidence of long-prompt questions sits
-    (examples built from the train split; the evaluation uses the eval split and the news corpus).
-    Runs the dense half of the model once per example, then fits in seconds.
+    table, with a learned scoring of it fitted to where the answers of long-prompt questions sit
+    (the answer's tokens in the evidence and the two before them; examples built from the train
+    split, the evaluation uses the eval split and the news corpus). Runs the dense part of the model
+    once per example, then fits in seconds.
 
     \b
     Examples:
