@@ -86,16 +86,16 @@ def test_training_learns_the_reach_and_keeps_more_of_the_label():
     r = SelectRouter()
     before = S.answer_kept(r, val, 0.6)
     with torch.no_grad():
-        loss0 = float(S.listwise_loss(r, train))
+        loss0 = float(S.cut_loss(r, train))
     opt = torch.optim.Adam(r.parameters(), lr=0.05)
     for _ in range(60):
-        loss = S.listwise_loss(r, train)
+        loss = S.cut_loss(r, train)
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = S.answer_kept(r, val, 0.6)
     with torch.no_grad():
-        assert float(S.listwise_loss(r, train)) < loss0
+        assert float(S.cut_loss(r, train)) < loss0
     assert after > before + 0.2 and after > 0.9
     b = r.offset_bias.detach()
     assert b[r.BACK - 12:r.BACK - 3].mean() > b[r.BACK + 1:].mean() + 1.0  # reaches back, not ahead
@@ -201,15 +201,22 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
     assert rec["trained"]["loss"] <= rec["start"]["loss"]
     routed, cfg = build_routed(model, routers_dir=tmp_path / "sel")
     assert cfg.router == "select" and isinstance(routed.router, SelectRouter)
-    # every candidate selection layer was tried; the one keeping the most validation evidence ships,
-    # and the folder's schedule is that layer's
+    # every candidate selection layer was tried with every loss; `choose` picked the one that ships,
+    # those qualifying on answers were scored on calibration KL, and the folder's schedule is its layer's
     n = model.config.num_hidden_layers
-    assert [c["select_layer"] for c in rec["candidates"]] == S.candidate_layers(n, 0.2) == [2, 1]
-    assert all(c["calib_kl"] >= 0 for c in rec["candidates"])  # two candidates: both scored on calibration KL
-    assert rec["select_layer"] == rec["candidates"][S.choose(rec["candidates"])]["select_layer"]
+    cands = rec["candidates"]
+    assert [(c["select_layer"], c["loss"]) for c in cands] == [(2, "listwise"), (2, "cut"), (1, "listwise"), (1, "cut")]
+    assert S.candidate_layers(n, 0.2) == [2, 1]
+    ok = S.qualifying(cands)
+    assert all(("calib_kl" in c) == (len(ok) > 1 and i in ok) for i, c in enumerate(cands))
+    best = cands[S.choose(cands)]
+    assert (rec["select_layer"], rec["loss"]) == (best["select_layer"], best["loss"])
     assert routed.schedule.first_routed == rec["select_layer"] == rec["selection_layer"] + 1
-    one = S.train_select(lm, tmp_path / "sel1", replace(settings, select_layer=1), progress=False, log=lambda m: None)
-    assert [c["select_layer"] for c in one["candidates"]] == [1] and one["selection_layer"] == 0
+    one = S.train_select(lm, tmp_path / "sel1", replace(settings, select_layer=1, losses=("cut",)), progress=False,
+                         log=lambda m: None)
+    assert [(c["select_layer"], c["loss"]) for c in one["candidates"]] == [(1, "cut")] and one["selection_layer"] == 0
+    with pytest.raises(UserError, match="--losses"):
+        replace(settings, losses=("hinge",)).check()
     with pytest.raises(UserError, match="--select-layer"):
         S.train_select(lm, tmp_path / "bad", replace(settings, select_layer=n), progress=False, log=lambda m: None)
     with pytest.raises(UserError, match="--steps"):
@@ -218,12 +225,14 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
         S.SelectSettings(lengths=(100,)).check()
 
 
-def test_choose_prefers_lower_kl_among_depths_keeping_enough_answers():
-    """The candidate rule: answers kept first (>= 0.9 of the best depth's), then calibration KL."""
-    rec = lambda ev, kl: {"val_answer_kept": ev, "calib_kl": kl}  # noqa: E731
-    assert S.choose([rec(0.975, 0.08), rec(0.907, 0.06)]) == 1  # 0.907 >= 0.9 * 0.975: KL decides
-    assert S.choose([rec(0.975, 0.08), rec(0.80, 0.03)]) == 0  # too few answers kept, whatever its KL
-    assert S.choose([rec(0.30, 0.50), rec(0.88, 0.09)]) == 1  # the middle depth collapsed (0.4)
+def test_choose_prefers_lower_kl_among_candidates_keeping_the_answers():
+    """The candidate rule: answers kept first (within ANSWER_TOLERANCE of the best), then calibration KL."""
+    rec = lambda ans, kl: {"val_answer_kept": ans, "calib_kl": kl}  # noqa: E731
+    assert S.ANSWER_TOLERANCE == 0.02
+    assert S.choose([rec(1.0, 0.074), rec(1.0, 0.059), rec(0.992, 0.068)]) == 1  # all qualify: KL decides (0.3)
+    assert S.choose([rec(0.958, 0.088), rec(0.993, 0.102)]) == 1  # the listwise router drops answers (0.4)
+    assert S.choose([rec(0.30, 0.50), rec(0.88, 0.09)]) == 1  # the middle depth collapsed
+    assert S.qualifying([rec(1.0, 0), rec(0.985, 0), rec(0.97, 0)]) == [0, 1]
     assert S.choose([{"val_answer_kept": 0.5}]) == 0  # one candidate, no KL scored
 
 
@@ -234,6 +243,8 @@ def test_cli_refuses_bad_flags_before_loading():
     assert res.exit_code != 0 and "--lengths 100" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["train-select", "--out", "x", "--tasks", "poem"])
     assert res.exit_code != 0 and "--tasks poem" in res.output
+    res = CliRunner().invoke(main, ["train-select", "--out", "x", "--losses", "hinge"])
+    assert res.exit_code != 0 and "--losses hinge" in res.output and "Traceback" not in res.output
 
 
 def test_a_rerun_reuses_only_the_same_settings(tmp_path):
@@ -262,3 +273,28 @@ def test_label_is_the_answer_inside_the_evidence_and_its_lead_in():
     assert S.answer_span(ex) == (7 - S.LEAD, 9)  # the match at 7 (inside), not at 2 (outside)
     ex.answer = [99]  # not inside the evidence as tokenised: the whole evidence is the label
     assert S.answer_span(ex) == (5, 10)
+
+
+def test_cut_loss_acts_at_the_top_k_cut():
+    """A label well inside the keep set costs ~nothing; one below the cut costs, and its gradient
+    raises the label and lowers the token at the cut (the loss is on the top-k decision, not on an
+    average probability)."""
+    seq = 40
+    positions = torch.arange(seq)
+    cand = (positions > 0) & (positions < 30)  # 29 candidates; 10 recent + the sink kept anyway
+    table = torch.full((seq,), 0.01)
+    table[5] = 0.5  # the label's own attention: top of the candidates
+    target = torch.zeros(seq, dtype=torch.bool)
+    target[5] = True
+    it = S.Item(table, positions, cand, target, keep=seq - 29 + 4)
+    assert S.learned_slots(it) == 4
+    r = SelectRouter()
+    with torch.no_grad():
+        r.offset_bias.fill_(-30.0)
+        r.offset_bias[r.BACK] = 0.0  # each token scores its own attention only
+    assert float(S.cut_loss(r, [it]).detach()) < 1e-3
+    table[5], table[20:24] = 0.01, 0.5  # now four others fill the cut and the label ranks below it
+    loss = S.cut_loss(r, [S.Item(table, positions, cand, target, keep=seq - 29 + 4)])
+    assert float(loss.detach()) > 1.0
+    loss.backward()
+    assert float(r.recency.grad) > 0  # a recency tilt lifts the cut (tokens 20-23) over the early label: less of it

@@ -234,14 +234,18 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
 @click.option("--lr", default=0.05, show_default=True)
 @click.option("--select-layer", type=int, default=None,
               help="First routed block: blocks before it run dense, the last of them is read for the selection "
-                   "[default: try half the blocks and 0.27 of them, ship the better (docs/training.md 8.7)]. "
+                   "[default: try half the blocks and 0.27 of them (docs/training.md 8.7)]. "
                    "Earlier leaves more blocks to share --sparsity.")
+@click.option("--losses", default="listwise,cut", show_default=True,
+              help="Losses fitted at each depth (comma list): listwise (average label probability) and cut "
+                   "(at the top-k cut); the candidate keeping the most validation answers, then the lowest "
+                   "calibration KL, ships (docs/training.md 8.9).")
 @_kv
 @_seed
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the fit's record (select.json) as JSON.")
-def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, select_layer, kv_policy, seed,
-                     device, dtype, as_json):
+def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, select_layer, losses, kv_policy,
+                     seed, device, dtype, as_json):
     """Train the learned one-selection router (kind `select`): gemfilter's schedule and attention
     table, with a learned scoring of it fitted to where the answers of long-prompt questions sit
     (the answer's tokens in the evidence and the two before them; examples built from the train
@@ -261,7 +265,8 @@ def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, 
     out = _check_out(out_dir)
     settings = SelectSettings(sparsity=sparsity, examples=examples, lengths=tuple(parse_list(lengths, int, "--lengths")),
                               tasks=tuple(parse_list(tasks, str, "--tasks")), steps=steps, lr=lr, seed=seed,
-                              kv_policy=kv_policy, select_layer=select_layer)
+                              kv_policy=kv_policy, select_layer=select_layer,
+                              losses=tuple(parse_list(losses, str, "--losses")))
     settings.check()  # bad flags fail before the model loads (the block count is checked after)
     lm = load_model(model, dtype=dtype, device=device)
     record = train_select(lm, out, settings, progress=not as_json, log=(lambda m: None) if as_json else click.echo)
