@@ -53,8 +53,9 @@ def ray_server(tmp_path_factory):
                     gpus_per_replica=0.0, address=None, blocking=False)
         yield f"http://127.0.0.1:{port}", spec_file, folder
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():  # the drain test (last) has shut it down already
+            serve.shutdown()
+            ray.shutdown()
 
 
 def test_two_replicas_answer_the_openai_client(ray_server):
@@ -102,3 +103,39 @@ def test_serve_run_builder_and_autoscaling_options(ray_server, monkeypatch):
     assert opts["autoscaling_config"]["max_replicas"] == 4 and opts["max_ongoing_requests"] == 8
     assert opts["max_queued_requests"] == 64  # overload past the queues: Ray answers 503
     assert "num_replicas" not in opts
+
+
+def test_sigterm_drain_finishes_the_stream_in_flight_then_stops_ray(ray_server):
+    """What `serve --ray` does on SIGTERM (ray_app.drain): a stream in flight runs to its end, new
+    requests are refused, then Ray stops. (serve.shutdown() alone closed the proxy under the open
+    stream: the client got an empty reply.) Last in the module: it stops the fixture's cluster."""
+    import threading
+
+    from tokenskip.deploy.serve import ray_app
+
+    url, _, folder = ray_server
+    body = {"model": folder.name, "prompt": "Drain", "max_tokens": 480, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    drained, events = {}, []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        t = threading.Thread(target=lambda: (drained.setdefault("start", time.monotonic()), ray_app.drain(),
+                                             drained.setdefault("end", time.monotonic())))
+        t.start()
+        time.sleep(0.5)  # the app is being deleted: the proxy refuses new requests
+        try:
+            refused = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2},
+                                 timeout=30).status_code  # Ray's proxy: 404, the app is going
+        except httpx.TransportError:
+            refused = "closed"
+        events = [first] + [line for line in lines if line.startswith("data:")]
+        stream_end = time.monotonic()
+    t.join(120)
+    assert not t.is_alive() and not ray.is_initialized()
+    assert drained["start"] < stream_end, "the stream ended before the drain began: nothing was tested"
+    assert drained["end"] >= stream_end - 0.5  # the drain waited for the stream
+    assert refused == "closed" or refused >= 400
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -51,10 +51,15 @@ def deployment_options(replicas: int, max_replicas: int | None, cpus_per_replica
     queue, bounded by --max-queue per replica (`max_queued_requests`), past which Ray answers 503.
     (With batch + queue as max_ongoing_requests, a replica's own queue took the overflow and
     Ray's queue never filled, so the promised 503 never came.)"""
+    from .runner import DRAIN_TIMEOUT_S
+
     batch = int(settings.get("max_batch", 32))
     opts = {"name": "tokenskip", "max_ongoing_requests": batch,
             "max_queued_requests": int(settings.get("max_waiting", 256)),
             "health_check_period_s": 10, "health_check_timeout_s": 30,
+            # a replica being stopped (SIGTERM to `serve --ray`, a scale-down) finishes its requests first
+            "graceful_shutdown_timeout_s": float(settings.get("request_timeout_s") or DRAIN_TIMEOUT_S),
+            "graceful_shutdown_wait_loop_s": 1.0,
             "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}}
     if max_replicas is not None and max_replicas > replicas:
         opts["autoscaling_config"] = {
@@ -96,9 +101,21 @@ def run(spec: ServeSpec, *, host: str, port: int, replicas: int, max_replicas: i
                        route_prefix="/", blocking=False)
     if blocking:
         wait_for_signal()
-        serve.shutdown()  # replicas stop (each engine shuts down), the HTTP proxy closes
-        ray.shutdown()
+        drain()
     return handle
+
+
+def drain(app: str = "tokenskip") -> None:
+    """SIGTERM/SIGINT: the requests in flight finish, then Ray stops. Deleting the application first
+    keeps the HTTP proxy up while Serve stops routing to the replicas and waits for their ongoing
+    requests (graceful_shutdown_timeout_s); new requests meanwhile get an error. (`serve.shutdown()`
+    alone killed the proxy with the streams still open: clients got an empty reply.) A second
+    signal exits at once (wait_for_signal has put the previous handlers back)."""
+    import ray
+
+    serve.delete(app, _blocking=True)
+    serve.shutdown()
+    ray.shutdown()
 
 
 def wait_for_signal() -> None:
