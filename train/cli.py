@@ -227,7 +227,7 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
               help="Routers folder to write (tokenskip.json + router.safetensors + select.json).")
 @click.option("--examples", default=24, show_default=True,
               help="Training examples per task and length (train split); validation: a third of it (calib split).")
-@click.option("--lengths", default="512,1024", show_default=True, help="Prompt lengths of the training examples.")
+@click.option("--lengths", default="256,512,1024", show_default=True, help="Prompt lengths of the training examples.")
 @click.option("--tasks", default="needle,kv_lookup,article_qa", show_default=True,
               help="Long-prompt tasks the training examples come from.")
 @click.option("--steps", default=150, show_default=True, help="Adam steps over all the examples (full batch).")
