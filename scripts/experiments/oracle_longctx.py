@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from tokenskip.config import build_routed
 from tokenskip.models import load_model
-from tokenskip.routers import StaticRouter
 from tokenskip.train.longctx import depth_bin, score_examples
 from tokenskip.train.longctx_tasks import make_examples
 from tokenskip.stats import resample_indices, percentile_ci
+
+from longctx_screen import EvidenceRouter  # the hindsight router of 8.2 (this folder is on sys.path)
 
 torch.set_num_threads(2)
 base = json.load(open(sys.argv[1]))
@@ -20,16 +21,6 @@ S = base["sparsity"]
 lm = load_model("smollm2-135m")
 exs = make_examples(lm.tokenizer, base["tasks"], base["lengths"], base["examples_per_task_length"], base["seed"])
 assert [list(e.evidence) for e in exs] == [m["evidence"] for m in base["examples"]], "not the longctx run's examples"
-
-
-class EvidenceRouter(StaticRouter):
-    """Keeps the evidence span (+-2 tokens) of the example it routes first, then the newest tokens."""
-    span = (0, 0)
-
-    def scores(self, ctx):
-        a, b = self.span
-        inside = (ctx.positions >= a - 2) & (ctx.positions < b + 2)  # [B,S]
-        return ctx.positions.to(torch.float32) + inside.float() * 1e6
 
 
 res = dict(base["correct"])
