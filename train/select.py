@@ -87,12 +87,10 @@ class SelectSettings:
                             f"of 16..{max_len or 'the context'} tokens")
 
 
-# examples per task and length, lengths, steps by fit budget (the pipeline's --budget); the CLI's
-# defaults are "default"
-# (and calibration KL windows x length)
-# 256-token prompts are in the mix so that short prompts are ranked as the long ones are: without
-# them article_qa at 256 tokens read 0.74x dense at 0.3, with them 0.84x, nothing lost at 512
-# (docs/training.md 8.10)
+# By fit budget (the pipeline's --budget; the CLI's defaults are "default"): examples per task and
+# length, lengths, steps, calibration KL windows, their length. 256-token prompts are in the mix so
+# that short prompts are ranked as the long ones are: without them article_qa at 256 tokens read
+# 0.74x dense at 0.3, with them 0.84x, nothing lost at 512 (docs/training.md 8.10).
 BUDGETS = {"tiny": (2, (256,), 5, 2, 64), "small": (16, (256, 512, 1024), 150, 8, 512),
            "default": (24, (256, 512, 1024), 150, 8, 512)}
 
