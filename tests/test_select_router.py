@@ -195,7 +195,7 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_examples", fake_examples)
     lm = types.SimpleNamespace(model=model, tokenizer=tok, name="tiny")
     settings = S.SelectSettings(sparsity=0.2, examples=3, lengths=(300,), tasks=("needle", "article_qa"), steps=5,
-                                kl_windows=2, kl_len=64)
+                                kl_windows=2, kl_len=64, search_generations=1, search_population=3, search_windows=2)
     rec = S.train_select(lm, tmp_path / "sel", settings, progress=False, log=lambda m: None)
     assert rec["train_examples"] == 6 and rec["val_examples"] == 2 and rec["ships"] in ("start", "trained")
     assert rec["trained"]["loss"] <= rec["start"]["loss"]
@@ -212,8 +212,16 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
     best = cands[S.choose(cands)]
     assert (rec["select_layer"], rec["loss"]) == (best["select_layer"], best["loss"])
     assert routed.schedule.first_routed == rec["select_layer"] == rec["selection_layer"] + 1
-    one = S.train_select(lm, tmp_path / "sel1", replace(settings, select_layer=1, losses=("cut",)), progress=False,
-                         log=lambda m: None)
+    # the schedule after the selection block was searched; the folder holds what the search record says ships
+    search = rec["schedule_search"]
+    assert search["generations"] == 1 and search["windows"] == 2 and search["ships"] in ("flat", "searched")
+    flat = Schedule.select_after(n, 0.2, rec["select_layer"])
+    shipped = list(search["sparsity"]) if search["ships"] == "searched" else list(flat.sparsity)
+    assert list(routed.schedule.sparsity) == pytest.approx(shipped, abs=1e-4)
+    assert routed.schedule.overall() == pytest.approx(0.2, abs=1e-3)
+    one = S.train_select(lm, tmp_path / "sel1", replace(settings, select_layer=1, losses=("cut",),
+                                                        search_generations=0), progress=False, log=lambda m: None)
+    assert one["schedule_search"] is None
     assert [(c["select_layer"], c["loss"]) for c in one["candidates"]] == [(1, "cut")] and one["selection_layer"] == 0
     with pytest.raises(UserError, match="--losses"):
         replace(settings, losses=("hinge",)).check()
@@ -223,6 +231,44 @@ def test_train_select_end_to_end(tiny_llama, tmp_path, monkeypatch):
         S.SelectSettings(steps=-1).check()
     with pytest.raises(UserError, match="--lengths"):
         S.SelectSettings(lengths=(100,)).check()
+
+
+def test_search_after_ships_the_searched_schedule_only_where_it_helps(tiny_llama, monkeypatch):
+    """search_after's rule: the searched schedule ships with lower calibration KL AND validation
+    answers within ANSWER_TOLERANCE of the flat schedule's, and never when it leaves the first
+    routed block dense (the table would come from another block than the router was trained on).
+    The GA is searched over the blocks after the selection block only, seeded with the flat one."""
+    from tokenskip.train import search as G
+
+    model, _ = tiny_llama
+    n = model.config.num_hidden_layers
+    flat = Schedule.select_after(n, 0.2, 1, dense_last=0)  # blocks 1.. at 0.2 * n / (n - 1)
+    seen = {}
+
+    def run(searched: list[float], kl: dict, acc: dict):
+        def fake_search(model, router, ids, cont, ss, kv, seeds, **kw):
+            seen.update(dense_first=ss.dense_first, dense_last=ss.dense_last, seeds=seeds, target=ss.target)
+            return G.SearchResult(schedule=Schedule(tuple(searched)), fitness=0.0)
+
+        monkeypatch.setattr(G, "search_schedule", fake_search)
+        monkeypatch.setattr(S, "_val_accuracy", lambda lm, sched, *a: acc[sched is flat])
+        fit = {"schedule": flat, "router": SelectRouter(select_layer=1), "record": {"calib_kl": kl[True]}}
+        lm = types.SimpleNamespace(model=model)
+        rec = S.search_after(lm, fit, S.SelectSettings(sparsity=0.2), lambda sched, r: kl[sched is flat],
+                             torch.zeros(2, 8, dtype=torch.long), [], False)
+        assert (fit["schedule"] is flat) == (rec["ships"] == "flat")
+        return rec
+
+    other = [0.0, 0.1] + [0.2 * n / (n - 1)] * (n - 3) + [0.2 * n / (n - 1) * 2 - 0.1]  # same mean, not flat
+    assert run(other, {True: 0.10, False: 0.09}, {True: 0.90, False: 0.89})["ships"] == "searched"
+    assert seen["dense_first"] == 1 and seen["dense_last"] == 0 and seen["seeds"] == [flat] and seen["target"] == 0.2
+    rec = run(other, {True: 0.10, False: 0.09}, {True: 0.90, False: 0.85})
+    assert rec["ships"] == "flat" and rec["why"] == "fewer validation answers"
+    rec = run(other, {True: 0.10, False: 0.11}, {True: 0.90, False: 0.95})
+    assert rec["ships"] == "flat" and rec["why"] == "no lower calibration KL"
+    late = [0.0, 0.0] + [0.2 * n / (n - 2)] * (n - 2)  # block 1 left dense: the table block would move
+    rec = run(late, {True: 0.10, False: 0.01}, {True: 0.9, False: 1.0})
+    assert rec["ships"] == "flat" and "first routed block" in rec["why"] and "calib_kl_searched" not in rec
 
 
 def test_choose_prefers_lower_kl_among_candidates_keeping_the_answers():
@@ -253,7 +299,8 @@ def test_a_rerun_reuses_only_the_same_settings(tmp_path):
     from tokenskip.fileio import write_json_atomic
 
     s = S.settings_for("small", 0.3)
-    assert (s.examples, s.lengths, s.steps, s.kl_windows, s.kl_len) == S.BUDGETS["small"]
+    assert (s.examples, s.lengths, s.steps, s.kl_windows, s.kl_len, s.search_generations, s.search_population,
+            s.search_windows) == S.BUDGETS["small"]
     assert not S.done_before(tmp_path, s, "m")
     (tmp_path / "tokenskip.json").write_text("{}")
     write_json_atomic(tmp_path / "select.json", {"model": "m", "settings": S._settings_json(s)})

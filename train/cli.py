@@ -240,12 +240,19 @@ def train(model, schedule_file, out_dir, steps, lr, seq_len, cont_len, batch_siz
               help="Losses fitted at each depth (comma list): listwise (average label probability) and cut "
                    "(at the top-k cut); the candidate keeping the most validation answers, then the lowest "
                    "calibration KL, ships (docs/training.md 8.9).")
+@click.option("--search-generations", default=5, show_default=True,
+              help="Genetic search of the per-block sparsities after the selection block, with the chosen "
+                   "router (0: the flat schedule ships); the searched one ships only with lower calibration KL "
+                   "and as many validation answers (docs/training.md 8.11).")
+@click.option("--search-population", default=12, show_default=True, help="Schedules per generation of that search.")
+@click.option("--search-windows", default=12, show_default=True,
+              help="Calib-split windows (of 512 tokens) the search's fitness reads.")
 @_kv
 @_seed
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the fit's record (select.json) as JSON.")
-def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, select_layer, losses, kv_policy,
-                     seed, device, dtype, as_json):
+def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, lr, select_layer, losses,
+                     search_generations, search_population, search_windows, kv_policy, seed, device, dtype, as_json):
     """Train the learned one-selection router (kind `select`): gemfilter's schedule and attention
     table, with a learned scoring of it fitted to where the answers of long-prompt questions sit
     (the answer's tokens in the evidence and the two before them; examples built from the train
@@ -255,6 +262,7 @@ def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, 
     \b
     Examples:
       tokenskip train-select --sparsity 0.3 --out out/select
+      tokenskip train-select --sparsity 0.4 --examples 16 --search-generations 0 --out out/select-flat
       tokenskip longctx --sparsity 0.3 --methods gemfilter --routers out/select --lengths 512,1024
       tokenskip export --routers out/select --out out/export-select
     """
@@ -266,7 +274,9 @@ def train_select_cmd(model, sparsity, out_dir, examples, lengths, tasks, steps, 
     settings = SelectSettings(sparsity=sparsity, examples=examples, lengths=tuple(parse_list(lengths, int, "--lengths")),
                               tasks=tuple(parse_list(tasks, str, "--tasks")), steps=steps, lr=lr, seed=seed,
                               kv_policy=kv_policy, select_layer=select_layer,
-                              losses=tuple(parse_list(losses, str, "--losses")))
+                              losses=tuple(parse_list(losses, str, "--losses")),
+                              search_generations=search_generations, search_population=search_population,
+                              search_windows=search_windows)
     settings.check()  # bad flags fail before the model loads (the block count is checked after)
     lm = load_model(model, dtype=dtype, device=device)
     record = train_select(lm, out, settings, progress=not as_json, log=(lambda m: None) if as_json else click.echo)

@@ -30,7 +30,10 @@ Everything before the first routed block is dense, so the table each example giv
 (`RoutedModel.forward(until_routed=True)`: the dense half of the model) and the fit runs on those
 tables alone: seconds, deterministic under the seed. Router selection: the start (gemfilter's rule)
 and the trained router are compared on validation examples from the CALIB split (disjoint from
-training and evaluation text); the one that keeps more of the answers ships.
+training and evaluation text); the one that keeps more of the answers ships. Last, the per-block
+sparsities after the selection block are searched with that router (search_after, FTP's genetic
+search on calib windows of their own), which trades evenly spread skipping for a shape that
+costs less continuation KL at the same FLOPs.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ class SelectSettings:
     losses: tuple[str, ...] = ("listwise", "cut")  # each trained at each depth; `choose` ships one
     kl_windows: int = 8  # calibration windows (split calib) scoring each candidate's continuation KL
     kl_len: int = 512  # their length; the last 64 tokens (an eighth for short ones) are the continuation
+    # the schedule after the selection block, searched with the shipped router (search_after)
+    search_generations: int = 5  # 0: the flat select_after schedule ships
+    search_population: int = 12
+    search_windows: int = 12  # calib windows of kl_len the search's fitness reads (after the kl_windows)
 
     def check(self, max_len: int | None = None, num_layers: int | None = None) -> None:
         check_sparsity(self.sparsity)
@@ -85,20 +92,29 @@ class SelectSettings:
         if self.kl_windows < 1 or self.kl_len < 16 or (max_len is not None and self.kl_len > max_len):
             raise UserError(f"calibration windows {self.kl_windows} x {self.kl_len} tokens: need >= 1 window "
                             f"of 16..{max_len or 'the context'} tokens")
+        if self.search_generations < 0:
+            raise UserError(f"--search-generations {self.search_generations}: must be >= 0")
+        if self.search_generations and (self.search_population < 2 or self.search_windows < 1):
+            raise UserError(f"--search-population {self.search_population} / --search-windows "
+                            f"{self.search_windows}: need >= 2 schedules and >= 1 window to search")
 
 
 # By fit budget (the pipeline's --budget; the CLI's defaults are "default"): examples per task and
-# length, lengths, steps, calibration KL windows, their length. 256-token prompts are in the mix so
-# that short prompts are ranked as the long ones are: without them article_qa at 256 tokens read
-# 0.74x dense at 0.3, with them 0.84x, nothing lost at 512 (docs/training.md 8.10).
-BUDGETS = {"tiny": (2, (256,), 5, 2, 64), "small": (16, (256, 512, 1024), 150, 8, 512),
-           "default": (24, (256, 512, 1024), 150, 8, 512)}
+# length, lengths, steps, calibration KL windows, their length, and the schedule search's
+# generations, population and windows. 256-token prompts are in the mix so that short prompts are
+# ranked as the long ones are: without them article_qa at 256 tokens read 0.74x dense at 0.3, with
+# them 0.84x, nothing lost at 512 (docs/training.md 8.10). The pipeline's "small" leaves the search
+# out (about 6 minutes on 2 CPU cores; the pipeline stays within its 20).
+BUDGETS = {"tiny": (2, (256,), 5, 2, 64, 1, 2, 1), "small": (16, (256, 512, 1024), 150, 8, 512, 0, 12, 12),
+           "default": (24, (256, 512, 1024), 150, 8, 512, 5, 12, 12)}
 
 
 def settings_for(budget: str, sparsity: float, seed: int = 0, kv_policy: str = "skip") -> SelectSettings:
-    examples, lengths, steps, kl_windows, kl_len = BUDGETS[budget]
+    examples, lengths, steps, kl_windows, kl_len, generations, population, search_windows = BUDGETS[budget]
     return SelectSettings(sparsity=sparsity, examples=examples, lengths=lengths, steps=steps, seed=seed,
-                          kv_policy=kv_policy, kl_windows=kl_windows, kl_len=kl_len)
+                          kv_policy=kv_policy, kl_windows=kl_windows, kl_len=kl_len,
+                          search_generations=generations, search_population=population,
+                          search_windows=search_windows)
 
 
 def done_before(out_dir: str | Path, settings: SelectSettings, model_name: str) -> bool:
@@ -332,31 +348,106 @@ def choose(records: list[dict]) -> int:
     return min(ok, key=lambda i: (records[i].get("calib_kl", 0.0), i))
 
 
-def _calib_kl(lm, fits: list[dict], settings: SelectSettings) -> None:
-    """Each candidate's mean continuation KL to dense (the deployment function: routed prefill,
-    decode through the KV cache) on calib-split windows (disjoint from training and evaluation
-    text), into its record as `calib_kl`."""
-    from tokenskip.evaluate import dense_reference, evaluate
-    from tokenskip.routed import RoutedModel
-    from tokenskip.schedule import Schedule
-
+def _calib_windows(lm, settings: SelectSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calib-split windows [N,L]: the first kl_windows score the candidates (router selection), the
+    next search_windows are the schedule search's fitness: one draw, so the two never share a token
+    (sample_windows cuts a non-overlapping grid), and both are disjoint from the training and
+    evaluation text."""
     from .common import windows
 
-    calib = windows(lm.tokenizer, "calib", None, settings.kl_len, settings.kl_windows, settings.seed + 2)  # [N,L]
-    cont = max(1, min(64, settings.kl_len // 8))
-    base = RoutedModel(lm.model, Schedule.dense(lm.model.config.num_hidden_layers), None, kv_policy=settings.kv_policy)
-    dense = dense_reference(base, calib, cont, progress=False)
-    for fit in fits:
-        routed = RoutedModel(lm.model, fit["schedule"], fit["router"], kv_policy=settings.kv_policy)
-        kl = evaluate(routed, calib, cont, dense, "select", progress=False).per_window["kl"]
-        fit["record"]["calib_kl"] = round(float(sum(kl) / len(kl)), 6)
+    count = settings.kl_windows + (settings.search_windows if settings.search_generations else 0)
+    ids = windows(lm.tokenizer, "calib", None, settings.kl_len, count, settings.seed + 2)  # [N,L]
+    return ids[:settings.kl_windows], ids[settings.kl_windows:]
+
+
+def _cont_len(settings: SelectSettings) -> int:
+    return max(1, min(64, settings.kl_len // 8))
+
+
+class _CalibKL:
+    """Mean continuation KL to dense on the selection windows (the deployment function: routed
+    prefill, decode through the KV cache); the dense reference is computed once."""
+
+    def __init__(self, lm, calib: torch.Tensor, settings: SelectSettings) -> None:
+        from tokenskip.evaluate import dense_reference
+        from tokenskip.routed import RoutedModel
+        from tokenskip.schedule import Schedule
+
+        self.lm, self.calib, self.cont, self.kv_policy = lm, calib, _cont_len(settings), settings.kv_policy
+        base = RoutedModel(lm.model, Schedule.dense(lm.model.config.num_hidden_layers), None, kv_policy=self.kv_policy)
+        self.dense = dense_reference(base, calib, self.cont, progress=False)
+
+    def __call__(self, schedule, router) -> float:
+        from tokenskip.evaluate import evaluate
+        from tokenskip.routed import RoutedModel
+
+        routed = RoutedModel(self.lm.model, schedule, router, kv_policy=self.kv_policy)
+        kl = evaluate(routed, self.calib, self.cont, self.dense, "select", progress=False).per_window["kl"]
+        return round(float(sum(kl) / len(kl)), 6)
+
+
+@torch.no_grad()
+def _val_accuracy(lm, schedule, router, val_ex, kv_policy: str) -> float:
+    """Share of the validation questions answered as dense-style greedy decoding would (the
+    deployment function, train/longctx.py): what a schedule change must not cost."""
+    from tokenskip.routed import RoutedModel
+
+    from .longctx import score_examples
+
+    correct, _ = score_examples(RoutedModel(lm.model, schedule, router, kv_policy=kv_policy), val_ex)
+    return round(sum(correct) / max(len(correct), 1), 4)
+
+
+def search_after(lm, fit: dict, settings: SelectSettings, calib_kl: _CalibKL, search_ids: torch.Tensor, val_ex,
+                 progress: bool) -> dict:
+    """Search the per-block sparsities of the blocks after the selection block (the chosen router
+    fixed; the blocks before it stay dense, so the table still sees every token) and ship the
+    result only where it helps: lower KL on the selection windows and the validation questions
+    answered within ANSWER_TOLERANCE of the flat schedule. Returns the record; sets fit["schedule"]
+    when the searched schedule ships.
+
+    Why: at 0.4 the flat select_after schedule (60% skipped in each of blocks 8-27) costs
+    continuation KL against static's 46% in blocks 2-27; recency in those blocks does not win it
+    back (a 0.9 recent share: +0.014 over static on 48 Wikipedia windows), and routing blocks 2-6
+    by recency loses the early facts (first depth fifth 0/3). A searched shape (sparser with depth)
+    lowers it by ~0.01 at equal FLOPs (docs/training.md 8.11)."""
+    from .search import SearchSettings, search_schedule
+
+    flat, router = fit["schedule"], fit["router"]
+    n = flat.num_layers
+    last_routed = max(layer for layer in range(n) if flat.is_routed(layer))
+    ss = SearchSettings(target=settings.sparsity, population=settings.search_population,
+                        generations=settings.search_generations, seed=settings.seed,
+                        dense_first=flat.first_routed, dense_last=n - 1 - last_routed)
+    res = search_schedule(lm.model, router, search_ids, _cont_len(settings), ss, settings.kv_policy, seeds=[flat],
+                          router_name="select", progress=progress,
+                          extra_meta={"select": flat.first_routed, "shape": "searched after the selection block"})
+    searched = res.schedule
+    kl_flat = fit["record"].get("calib_kl")
+    if kl_flat is None:
+        kl_flat = fit["record"]["calib_kl"] = calib_kl(flat, router)
+    rec = {"generations": ss.generations, "population": ss.population, "windows": int(search_ids.shape[0]),
+           "sparsity": [round(v, 4) for v in searched.sparsity], "calib_kl_flat": kl_flat}
+    if searched.first_routed != flat.first_routed:  # the table would come from another block than trained on
+        return {**rec, "ships": "flat", "why": "the search left the first routed block dense"}
+    rec["calib_kl_searched"] = calib_kl(searched, router)
+    rec["val_accuracy_flat"] = _val_accuracy(lm, flat, router, val_ex, settings.kv_policy)
+    rec["val_accuracy_searched"] = _val_accuracy(lm, searched, router, val_ex, settings.kv_policy)
+    helps = rec["calib_kl_searched"] < kl_flat
+    keeps = rec["val_accuracy_searched"] >= rec["val_accuracy_flat"] - ANSWER_TOLERANCE
+    if helps and keeps:
+        fit["schedule"] = searched
+        return {**rec, "ships": "searched"}
+    return {**rec, "ships": "flat", "why": "no lower calibration KL" if not helps else "fewer validation answers"}
 
 
 def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSettings(), progress: bool = True,
                  log=print) -> dict:
-    """Fit a SelectRouter at each candidate selection layer (candidate_layers) and write the one
-    `choose` picks (answers kept, then calibration KL) as a routers folder (tokenskip.json + router.safetensors +
-    select.json with the fit's record, every candidate's numbers included). Returns that record."""
+    """Fit a SelectRouter at each candidate selection layer (candidate_layers), take the one
+    `choose` picks (answers kept, then calibration KL), search the schedule after its selection block
+    (search_after; kept only where it helps), and write the result as a routers folder
+    (tokenskip.json + router.safetensors + select.json with the fit's record, every candidate's
+    numbers and the search's included). Returns that record."""
     from tokenskip.config import RoutingConfig, save_routing
     from tokenskip.fileio import write_json_atomic
 
@@ -373,16 +464,21 @@ def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSetti
     val_ex = _examples(lm.tokenizer, "calib", settings, max(1, settings.examples // 3), settings.seed + 1)
     fits = [fit for layer in layers for fit in _fit_at(lm, layer, settings, train_ex, val_ex, progress)]
     ok = qualifying([f["record"] for f in fits])
+    calib_ids, search_ids = _calib_windows(lm, settings)
+    calib_kl = _CalibKL(lm, calib_ids, settings) if len(ok) > 1 or settings.search_generations else None
     if len(ok) > 1:  # continuation KL decides between the candidates that keep enough of the answers
-        _calib_kl(lm, [fits[i] for i in ok], settings)
+        for i in ok:
+            fits[i]["record"]["calib_kl"] = calib_kl(fits[i]["schedule"], fits[i]["router"])
     tried = [f["record"] for f in fits]
     best = choose(tried)
+    search = (search_after(lm, fits[best], settings, calib_kl, search_ids, val_ex, progress)
+              if settings.search_generations else None)
     router, schedule, chosen = fits[best]["router"], fits[best]["schedule"], tried[best]
     cfg = RoutingConfig(model=lm.name, num_layers=n_layers, router="select", schedule=list(schedule.sparsity),
                         kv_policy=settings.kv_policy, score_window=router.score_window, seed=settings.seed,
                         model_type=lm.model.config.model_type, hidden_size=lm.model.config.hidden_size,
                         extra={"schedule_meta": schedule.meta})
-    record = {"model": lm.name, "settings": _settings_json(settings), **chosen,
+    record = {"model": lm.name, "settings": _settings_json(settings), **chosen, "schedule_search": search,
               "candidates": [{k: v for k, v in r.items() if k not in ("offset_bias", "offsets")} for r in tried],
               "seconds": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
@@ -393,6 +489,13 @@ def train_select(lm, out_dir: str | Path, settings: SelectSettings = SelectSetti
             f"{r['routed_block_sparsity']:.2f} each), {r['loss']} loss: answers kept on validation "
             f"{r['start']['val_answer_kept']:.3f} (start) -> {r['trained']['val_answer_kept']:.3f} (trained)"
             + (f"; calibration KL {r['calib_kl']:.4f}" if "calib_kl" in r else ""))
+    if search is not None:
+        log(f"train-select: schedule after block {chosen['selection_layer']} searched ({search['generations']} "
+            f"generations x {search['population']}, {search['windows']} windows): calibration KL "
+            f"{search['calib_kl_flat']:.4f} (flat)"
+            + (f" -> {search['calib_kl_searched']:.4f}, validation answers {search['val_accuracy_flat']:.3f} -> "
+               f"{search['val_accuracy_searched']:.3f}" if "calib_kl_searched" in search else "")
+            + f"; ships the {search['ships']} schedule" + (f" ({search['why']})" if "why" in search else ""))
     log(f"train-select: ships the {chosen['ships']} router selecting at block {chosen['selection_layer']} "
         f"({chosen['loss']} loss); "
         f"{record['seconds']:.0f}s; wrote {out}")

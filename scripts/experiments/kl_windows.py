@@ -1,7 +1,9 @@
 """Continuation KL on N held-out windows per domain (default 256, issue 20 item 6): static (uniform),
 a select router folder, and that router's own start (gemfilter's pool at the same selection block,
-`SelectRouter(select_layer=...)` untrained) on the same schedule; the deployment function, paired
-bootstrap CIs of select - static and select - start. With N = 16 the windows are those of
+`SelectRouter(select_layer=...)` untrained) on the same schedule; when the folder's schedule was
+searched (train-select's search_after), also the same trained router on the flat select_after
+schedule. The deployment function, paired bootstrap CIs of select - static, select - start and
+select - flat. With N = 16 the windows are those of
 `tokenskip report --windows 16` (the same sampling).
 usage: [THREADS=2] .venv/bin/python scripts/experiments/kl_windows.py S SELECT_DIR OUT.json [N]"""
 import json, os, sys, time
@@ -23,7 +25,10 @@ sel, _ = build_routed(lm.model, routers_dir=sel_dir)
 record = json.loads((Path(sel_dir) / "select.json").read_text())
 start_router = SelectRouter(select_layer=record["select_layer"])
 start = RoutedModel(lm.model, sel.schedule, start_router, kv_policy=sel.kv_policy)
-assert list(start_router.schedule_for(lm.model.config.num_hidden_layers, S).sparsity) == list(sel.schedule.sparsity)
+flat_schedule = start_router.schedule_for(lm.model.config.num_hidden_layers, S)
+methods = [("static (uniform)", static), ("select", sel), ("select start", start)]
+if list(flat_schedule.sparsity) != list(sel.schedule.sparsity):  # searched after the selection block
+    methods.append(("select flat", RoutedModel(lm.model, flat_schedule, sel.router, kv_policy=sel.kv_policy)))
 
 
 def diff(c):
@@ -35,12 +40,15 @@ res = {"sparsity": S, "select_dir": sel_dir, "select_layer": record["select_laye
 for dom in ("eval", "news"):
     t0 = time.time()
     ids = load_windows(lm.tokenizer, dom, 512, N, 0)
-    rows = evaluate_methods([("static (uniform)", static), ("select", sel), ("select start", start)], ids, 64, 4,
-                            False, 0)
+    rows = evaluate_methods(methods, ids, 64, 4, False, 0)
     by = {r.method: r for r in rows}
     c = compare(by["select"], by["static (uniform)"])
     c0 = compare(by["select"], by["select start"])
     res["domains"][dom] = {"rows": [r.to_json() for r in rows], "select_vs_static": c, "select_vs_start": c0}
+    flat = ""
+    if "select flat" in by:
+        res["domains"][dom]["select_vs_flat"] = cf = compare(by["select"], by["select flat"])
+        flat = f"; select - flat {diff(cf)}"
     print(dom, {r.method: (round(r.kl, 4), [round(x, 4) for x in r.kl_ci or []], round(r.flops, 3)) for r in rows},
-          f"select - static {diff(c)}; select - start {diff(c0)}", f"{time.time() - t0:.0f}s", flush=True)
+          f"select - static {diff(c)}; select - start {diff(c0)}{flat}", f"{time.time() - t0:.0f}s", flush=True)
 json.dump(res, open(out, "w"), indent=1)
