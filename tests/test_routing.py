@@ -93,9 +93,13 @@ def test_sparsity_zero_equals_hf_smollm2(smollm2, kv_policy):
         ids, mask, pos = padded_batch(model.config.vocab_size)
         ref = hf_logits(model, ids, mask, pos)
         for rows in (slice(0, 1), slice(0, 3)):  # batch 1, batch 3 (left + right padding)
+            # the reference at the same batch shape: CPU GEMM kernels block by shape, so batch 1 and
+            # a row of batch 3 differ by accumulation order (5.5e-5 on an AVX-512/AMX Xeon, where
+            # the same shapes agree to the bit)
             r_ids, r_mask = ids[rows], mask[rows]
+            r_ref = hf_logits(model, r_ids, r_mask, pos[rows])
             out = RoutedModel(model, Schedule.dense(n), StaticRouter(), kv_policy=kv_policy)(r_ids, r_mask).logits
-            diff = (out - ref[rows]).abs()[r_mask.bool()].max().item()
+            diff = (out - r_ref).abs()[r_mask.bool()].max().item()
             assert diff <= 1e-5, diff
         # every block routed but k = S: real gather/scatter of all tokens. The scatter adds the
         # delta (out - in) back onto the input, which rounds differently from HF's residual adds.
@@ -125,7 +129,10 @@ def test_gather_equals_mask_emulation(smollm2, smollm2_f64, kv_policy, router_cl
     padding rows fill the slots of short rows): the float64 check allows 1e-5.
     """
     ids, mask, _ = padded_batch(smollm2.model.config.vocab_size, seq=48)
-    for model, tol in ((smollm2_f64, 1e-5), (smollm2.model, 2e-4)):
+    # fp32: 2e-4 held on earlier CPUs; an AVX-512/AMX Xeon's shape-dependent GEMM kernels give up to
+    # 3.1e-4 (9e-6 of the logits' 35): 5e-4 bounds that order noise, while a wrong row or key
+    # moves logits by O(1); float64 stays the strict check
+    for model, tol in ((smollm2_f64, 1e-5), (smollm2.model, 5e-4)):
         torch.manual_seed(0)
         rm = RoutedModel(model, Schedule.uniform(model.config.num_hidden_layers, 0.3), router_cls(),
                          kv_policy=kv_policy)
