@@ -17,6 +17,8 @@ from tokenskip.routed import RoutedModel
 from tokenskip.routers import SelectRouter
 from tokenskip.windows import load_windows
 
+from longctx_screen import ci_diff as diff
+
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))  # 1: runs beside other work
 S, sel_dir, out = float(sys.argv[1]), sys.argv[2], sys.argv[3]
 N = int(sys.argv[4]) if len(sys.argv) > 4 else 256
@@ -30,10 +32,6 @@ flat_schedule = start_router.schedule_for(lm.model.config.num_hidden_layers, S)
 methods = [("static (uniform)", static), ("select", sel)] + ([] if os.environ.get("NO_START") else [("select start", start)])
 if list(flat_schedule.sparsity) != list(sel.schedule.sparsity):  # searched after the selection block
     methods.append(("select flat", RoutedModel(lm.model, flat_schedule, sel.router, kv_policy=sel.kv_policy)))
-
-
-def diff(c):
-    return f"{c['kl_diff']:+.4f} [{c['kl_diff_ci'][0]:+.4f}, {c['kl_diff_ci'][1]:+.4f}]"
 
 
 res = {"sparsity": S, "select_dir": sel_dir, "select_layer": record["select_layer"], "loss": record.get("loss"),

@@ -52,12 +52,29 @@ def method(lm, name: str, overall: float, kv: str = "skip"):
 
 
 def report(name: str, exs, correct: list[int], seconds: float) -> None:
+    """One line: per task (and length, when the examples have several) correct/n and the depth fifths."""
     out = []
-    for t in sorted({e.task for e in exs}):
-        idx = [i for i, e in enumerate(exs) if e.task == t]
+    several = len({e.length for e in exs}) > 1
+    for t, length in sorted({(e.task, e.length) for e in exs}):
+        idx = [i for i, e in enumerate(exs) if e.task == t and (not several or e.length == length)]
         bins = [[correct[i] for i in idx if depth_bin(exs[i].depth) == b] for b in range(5)]
-        out.append(f"{t} {sum(correct[i] for i in idx)}/{len(idx)} [" + " ".join(f"{sum(b)}/{len(b)}" for b in bins) + "]")
+        label = f"{t}@{length}" if several else t
+        out.append(f"{label} {sum(correct[i] for i in idx)}/{len(idx)} [" + " ".join(f"{sum(b)}/{len(b)}" for b in bins) + "]")
     print(name, "  ".join(out), f"{seconds:.0f}s", flush=True)
+
+
+def score_and_report(methods, exs) -> None:
+    """score_examples + report for each (name, routed model)."""
+    for name, routed in methods:
+        t0 = time.time()
+        with torch.no_grad():
+            correct, _ = score_examples(routed, exs)
+        report(name, exs, correct, time.time() - t0)
+
+
+def ci_diff(c: dict) -> str:
+    """A tokenskip.evaluate.compare result as 'diff [lo, hi]'."""
+    return f"{c['kl_diff']:+.4f} [{c['kl_diff_ci'][0]:+.4f}, {c['kl_diff_ci'][1]:+.4f}]"
 
 
 class EvidenceRouter(StaticRouter):

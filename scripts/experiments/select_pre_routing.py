@@ -7,9 +7,10 @@ from tokenskip.evaluate import compare, evaluate_methods
 from tokenskip.models import load_model
 from tokenskip.routed import RoutedModel
 from tokenskip.schedule import Schedule
-from tokenskip.train.longctx import depth_bin, score_examples
 from tokenskip.train.longctx_tasks import make_examples
 from tokenskip.windows import load_windows
+
+from longctx_screen import ci_diff, score_and_report
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 sel_dir, nwin, nex = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -31,21 +32,9 @@ for r1, r2 in pairs:
         sp[l] = r2
     print(f"pre {r1}:{r2} mean {sum(sp)/n:.4f}")
     ms.append((f"pre {r1}:{r2}", RoutedModel(lm.model, Schedule(tuple(sp)), sel.router, kv_policy=sel.kv_policy)))
-def diff(c):
-    return f"{c['kl_diff']:+.4f} [{c['kl_diff_ci'][0]:+.4f}, {c['kl_diff_ci'][1]:+.4f}]"
 if nex:
     exs = make_examples(lm.tokenizer, ["needle", "article_qa"], lengths, nex, 0)
-    for name, r in ms[1:]:
-        t0 = time.time()
-        with torch.no_grad():
-            c, _ = score_examples(r, exs)
-        out = []
-        for t in ("needle", "article_qa"):
-            for L in lengths:
-                idx = [i for i, e in enumerate(exs) if e.task == t and e.length == L]
-                bins = [[c[i] for i in idx if depth_bin(exs[i].depth) == b] for b in range(5)]
-                out.append(f"{t}@{L} {sum(c[i] for i in idx)}/{len(idx)} [" + " ".join(f"{sum(b)}/{len(b)}" for b in bins) + "]")
-        print(name, "  ".join(out), f"{time.time()-t0:.0f}s", flush=True)
+    score_and_report(ms[1:], exs)
 if nwin:
     for dom in ("eval", "news"):
         t0 = time.time()
@@ -54,5 +43,5 @@ if nwin:
         print(dom, {k: round(r.kl, 4) for k, r in rows.items()}, flush=True)
         for k in rows:
             if k not in ("static (uniform)", "dense"):
-                print("  ", k, "- static", diff(compare(rows[k], rows["static (uniform)"])), flush=True)
+                print("  ", k, "- static", ci_diff(compare(rows[k], rows["static (uniform)"])), flush=True)
         print(f"{time.time()-t0:.0f}s")

@@ -7,9 +7,10 @@ from tokenskip.evaluate import compare, evaluate_methods
 from tokenskip.models import load_model
 from tokenskip.routed import RoutedModel
 from tokenskip.schedule import Schedule
-from tokenskip.train.longctx import depth_bin, score_examples
 from tokenskip.train.longctx_tasks import make_examples
 from tokenskip.windows import load_windows
+
+from longctx_screen import ci_diff, score_and_report
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 sel_dir, sched_file, nwin, nex = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -20,28 +21,16 @@ S = sel.schedule.overall()
 static, _ = build_routed(lm.model, router="static", sparsity=round(S, 4))
 searched = RoutedModel(lm.model, Schedule.from_json(json.load(open(sched_file))), sel.router, kv_policy=sel.kv_policy)
 ms = [("static (uniform)", static), ("select flat", sel), ("select searched", searched)]
-def diff(c):
-    return f"{c['kl_diff']:+.4f} [{c['kl_diff_ci'][0]:+.4f}, {c['kl_diff_ci'][1]:+.4f}]"
 if nwin:
     for dom in ("eval", "news"):
         t0 = time.time()
         ids = load_windows(lm.tokenizer, dom, 512, nwin, 0)
         rows = {r.method: r for r in evaluate_methods(ms, ids, 64, 4, False, 0)}
         print(dom, {k: round(r.kl, 4) for k, r in rows.items()},
-              "searched-static", diff(compare(rows["select searched"], rows["static (uniform)"])),
-              "searched-flat", diff(compare(rows["select searched"], rows["select flat"])),
-              "flat-static", diff(compare(rows["select flat"], rows["static (uniform)"])), f"{time.time()-t0:.0f}s", flush=True)
+              "searched-static", ci_diff(compare(rows["select searched"], rows["static (uniform)"])),
+              "searched-flat", ci_diff(compare(rows["select searched"], rows["select flat"])),
+              "flat-static", ci_diff(compare(rows["select flat"], rows["static (uniform)"])), f"{time.time()-t0:.0f}s", flush=True)
 if nex:
     exs = make_examples(lm.tokenizer, ["needle", "article_qa"], lengths, nex, 0)
     dense, _ = build_routed(lm.model, router="dense")
-    for name, r in [("dense", dense), ms[1], ms[2]]:
-        t0 = time.time()
-        with torch.no_grad():
-            c, _ = score_examples(r, exs)
-        out = []
-        for t in ("needle", "article_qa"):
-            for L in lengths:
-                idx = [i for i, e in enumerate(exs) if e.task == t and e.length == L]
-                bins = [[c[i] for i in idx if depth_bin(exs[i].depth) == b] for b in range(5)]
-                out.append(f"{t}@{L} {sum(c[i] for i in idx)}/{len(idx)} [" + " ".join(f"{sum(b)}/{len(b)}" for b in bins) + "]")
-        print(name, "  ".join(out), f"{time.time()-t0:.0f}s", flush=True)
+    score_and_report([("dense", dense), ms[1], ms[2]], exs)
