@@ -19,8 +19,9 @@ makes SDPA read a q x T mask. Two fast paths avoid it:
 
 Modes (`use_kernels` / `set_kernels`): "auto" (the rules above), "reference" (always the explicit
 mask), "flex" (FlexAttention for every call, also on the CPU where it runs unfused: for tests).
-Export is detected (torch.export, TorchScript tracing, ONNX export) and always gets the reference,
-so the exported graphs do not change.
+Export is detected (torch.export, TorchScript tracing, ONNX export) and always gets the reference's
+math, traced as `graph_attend`: the same attention written the way ONNX Runtime runs it fastest
+(no expanded keys, a finite additive mask, no NaN guard; docs/export.md "Attention in the graph").
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def attend(kernel: str, q: Tensor, key: Tensor, value: Tensor, *, scaling: float
 
     reference: needs `allowed` [B,q,T]; flex: needs q_pos [B,q], k_pos/k_valid [B,T]."""
     groups = q.shape[1] // key.shape[1]
+    if kernel == REFERENCE and exporting():
+        return graph_attend(q, key, value, allowed, scaling)
     if kernel == REFERENCE:
         keys, values = expand_kv(key, groups), expand_kv(value, groups)  # [B,nh,T,d]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=scaling)
@@ -120,6 +123,37 @@ def attend(kernel: str, q: Tensor, key: Tensor, value: Tensor, *, scaling: float
     if kernel == FLEX:
         return flex_attend(q, key, value, q_pos, k_pos, k_valid, scaling)
     raise ValueError(f"unknown attention kernel {kernel!r}")
+
+
+def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+    """The reference's math as the exported graph runs it: q [B,nh,q,d], key/value [B,nkv,T,d]
+    (not expanded), allowed [B,q,T] -> [B,nh,q,d].
+
+    SDPA with a boolean mask exports (torch.onnx) as Where(mask, 0, -inf) + Add + Softmax +
+    Where(IsNaN(p), 0, p) over [B,nh,q,T], and GQA's expanded keys/values as an Expand that copies
+    the whole cache per block. On ONNX Runtime CPU, smollm2-135m at S = 2048, those elementwise ops
+    took 5.2 s of an 8.1 s dense prefill and the Expand 15 ms of a 120 ms decode step (measured
+    with the ORT profiler, docs/export.md "Attention in the graph"): the dense baseline was far from
+    the fastest dense path, and routed speed-ups read above their FLOP ideal. Here:
+    - the query heads sharing a KV head are one batch of rows ([B,nkv,g*q,d]), so keys and values
+      are read where they are, never expanded (head h = kv*g + j, as HF's repeat_kv);
+    - the mask is an additive bias [B,1,1,q,T] computed once per block for every head, finite
+      (half the dtype's lowest value): a masked key's weight underflows to exactly 0 in every row
+      that has an allowed key, and a row with none (a padding query) gets finite weights instead
+      of NaN, so no NaN guard is needed (its output is never read: padding rows are masked as
+      keys and dropped from the logits);
+    - the scale multiplies q ([q,d]), not the scores ([q,T]).
+    Same math as the reference up to the order of float operations (tests/test_export_*)."""
+    bsz, nh, nq, d = q.shape
+    nkv, nkeys = key.shape[1], key.shape[2]
+    groups = nh // nkv
+    qg = (q * scaling).reshape(bsz, nkv, groups * nq, d)  # [B,nkv,g*q,d]
+    scores = torch.matmul(qg, key.transpose(2, 3)).view(bsz, nkv, groups, nq, nkeys)  # [B,nkv,g,q,T]
+    zero = torch.scalar_tensor(0.0, dtype=scores.dtype, device=scores.device)
+    low = torch.scalar_tensor(torch.finfo(scores.dtype).min / 2, dtype=scores.dtype, device=scores.device)
+    bias = torch.where(allowed, zero, low)[:, None, None]  # [B,1,1,q,T]
+    p = torch.softmax(scores + bias, dim=-1).view(bsz, nkv, groups * nq, nkeys)  # [B,nkv,g*q,T]
+    return torch.matmul(p, value).view(bsz, nh, nq, d)  # [B,nh,q,d]
 
 
 # ------------------------------------------------------------------------------------ FlexAttention

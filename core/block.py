@@ -58,16 +58,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def attention_allowed(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, k_active: Tensor | None = None) -> Tensor:
+def attention_allowed(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor, k_active: Tensor | None = None,
+                      guard_empty_rows: bool = True) -> Tensor:
     """Causal-by-original-position mask [B,q,T] (True = attend), intersected with padding/skipping.
 
-    A row with no allowed key (a padding query) would give NaN in softmax; it attends to every
-    key instead. Its output is garbage by construction but finite, and is never used.
-    """
+    A row with no allowed key (a padding query) would give NaN in softmax; with guard_empty_rows
+    it attends to every key instead. Its output is garbage by construction but finite, and is
+    never used. The exported graph's attention (attention.graph_attend) masks with a finite bias,
+    which keeps such rows finite by itself, so the export leaves the guard out: in the graph it is
+    an any() over [B,q,T] (a Cast to int64 and a ReduceMax per block, ~0.2 s of a 2k-token
+    prefill on ONNX Runtime CPU)."""
     allowed = (k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)) & k_valid.unsqueeze(1)  # [B,q,T]
     if k_active is not None:
         allowed = allowed & k_active.unsqueeze(1)
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed | ~allowed.any(dim=-1, keepdim=True) if guard_empty_rows else allowed
 
 
 def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tensor, window: int,
@@ -204,7 +208,8 @@ def run_block(family: Family, layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], 
                               masked_keys=k_active is not None)
     allowed = None
     if kernel == attention.REFERENCE or args.score_window > 0:
-        allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active)  # [B,q,T]
+        allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active,
+                                    guard_empty_rows=not attention.exporting())  # [B,q,T]
     o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
                          k_pos=kv.pos, k_valid=kv.valid)  # [B,nh,q,d]
     if args.k_soft is not None:  # straight-through over the key mask (training; the reference kernel ran)

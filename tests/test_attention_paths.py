@@ -136,6 +136,40 @@ def test_flex_kernel_equals_reference(padded):
     torch.testing.assert_close(fast.transpose(1, 2)[q_valid], ref.transpose(1, 2)[q_valid], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_graph_kernel_equals_reference(dtype):
+    """What the export traces (graph_attend: GQA without expanded keys, a finite additive mask, no
+    NaN guard) equals the reference on every row with an allowed key, padded rows included, and
+    stays finite on the rows with none (left padding: their queries see no valid key)."""
+    q, k, v = random_qkv(nh=6, nkv=2, seed=3)
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[0, :41] = False
+    k_pos = valid.long().cumsum(-1) - 1  # padding at -1: its queries see no valid key
+    q_idx = torch.sort(torch.randperm(300, generator=torch.Generator().manual_seed(4))[:200]).values
+    q_pos, q_valid = k_pos[:, q_idx], valid[:, q_idx]
+    guarded = attention_allowed(q_pos, k_pos, valid)
+    bare = attention_allowed(q_pos, k_pos, valid, guard_empty_rows=False)
+    assert (~bare.any(-1)).any() and not (~guarded.any(-1)).any()  # some rows have no allowed key
+    ref = attention.attend(attention.REFERENCE, q, k, v, scaling=0.25, allowed=guarded)
+    got = attention.graph_attend(q.to(dtype), k.to(dtype), v.to(dtype), bare, 0.25)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    rows = bare.any(-1)  # [B,q]
+    assert torch.equal(rows, q_valid)
+    atol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(got.double().transpose(1, 2)[rows], ref.transpose(1, 2)[rows], rtol=0, atol=atol)
+
+
+def test_export_traces_the_graph_kernel(monkeypatch):
+    """While exporting, the reference kernel runs as graph_attend (what makes the dense ONNX
+    baseline fast: docs/export.md, "Attention in the graph")."""
+    calls = []
+    monkeypatch.setattr(attention, "exporting", lambda: True)
+    monkeypatch.setattr(attention, "graph_attend", lambda *a: calls.append(a) or a[0])
+    q, k, v = random_qkv(nq=3, nk=5)
+    allowed = torch.ones(2, 3, 5, dtype=torch.bool)
+    assert attention.attend(attention.REFERENCE, q, k, v, scaling=1.0, allowed=allowed) is q and len(calls) == 1
+
+
 def test_kernel_choice_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention.choose(causal=True, q_rows=512, device=cpu, masked_keys=False) == attention.CAUSAL

@@ -133,6 +133,9 @@ def test_decode_branch_runs_no_router_no_ops_and_weights_are_stored_once(exporte
     assert "TopK" not in ops and "ScatterElements" not in ops and "GatherElements" not in ops
     # one attention softmax per block: no score window (the learned router's routed branch has more)
     assert ops.count("Softmax") == len(routed.layers)
+    # attention.graph_attend: no NaN guard, no any() over [B,q,T], no cache expanded to every head
+    # (the routed branch has Expands, ReduceMax and IsNaN of its own: gather indices, the score window)
+    assert not set(ops) & {"IsNaN", "Expand", "ReduceMax"}
     if routed.router.needs_attention:
         assert [n.op_type for n in routed_g.node].count("Softmax") > len(routed.layers)
     router_weights = {t.name for t in model.graph.initializer if "router" in t.name}
