@@ -107,13 +107,16 @@ def expand_kv(x: Tensor, groups: int) -> Tensor:
 
 
 def attend(kernel: str, q: Tensor, key: Tensor, value: Tensor, *, scaling: float, allowed: Tensor | None = None,
-           q_pos: Tensor | None = None, k_pos: Tensor | None = None, k_valid: Tensor | None = None) -> Tensor:
+           q_pos: Tensor | None = None, k_pos: Tensor | None = None, k_valid: Tensor | None = None,
+           rows_are_keys: bool = False) -> Tensor:
     """q [B,nh,q,d], key/value [B,nkv,T,d] (not expanded) -> [B,nh,q,d].
 
-    reference: needs `allowed` [B,q,T]; flex: needs q_pos [B,q], k_pos/k_valid [B,T]."""
+    reference: needs `allowed` [B,q,T]; flex: needs q_pos [B,q], k_pos/k_valid [B,T].
+    rows_are_keys: the last q keys are the query rows themselves, in ascending position order,
+    after a past (graph_attend then skips the key blocks no query of a chunk may see)."""
     groups = q.shape[1] // key.shape[1]
     if kernel == REFERENCE and exporting():
-        return graph_attend(q, key, value, allowed, scaling)
+        return graph_attend(q, key, value, allowed, scaling, rows_are_keys=rows_are_keys)
     if kernel == REFERENCE:
         keys, values = expand_kv(key, groups), expand_kv(value, groups)  # [B,nh,T,d]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed.unsqueeze(1), scale=scaling)
@@ -125,9 +128,34 @@ def attend(kernel: str, q: Tensor, key: Tensor, value: Tensor, *, scaling: float
     raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
-def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+GRAPH_CAUSAL_CHUNKS = 4  # query chunks of a causal graph_attend call (1: one q x T rectangle)
+
+
+@contextlib.contextmanager
+def graph_chunks(n: int):
+    """Trace the body with `n` causal chunks (the export's decode branch uses 1: at S = 1 chunks
+    only add nodes, and their key slices stop ONNX Runtime from fusing the cache's transposes)."""
+    global GRAPH_CAUSAL_CHUNKS
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"graph_chunks: n must be an integer >= 1, got {n!r}")
+    saved, GRAPH_CAUSAL_CHUNKS = GRAPH_CAUSAL_CHUNKS, n
+    try:
+        yield
+    finally:
+        GRAPH_CAUSAL_CHUNKS = saved
+
+
+def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float,
+                 rows_are_keys: bool = False) -> Tensor:
     """The reference's math as the exported graph runs it: q [B,nh,q,d], key/value [B,nkv,T,d]
     (not expanded), allowed [B,q,T] -> [B,nh,q,d].
+
+    rows_are_keys (the caller's promise: the last q keys are the query rows, ascending, after a
+    past of T - q keys): the rows are split into GRAPH_CAUSAL_CHUNKS chunks, and chunk [a, b)
+    attends only to the keys before past + b, the rest of its rectangle being masked anyway. An
+    exported graph has no causal kernel, so this is how it skips the upper triangle: 4 chunks
+    compute 5/8 of the q x T scores (the mask decides within a chunk, as before). Bounds are
+    floor(q c / n), so at q = 1 (decode) the first chunks are empty and the last is the whole call.
 
     SDPA with a boolean mask exports (torch.onnx) as Where(mask, 0, -inf) + Add + Softmax +
     Where(IsNaN(p), 0, p) over [B,nh,q,T], and GQA's expanded keys/values as an Expand that copies
@@ -144,6 +172,22 @@ def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling
       keys and dropped from the logits);
     - the scale multiplies q ([q,d]), not the scores ([q,T]).
     Same math as the reference up to the order of float operations (tests/test_export_*)."""
+    if rows_are_keys and GRAPH_CAUSAL_CHUNKS > 1:
+        nq, past, n = q.shape[2], key.shape[2] - q.shape[2], GRAPH_CAUSAL_CHUNKS
+        outs = []
+        for c in range(n - 1):
+            a, b = nq * c // n, nq * (c + 1) // n
+            end = (past + b) * torch.sym_min(b - a, 1)  # an empty chunk reads no key (a Slice copies)
+            outs.append(_graph_rectangle(q[:, :, a:b], key[:, :, :end], value[:, :, :end],
+                                         allowed[:, a:b, :end], scaling))  # [B,nh,b-a,d]
+        a = nq * (n - 1) // n  # the last chunk reads every key, unsliced (a decode step is all of it)
+        outs.append(_graph_rectangle(q[:, :, a:], key, value, allowed[:, a:], scaling))
+        return torch.cat(outs, dim=2)  # [B,nh,q,d]
+    return _graph_rectangle(q, key, value, allowed, scaling)
+
+
+def _graph_rectangle(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float) -> Tensor:
+    """graph_attend over the whole q x T rectangle."""
     bsz, nh, nq, d = q.shape
     nkv, nkeys = key.shape[1], key.shape[2]
     groups = nh // nkv

@@ -211,7 +211,11 @@ def run_block(family: Family, layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], 
         allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active,
                                     guard_empty_rows=not attention.exporting())  # [B,q,T]
     o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
-                         k_pos=kv.pos, k_valid=kv.valid)  # [B,nh,q,d]
+                         k_pos=kv.pos, k_valid=kv.valid,
+                         rows_are_keys=args.keys is None and k_active is None)  # [B,nh,q,d]
+    # a padding query's output is garbage that no valid row reads; make it 0 on every kernel, so
+    # that the exported graph (causal chunks: it sees fewer keys) and PyTorch agree on every row
+    o = o.masked_fill(~q_valid[:, None, :, None], 0.0)
     if args.k_soft is not None:  # straight-through over the key mask (training; the reference kernel ran)
         groups = q.shape[1] // k.shape[1]
         keys, values = expand_kv(kv.key, groups), expand_kv(kv.value, groups)  # [B,nh,T,d]

@@ -26,6 +26,10 @@ lm_head's Transpose, which ONNX Runtime folds into a new tensor per graph holdin
 on smollm2-135m) are shared by structure. The graph's inputs and outputs are unchanged.
 TensorRT-RTX 1.7 cannot compile plugin layers inside a conditional, so engine builds parse
 `routed_only(model)` (docs/export.md, "Decode path").
+
+Dense exports get the same If (`dense=True`): their prefill trace runs attention in causal query
+chunks (tokenskip.attention.graph_attend) and their decode trace in one rectangle, so dense and
+routed prefill and decode run the same attention code (docs/export.md, "Attention in the graph").
 """
 
 from __future__ import annotations
@@ -150,15 +154,17 @@ def _merge_decode_constants(routed: onnx.GraphProto, shared: list[onnx.NodeProto
     return names, inits, nodes
 
 
-def add_decode_branch(model: onnx.ModelProto, decode: onnx.ModelProto, base_dir: str | None = None
-                      ) -> onnx.ModelProto:
+def add_decode_branch(model: onnx.ModelProto, decode: onnx.ModelProto, base_dir: str | None = None,
+                      dense: bool = False) -> onnx.ModelProto:
     """Rewrite `model` (the routed trace, in place, weights not loaded) into If(S == 1, decode,
     routed), `decode` being the dense trace of the same model (same inputs, the same outputs less
     index.*); base_dir: the folder of both traces' external data (to match folded tensors by
-    bytes). A graph with no tokenskip op (a dense export) is returned unchanged."""
+    bytes). A graph with no tokenskip op (a dense export) is returned unchanged, unless `dense`:
+    then its prefill trace (causal attention chunks, attention.graph_attend) and its decode trace
+    (one rectangle) are two paths too."""
     g, d = model.graph, decode.graph
     nodes, shared = _split_constants(g)
-    if not any(_is_custom(n) for n in nodes):
+    if not dense and not any(_is_custom(n) for n in nodes):
         return model
     if any(_has_subgraph(n) for n in nodes + list(d.node)):
         raise ValueError("add_decode_branch: a traced graph already holds subgraphs")

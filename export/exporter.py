@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tokenskip import attention
 from tokenskip.config import RoutingConfig, save_routing
 from tokenskip.errors import UserError
 from tokenskip.fileio import write_json_atomic
@@ -239,12 +240,14 @@ def _add_decode_branch(routed: RoutedModel, proto, opset: int, max_seq_len: int,
     import onnx
 
     scratch = path.with_name("decode-trace.onnx")
+    dense = not StepGraph(routed).routed_layers  # the If only separates prefill's attention chunks
     saved = routed.router
     routed.router = None  # every block runs every token: layer_is_routed() is False, no score window
     try:
-        decode = export_graph(routed, opset, max_seq_len, False, scratch, {})
+        with attention.graph_chunks(1):  # S = 1: one attention rectangle (attention.graph_attend)
+            decode = export_graph(routed, opset, max_seq_len, False, scratch, {})
         t0 = time.perf_counter()
-        proto = decode_branch.add_decode_branch(proto, decode, str(path.parent))
+        proto = decode_branch.add_decode_branch(proto, decode, str(path.parent), dense=dense)
         onnx.save_model(proto, str(path))
     finally:
         routed.router = saved
@@ -301,7 +304,8 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
         t0 = time.perf_counter()
         log(f"exporting the graph ({exported}; torch.export + ONNX translation, weights streamed to disk)...")
         proto = export_graph(routed, opset, max_seq_len, optimize, tmp / MODEL_FILE, timings)
-        if decode_at_dense_cost and StepGraph(routed).routed_layers:  # a dense export has one path
+        # a dense export gets the If too while the prefill trace runs causal attention chunks
+        if decode_at_dense_cost and (StepGraph(routed).routed_layers or attention.GRAPH_CAUSAL_CHUNKS > 1):
             t1 = time.perf_counter()
             log("tracing the decode branch (the same model, router off)...")
             proto = _add_decode_branch(routed, proto, opset, max_seq_len, tmp / MODEL_FILE, timings)

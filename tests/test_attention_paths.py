@@ -159,12 +159,30 @@ def test_graph_kernel_equals_reference(dtype):
     torch.testing.assert_close(got.double().transpose(1, 2)[rows], ref.transpose(1, 2)[rows], rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("past,nq", [(0, 203), (37, 203), (37, 1), (5, 2), (0, 3)])
+def test_graph_kernel_causal_chunks_equal_one_rectangle(past, nq):
+    """rows_are_keys: chunk [a, b) of the query rows reads only the keys before past + b; with the
+    rows' own keys last and ascending (a prefill, a chunk or a decode step after a past), that is
+    exactly the one-rectangle result, down to q = 1 (empty leading chunks) and q < chunks."""
+    q, k, v = random_qkv(bsz=2, nh=6, nkv=2, nq=nq, nk=past + nq, seed=5)
+    valid = torch.ones(2, past + nq, dtype=torch.bool)
+    valid[1, : min(3, past + nq - 1)] = False  # left padding in one row
+    k_pos = valid.long().cumsum(-1) - 1
+    q_pos = k_pos[:, past:]
+    allowed = attention_allowed(q_pos, k_pos, valid, guard_empty_rows=False)
+    one = attention.graph_attend(q, k, v, allowed, 0.25)
+    chunked = attention.graph_attend(q, k, v, allowed, 0.25, rows_are_keys=True)
+    assert chunked.shape == one.shape and torch.isfinite(chunked).all()
+    rows = allowed.any(-1)  # padding queries' outputs are never read
+    torch.testing.assert_close(chunked.transpose(1, 2)[rows], one.transpose(1, 2)[rows], rtol=0, atol=1e-12)
+
+
 def test_export_traces_the_graph_kernel(monkeypatch):
     """While exporting, the reference kernel runs as graph_attend (what makes the dense ONNX
     baseline fast: docs/export.md, "Attention in the graph")."""
     calls = []
     monkeypatch.setattr(attention, "exporting", lambda: True)
-    monkeypatch.setattr(attention, "graph_attend", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(attention, "graph_attend", lambda *a, **kw: calls.append(a) or a[0])
     q, k, v = random_qkv(nq=3, nk=5)
     allowed = torch.ones(2, 3, 5, dtype=torch.bool)
     assert attention.attend(attention.REFERENCE, q, k, v, scaling=1.0, allowed=allowed) is q and len(calls) == 1

@@ -317,7 +317,8 @@ def test_weights_are_stored_once(tiny_learned):
     data = (out / "model.onnx.data").stat().st_size
     total = sum(unique.values())
     assert 0.98 * total <= data <= 1.02 * total + 65536  # once (not twice), + router and small constants
-    assert (out / "model.onnx").stat().st_size < 200_000  # the graph itself: no weights inside
+    # the graph itself: no weights inside (~230 KB: two traces, the prefill one with causal attention chunks)
+    assert (out / "model.onnx").stat().st_size < 400_000
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

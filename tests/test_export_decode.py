@@ -166,3 +166,46 @@ def test_routed_only_restores_the_previous_graph_and_dense_exports_are_unchanged
     before = m.SerializeToString()
     assert decode_branch.add_decode_branch(m, m).SerializeToString() == before
     assert decode_branch.routed_only(m) is None
+
+
+def test_dense_export_runs_causal_chunks_in_prefill_and_one_rectangle_in_decode(tiny_llama, tmp_path):
+    """A dense export is If(S == 1, decode, prefill) too: prefill's attention runs in
+    attention.GRAPH_CAUSAL_CHUNKS query chunks (the upper triangle skipped), decode in one rectangle
+    (chunks at S = 1 only add nodes and block ONNX Runtime's transpose fusion); both equal PyTorch,
+    padded rows included (their attention output is 0 on every path)."""
+    from tokenskip import attention
+
+    model, path = tiny_llama
+    routed, cfg = build_routed(model, router="dense", model_name=str(path))
+    assert not StepGraph(routed).routed_layers
+    out = tmp_path / "exp"
+    export_tiny(model, str(path), routed, cfg, out, max_seq_len=256)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    decode, prefill = _branches(m)
+    n = len(routed.layers)
+    assert not any(x.domain == "tokenskip" for g in (decode, prefill) for x in g.node)
+    assert [x.op_type for x in decode.node].count("Softmax") == n
+    assert [x.op_type for x in prefill.node].count("Softmax") == n * attention.GRAPH_CAUSAL_CHUNKS > n
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = StepGraph(routed).eval()
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 256, (2, 23), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    pos = default_positions(mask.bool())
+    feeds = dict(zip(graph.input_names(), [t.numpy() for t in (ids, mask, pos, *empty_past(graph, 2))]))
+    got = _run(sess, feeds)
+    with torch.no_grad():
+        ref = dict(zip(graph.output_names(), graph(*[torch.from_numpy(v) for v in feeds.values()])))
+    for name in got:
+        if ref[name].is_floating_point():
+            assert np.abs(got[name] - ref[name].numpy()).max() <= 1e-4, name
+        else:
+            assert np.array_equal(got[name], ref[name].numpy()), name
+    past = {f"past.{l}.{f}": got[f"new.{l}.{f}"] for l in graph.layers for f in CACHE_FIELDS}
+    tok, p = torch.from_numpy(got["logits"]).argmax(-1, keepdim=True), mask.sum(-1, keepdim=True)
+    step = {"input_ids": tok.numpy(), "attention_mask": np.ones((2, 1), np.int64), "position_ids": p.numpy(), **past}
+    got = _run(sess, step)
+    with torch.no_grad():
+        ref = dict(zip(graph.output_names(), graph(*[torch.from_numpy(v) for v in step.values()])))
+    assert np.abs(got["logits"] - ref["logits"].numpy()).max() <= 1e-4
