@@ -155,7 +155,9 @@ def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling
     attends only to the keys before past + b, the rest of its rectangle being masked anyway. An
     exported graph has no causal kernel, so this is how it skips the upper triangle: 4 chunks
     compute 5/8 of the q x T scores (the mask decides within a chunk, as before). Bounds are
-    floor(q c / n), so at q = 1 (decode) the first chunks are empty and the last is the whole call.
+    floor(q c / n), so at q = 1 the first chunks are empty and the last is the whole call (exports
+    trace their decode branch with one chunk: attention.graph_chunks). Cost: torch.export reasons
+    about the chunks' symbolic bounds, ~3 s more per 4 blocks (smollm2-135m dense: 10 -> 40 s).
 
     SDPA with a boolean mask exports (torch.onnx) as Where(mask, 0, -inf) + Add + Softmax +
     Where(IsNaN(p), 0, p) over [B,nh,q,T], and GQA's expanded keys/values as an Expand that copies
@@ -177,9 +179,8 @@ def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling
         outs = []
         for c in range(n - 1):
             a, b = nq * c // n, nq * (c + 1) // n
-            end = (past + b) * torch.sym_min(b - a, 1)  # an empty chunk reads no key (a Slice copies)
-            outs.append(_graph_rectangle(q[:, :, a:b], key[:, :, :end], value[:, :, :end],
-                                         allowed[:, a:b, :end], scaling))  # [B,nh,b-a,d]
+            outs.append(_graph_rectangle(q[:, :, a:b], key[:, :, :past + b], value[:, :, :past + b],
+                                         allowed[:, a:b, :past + b], scaling))  # [B,nh,b-a,d]
         a = nq * (n - 1) // n  # the last chunk reads every key, unsliced (a decode step is all of it)
         outs.append(_graph_rectangle(q[:, :, a:], key, value, allowed[:, a:], scaling))
         return torch.cat(outs, dim=2)  # [B,nh,q,d]
