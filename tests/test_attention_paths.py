@@ -170,8 +170,9 @@ def test_graph_kernel_causal_chunks_equal_one_rectangle(past, nq):
     k_pos = valid.long().cumsum(-1) - 1
     q_pos = k_pos[:, past:]
     allowed = attention_allowed(q_pos, k_pos, valid, guard_empty_rows=False)
-    one = attention.graph_attend(q, k, v, allowed, 0.25)
-    chunked = attention.graph_attend(q, k, v, allowed, 0.25, rows_are_keys=True)
+    one = attention.graph_attend(q, k, v, allowed, 0.25, rows_are_keys=True)  # 1 chunk: the default
+    with attention.graph_chunks(4):
+        chunked = attention.graph_attend(q, k, v, allowed, 0.25, rows_are_keys=True)
     assert chunked.shape == one.shape and torch.isfinite(chunked).all()
     rows = allowed.any(-1)  # padding queries' outputs are never read
     torch.testing.assert_close(chunked.transpose(1, 2)[rows], one.transpose(1, 2)[rows], rtol=0, atol=1e-12)

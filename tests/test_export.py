@@ -77,6 +77,12 @@ def test_cli_bad_input_is_one_line_error(tmp_path, args, needle):
     assert not out_dir.exists() and not leftovers(tmp_path, "out")
 
 
+def test_cli_attention_chunks_out_of_range_names_the_flag(tmp_path):
+    res, out = run_cli(export_cmd, ["--router", "dense", "--attention-chunks", "0", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "--attention-chunks" in out and "Traceback" not in out
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_refuses_non_empty_out_without_force(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -169,8 +169,8 @@ def test_routed_only_restores_the_previous_graph_and_dense_exports_are_unchanged
 
 
 def test_dense_export_runs_causal_chunks_in_prefill_and_one_rectangle_in_decode(tiny_llama, tmp_path):
-    """A dense export is If(S == 1, decode, prefill) too: prefill's attention runs in
-    attention.GRAPH_CAUSAL_CHUNKS query chunks (the upper triangle skipped), decode in one rectangle
+    """With causal chunks (--attention-chunks 4) a dense export is If(S == 1, decode, prefill)
+    too: prefill's attention runs in 4 query chunks (the upper triangle skipped), decode in one rectangle
     (chunks at S = 1 only add nodes and block ONNX Runtime's transpose fusion); both equal PyTorch,
     padded rows included (their attention output is 0 on every path)."""
     from tokenskip import attention
@@ -179,13 +179,14 @@ def test_dense_export_runs_causal_chunks_in_prefill_and_one_rectangle_in_decode(
     routed, cfg = build_routed(model, router="dense", model_name=str(path))
     assert not StepGraph(routed).routed_layers
     out = tmp_path / "exp"
-    export_tiny(model, str(path), routed, cfg, out, max_seq_len=256)
+    with attention.graph_chunks(4):  # `tokenskip export --attention-chunks 4`
+        export_tiny(model, str(path), routed, cfg, out, max_seq_len=256)
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     decode, prefill = _branches(m)
     n = len(routed.layers)
     assert not any(x.domain == "tokenskip" for g in (decode, prefill) for x in g.node)
     assert [x.op_type for x in decode.node].count("Softmax") == n
-    assert [x.op_type for x in prefill.node].count("Softmax") == n * attention.GRAPH_CAUSAL_CHUNKS > n
+    assert [x.op_type for x in prefill.node].count("Softmax") == n * 4
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     graph = StepGraph(routed).eval()
     g = torch.Generator().manual_seed(7)
