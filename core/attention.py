@@ -173,8 +173,7 @@ def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling
     - the mask is an additive bias [B,1,1,q,T] computed once per block for every head, finite
       (half the dtype's lowest value): a masked key's weight underflows to exactly 0 in every row
       that has an allowed key, and a row with none (a padding query) gets finite weights instead
-      of NaN, so no NaN guard is needed (its output is never read: padding rows are masked as
-      keys and dropped from the logits);
+      of NaN, so no NaN guard is needed (run_block then sets padding rows' output to 0);
     - the scale multiplies q ([q,d]), not the scores ([q,T]).
     Same math as the reference up to the order of float operations (tests/test_export_*)."""
     if rows_are_keys and GRAPH_CAUSAL_CHUNKS > 1:
