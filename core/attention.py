@@ -148,6 +148,57 @@ def graph_chunks(n: int):
         GRAPH_CAUSAL_CHUNKS = saved
 
 
+# the export's decode branch attends to the cache and the new rows apart (graph_attend_past): set by
+# graph_split_past() while tracing it, never for prefill (see graph_attend_past for why)
+GRAPH_SPLIT_PAST = False
+
+
+@contextlib.contextmanager
+def graph_split_past():
+    """Trace the body with the past and the new rows attended apart (graph_attend_past): the export
+    traces its decode branch (S = 1) under it."""
+    global GRAPH_SPLIT_PAST
+    saved, GRAPH_SPLIT_PAST = GRAPH_SPLIT_PAST, True
+    try:
+        yield
+    finally:
+        GRAPH_SPLIT_PAST = saved
+
+
+def splits_past(kernel: str) -> bool:
+    """Whether run_block hands a cached call's past and new rows to graph_attend_past unjoined."""
+    return GRAPH_SPLIT_PAST and kernel == REFERENCE and exporting()
+
+
+def graph_attend_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tensor, value: Tensor,
+                      allowed: Tensor, scaling: float) -> Tensor:
+    """graph_attend over the keys past + new without joining them: q [B,nh,q,d], past_key/value
+    [B,nkv,Tp,d] (the cache), key/value [B,nkv,q',d] (this call's rows), allowed [B,q,Tp+q'] ->
+    [B,nh,q,d].
+
+    Joining the cache to a decode step's one new row copies the whole cache, keys and values, in
+    every block at every step (ONNX Runtime CPU, smollm2-135m at 2k tokens of context: the Concat
+    took 8 of 58 ms a step). Here the scores of the two parts are computed apart and joined (q x T
+    per head: 1 x T at decode, 1/(2d/g) of the cache's size), one softmax runs over both, and the
+    output is the sum of the two parts' weighted values. Only for small q (the decode branch): with
+    q rows the joined scores and their two slices are q*nh x T, which outgrows the cache at q >~ 40
+    (a chunked prefill keeps graph_attend). Same math as graph_attend up to float order."""
+    bsz, nh, nq, d = q.shape
+    nkv, t_past = past_key.shape[1], past_key.shape[2]
+    groups = nh // nkv
+    qg = (q * scaling).reshape(bsz, nkv, groups * nq, d)  # [B,nkv,g*q,d]
+    scores = torch.cat([torch.matmul(qg, past_key.transpose(2, 3)),  # [B,nkv,g*q,Tp]
+                        torch.matmul(qg, key.transpose(2, 3))], dim=-1)  # [B,nkv,g*q,T]
+    nkeys = scores.shape[-1]
+    zero = torch.scalar_tensor(0.0, dtype=scores.dtype, device=scores.device)
+    low = torch.scalar_tensor(torch.finfo(scores.dtype).min / 2, dtype=scores.dtype, device=scores.device)
+    bias = torch.where(allowed, zero, low)[:, None, None]  # [B,1,1,q,T]
+    p = torch.softmax(scores.view(bsz, nkv, groups, nq, nkeys) + bias, dim=-1)
+    p = p.view(bsz, nkv, groups * nq, nkeys)  # [B,nkv,g*q,T]
+    out = torch.matmul(p[..., :t_past], past_value) + torch.matmul(p[..., t_past:], value)  # [B,nkv,g*q,d]
+    return out.view(bsz, nh, nq, d)
+
+
 def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float,
                  rows_are_keys: bool = False) -> Tensor:
     """The reference's math as the exported graph runs it: q [B,nh,q,d], key/value [B,nkv,T,d]

@@ -210,9 +210,13 @@ def run_block(family: Family, layer, x: Tensor, cos_sin: tuple[Tensor, Tensor], 
     if kernel == attention.REFERENCE or args.score_window > 0:
         allowed = attention_allowed(q_pos, kv.pos, kv.valid, k_active,
                                     guard_empty_rows=not attention.exporting())  # [B,q,T]
-    o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
-                         k_pos=kv.pos, k_valid=kv.valid,
-                         rows_are_keys=args.keys is None and k_active is None)  # [B,nh,q,d]
+    if past is not None and attention.splits_past(kernel):  # the export's decode branch: no cache copy
+        o = attention.graph_attend_past(q, past.key, past.value, new_kv.key, new_kv.value, allowed,
+                                        attn.scaling)  # [B,nh,q,d]
+    else:
+        o = attention.attend(kernel, q, kv.key, kv.value, scaling=attn.scaling, allowed=allowed, q_pos=q_pos,
+                             k_pos=kv.pos, k_valid=kv.valid,
+                             rows_are_keys=args.keys is None and k_active is None)  # [B,nh,q,d]
     # a padding query's output is garbage that no valid row reads; make it 0 on every kernel, so
     # that the exported graph (causal chunks: it sees fewer keys) and PyTorch agree on every row
     o = o.masked_fill(~q_valid[:, None, :, None], 0.0)

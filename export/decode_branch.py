@@ -27,9 +27,10 @@ on smollm2-135m) are shared by structure. The graph's inputs and outputs are unc
 TensorRT-RTX 1.7 cannot compile plugin layers inside a conditional, so engine builds parse
 `routed_only(model)` (docs/export.md, "Decode path").
 
-Dense exports get the same If (`dense=True`): their prefill trace runs attention in causal query
-chunks (tokenskip.attention.graph_attend) and their decode trace in one rectangle, so dense and
-routed prefill and decode run the same attention code (docs/export.md, "Attention in the graph").
+Dense exports get the same If (`dense=True`): their decode trace attends to the cache without
+joining the new row to it (tokenskip.attention.graph_attend_past: no copy of the cache per block
+and step) and their prefill trace may run attention in causal query chunks (graph_attend), so dense
+and routed prefill and decode run the same attention code (docs/export.md, "Attention in the graph").
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def add_decode_branch(model: onnx.ModelProto, decode: onnx.ModelProto, base_dir:
     routed), `decode` being the dense trace of the same model (same inputs, the same outputs less
     index.*); base_dir: the folder of both traces' external data (to match folded tensors by
     bytes). A graph with no tokenskip op (a dense export) is returned unchanged, unless `dense`:
-    then its prefill trace (causal attention chunks, attention.graph_attend) and its decode trace
-    (one rectangle) are two paths too."""
+    then its prefill trace (attention.graph_attend, maybe in causal chunks) and its decode trace
+    (attention.graph_attend_past: the cache is not copied) are two paths too."""
     g, d = model.graph, decode.graph
     nodes, shared = _split_constants(g)
     if not dense and not any(_is_custom(n) for n in nodes):

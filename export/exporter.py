@@ -240,11 +240,12 @@ def _add_decode_branch(routed: RoutedModel, proto, opset: int, max_seq_len: int,
     import onnx
 
     scratch = path.with_name("decode-trace.onnx")
-    dense = not StepGraph(routed).routed_layers  # the If only separates prefill's attention chunks
+    dense = not StepGraph(routed).routed_layers  # no custom op, yet the If separates the attentions
     saved = routed.router
     routed.router = None  # every block runs every token: layer_is_routed() is False, no score window
     try:
-        with attention.graph_chunks(1):  # S = 1: one attention rectangle (attention.graph_attend)
+        # S = 1: one attention rectangle, the cache and the new row attended apart (no cache copy)
+        with attention.graph_chunks(1), attention.graph_split_past():
             decode = export_graph(routed, opset, max_seq_len, False, scratch, {})
         t0 = time.perf_counter()
         proto = decode_branch.add_decode_branch(proto, decode, str(path.parent), dense=dense)
@@ -304,8 +305,9 @@ def export_model(loaded, routed: RoutedModel, cfg: RoutingConfig, out_dir: str |
         t0 = time.perf_counter()
         log(f"exporting the graph ({exported}; torch.export + ONNX translation, weights streamed to disk)...")
         proto = export_graph(routed, opset, max_seq_len, optimize, tmp / MODEL_FILE, timings)
-        # a dense export gets the If too while the prefill trace runs causal attention chunks
-        if decode_at_dense_cost and (StepGraph(routed).routed_layers or attention.GRAPH_CAUSAL_CHUNKS > 1):
+        # a dense export gets the If too: its decode branch attends to the cache without copying it
+        # (attention.graph_attend_past) and its prefill may run causal chunks, as a routed export's
+        if decode_at_dense_cost:
             t1 = time.perf_counter()
             log("tracing the decode branch (the same model, router off)...")
             proto = _add_decode_branch(routed, proto, opset, max_seq_len, tmp / MODEL_FILE, timings)

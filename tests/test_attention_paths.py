@@ -178,6 +178,38 @@ def test_graph_kernel_causal_chunks_equal_one_rectangle(past, nq):
     torch.testing.assert_close(chunked.transpose(1, 2)[rows], one.transpose(1, 2)[rows], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("past,nq", [(37, 1), (40, 2), (0, 1), (1, 3)])
+def test_graph_kernel_with_past_apart_equals_joined(past, nq, dtype):
+    """graph_attend_past (the export's decode branch: cache and new rows attended apart, no Concat of
+    the cache) equals graph_attend over the joined keys on every row with an allowed key, with a
+    left-padded row, an empty past and a past of one."""
+    q, k, v = random_qkv(bsz=2, nh=6, nkv=2, nq=nq, nk=past + nq, seed=6)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    valid = torch.ones(2, past + nq, dtype=torch.bool)
+    valid[1, : min(3, past + nq - 1)] = False
+    k_pos = valid.long().cumsum(-1) - 1
+    allowed = attention_allowed(k_pos[:, past:], k_pos, valid, guard_empty_rows=False)
+    joined = attention.graph_attend(q, k, v, allowed, 0.25)
+    apart = attention.graph_attend_past(q, k[:, :, :past], v[:, :, :past], k[:, :, past:], v[:, :, past:],
+                                        allowed, 0.25)
+    assert apart.shape == joined.shape and apart.dtype == dtype and torch.isfinite(apart).all()
+    rows = allowed.any(-1)
+    atol = 1e-12 if dtype == torch.float64 else 2e-3
+    torch.testing.assert_close(apart.transpose(1, 2)[rows], joined.transpose(1, 2)[rows], rtol=0, atol=atol)
+
+
+def test_graph_split_past_only_while_exporting(monkeypatch):
+    """The split is a tracing choice of the decode branch: off by default, off outside export,
+    restored after the context."""
+    assert not attention.splits_past(attention.REFERENCE)
+    with attention.graph_split_past():
+        assert not attention.splits_past(attention.REFERENCE)  # eager: PyTorch joins the cache as before
+        monkeypatch.setattr(attention, "exporting", lambda: True)
+        assert attention.splits_past(attention.REFERENCE) and not attention.splits_past(attention.CAUSAL)
+    assert not attention.splits_past(attention.REFERENCE)
+
+
 def test_export_traces_the_graph_kernel(monkeypatch):
     """While exporting, the reference kernel runs as graph_attend (what makes the dense ONNX
     baseline fast: docs/export.md, "Attention in the graph")."""

@@ -121,6 +121,18 @@ def _branches(model: onnx.ModelProto):
     return g["then_branch"], g["else_branch"]
 
 
+def _cache_concats(model: onnx.ModelProto, branch: onnx.GraphProto) -> int:
+    """Concat nodes of `branch` that read the cache's keys or values (a graph input past.*.key /
+    past.*.value, through layout-only ops): each one copies the whole cache."""
+    views = {i.name for i in model.graph.input if i.name.startswith("past.") and i.name.endswith((".key", ".value"))}
+    count = 0
+    for n in branch.node:  # topological order
+        if n.op_type in ("Transpose", "Reshape", "Identity", "Cast", "Unsqueeze") and n.input[0] in views:
+            views.update(n.output)
+        count += n.op_type == "Concat" and any(x in views for x in n.input)
+    return count
+
+
 def test_decode_branch_runs_no_router_no_ops_and_weights_are_stored_once(exported):
     routed, out, old, new = exported
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -136,6 +148,8 @@ def test_decode_branch_runs_no_router_no_ops_and_weights_are_stored_once(exporte
     # attention.graph_attend: no NaN guard, no any() over [B,q,T], no cache expanded to every head
     # (the routed branch has Expands, ReduceMax and IsNaN of its own: gather indices, the score window)
     assert not set(ops) & {"IsNaN", "Expand", "ReduceMax"}
+    assert _cache_concats(model, decode) == 0  # attention.graph_attend_past: the cache is never copied
+    assert _cache_concats(model, routed_g) == len(routed.layers) * 2  # prefill/chunks join it (graph_attend)
     if routed.router.needs_attention:
         assert [n.op_type for n in routed_g.node].count("Softmax") > len(routed.layers)
     router_weights = {t.name for t in model.graph.initializer if "router" in t.name}
@@ -168,25 +182,28 @@ def test_routed_only_restores_the_previous_graph_and_dense_exports_are_unchanged
     assert decode_branch.routed_only(m) is None
 
 
-def test_dense_export_runs_causal_chunks_in_prefill_and_one_rectangle_in_decode(tiny_llama, tmp_path):
-    """With causal chunks (--attention-chunks 4) a dense export is If(S == 1, decode, prefill)
-    too: prefill's attention runs in 4 query chunks (the upper triangle skipped), decode in one rectangle
-    (chunks at S = 1 only add nodes and block ONNX Runtime's transpose fusion); both equal PyTorch,
-    padded rows included (their attention output is 0 on every path)."""
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_dense_export_runs_causal_chunks_in_prefill_and_one_rectangle_in_decode(tiny_llama, tmp_path, chunks):
+    """A dense export is If(S == 1, decode, prefill) too: decode attends to the cache without
+    copying it (attention.graph_attend_past) in one rectangle, and with causal chunks
+    (--attention-chunks 4) prefill's attention runs in 4 query chunks (the upper triangle skipped;
+    chunks at S = 1 would only add nodes and block ONNX Runtime's transpose fusion); both equal
+    PyTorch, padded rows included (their attention output is 0 on every path)."""
     from tokenskip import attention
 
     model, path = tiny_llama
     routed, cfg = build_routed(model, router="dense", model_name=str(path))
     assert not StepGraph(routed).routed_layers
     out = tmp_path / "exp"
-    with attention.graph_chunks(4):  # `tokenskip export --attention-chunks 4`
+    with attention.graph_chunks(chunks):  # `tokenskip export --attention-chunks 4`
         export_tiny(model, str(path), routed, cfg, out, max_seq_len=256)
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     decode, prefill = _branches(m)
     n = len(routed.layers)
     assert not any(x.domain == "tokenskip" for g in (decode, prefill) for x in g.node)
     assert [x.op_type for x in decode.node].count("Softmax") == n
-    assert [x.op_type for x in prefill.node].count("Softmax") == n * 4
+    assert [x.op_type for x in prefill.node].count("Softmax") == n * chunks
+    assert _cache_concats(m, decode) == 0 and _cache_concats(m, prefill) == 2 * n
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     graph = StepGraph(routed).eval()
     g = torch.Generator().manual_seed(7)
