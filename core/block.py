@@ -85,7 +85,13 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
     `seen` is False for keys no window query can see (the caller keeps their previous score).
     Cost: window x T per head. The groups' queries share their KV head's matmul (query heads
     kv*groups .. kv*groups+groups-1 read KV head kv, as HF's repeat_kv), so the keys are never
-    copied to nh heads: a decode step would otherwise copy the whole cache once per block.
+    copied to nh heads: a decode step would otherwise copy the whole cache once per block. As in
+    attention.graph_attend, the mask is a finite bias made once for all heads ([B,w,T], not
+    [B,nh,w,T]) and the scale multiplies q: in ONNX Runtime the two masked fills over
+    [B,nh,w,T] (-inf, then the NaN guard) were 29 of the four-feature router's 85 ms at S = 1024.
+    A masked key's probability underflows to exactly 0 wherever the row has an allowed key; a row
+    with none (padding, or not a usable window row) gets finite weights and weight 0 in the sum
+    over rows, which is a [1,w] x [w,T] product per head.
     """
     nrows = q.shape[2]
     w = min(window, nrows)
@@ -94,17 +100,21 @@ def window_attention_scores(q: Tensor, k: Tensor, allowed: Tensor, row_ok: Tenso
     rows = torch.topk(rank_key, w, dim=-1).indices  # [B,w] the last w usable rows
     rows_ok = row_ok.gather(1, rows)  # [B,w]
     qw = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B,nh,w,d]
-    mask = allowed.gather(1, rows.unsqueeze(-1).expand(-1, -1, allowed.shape[2]))  # [B,w,T]
+    # the window rows of allowed, whole rows copied (a Gather over [B*q,T]; gather() along dim 1
+    # would need a [B,w,T] int64 index: an Expand and an element-wise GatherElements in the graph)
+    flat_rows = (rows + torch.arange(rows.shape[0], device=rows.device)[:, None] * nrows).reshape(-1)  # [B*w]
+    mask = allowed.reshape(-1, allowed.shape[2]).index_select(0, flat_rows).view(rows.shape[0], w, -1)  # [B,w,T]
     mask = mask & rows_ok.unsqueeze(-1)
     bsz, nh, _, d = qw.shape
     nkv, nkeys = k.shape[1], k.shape[2]
     with fp32_region(q):  # the score is a router feature: fp32 even when the LLM runs in bf16/fp16
-        qg = qw.float().reshape(bsz, nkv, -1, d)  # [B,nkv,groups*w,d]
-        logits = torch.matmul(qg, k.float().transpose(2, 3)).reshape(bsz, nh, -1, nkeys) * scaling  # [B,nh,w,T]
-        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        probs = probs.masked_fill(probs.isnan(), 0.0)  # rows with no key -> 0
-        per_head = probs.sum(dim=2)  # [B,nh,T]
+        qg = (qw.float() * scaling).reshape(bsz, nkv, -1, d)  # [B,nkv,groups*w,d]
+        logits = torch.matmul(qg, k.float().transpose(2, 3)).reshape(bsz, nh, -1, nkeys)  # [B,nh,w,T]
+        low = torch.finfo(torch.float32).min / 2
+        bias = torch.where(mask, 0.0, low)  # [B,w,T] finite: a row with no allowed key stays finite
+        probs = torch.softmax(logits + bias.unsqueeze(1), dim=-1)  # [B,nh,w,T]
+        row_weight = mask.any(dim=-1).float()  # [B,w] rows with no allowed key add nothing
+        per_head = torch.matmul(row_weight[:, None, None, :], probs).squeeze(2)  # [B,nh,T]
         total = per_head.amax(dim=1) if heads == "max" else per_head.mean(dim=1)  # [B,T]
         count = mask.sum(dim=1)  # [B,T] window queries that see each key
         score = total / count.clamp(min=1).to(total.dtype)
