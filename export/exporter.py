@@ -379,6 +379,9 @@ def build_sidecar(model_name: str, routed: RoutedModel, cfg: RoutingConfig, dtyp
         "router": cfg.router,
         "kv_policy": routed.kv_policy,
         "score_window": routed.score_window,
+        # causal query chunks traced into prefill attention (--attention-chunks); 1: one rectangle,
+        # which the ONNX Runtime backend may chunk at load (deploy/runtime/ort_chunks.py)
+        "attention_chunks": attention.GRAPH_CAUSAL_CHUNKS,
         "dtype": dtype,
         "opset": opset,
         "ir_version": onnx_ops.IR_VERSION,

@@ -58,6 +58,9 @@ import numpy as np
 
 from tokenskip.errors import UserError
 
+from ..runtime import ort_chunks
+from ..runtime.ort_backend import attention_chunks, ort_session
+
 ROUTER, GATHER, SCATTER, INDEX, MODEL = "router", "gather", "scatter", "index", "model"
 TAGS = {ROUTER: "tokenskip.router/", GATHER: "tokenskip.gather/", SCATTER: "tokenskip.scatter/",
         INDEX: "tokenskip.index/"}
@@ -184,13 +187,20 @@ def tag_model(model) -> dict:
     return {"nodes": dict(counts), "known": known}
 
 
-def tagged_model(export_dir: Path, graph_entry: dict) -> tuple[bytes, dict]:
+def tagged_model(export_dir: Path, graph_entry: dict, meta: dict | None = None) -> tuple[bytes, dict]:
     """The export's model.onnx with tagged node names (tag_model), serialized without its weights:
     the session reads them from the export folder (ORT refuses external data outside the model's
-    folder, symlinks included, so the tagged graph is loaded from memory instead)."""
+    folder, symlinks included, so the tagged graph is loaded from memory instead). With the
+    sidecar (`meta`), prefill attention is chunked first, as the runtime's CPU session does
+    (ort_backend.ort_session), so the profile is of the graph the runtime runs."""
     import onnx
 
     model = onnx.load(str(export_dir / graph_entry["file"]), load_external_data=False)
+    if meta is not None and ort_chunks.eligible(meta):
+        cfg = meta["config"]
+        ort_chunks.chunk_attention(model, attention_chunks("cpu"),
+                                   groups=cfg["num_attention_heads"] // cfg["num_key_value_heads"],
+                                   head_dim=cfg["head_dim"])
     info = tag_model(model)
     return model.SerializeToString(), info
 
@@ -323,12 +333,13 @@ def ort_routing_cost(export_dir, dense_dir=None, seq: int = 1024, batch: int = 1
                         "give a `tokenskip export --router dense` folder")
     with tempfile.TemporaryDirectory(prefix="tokenskip-ort-cost-") as tmp:
         tmp = Path(tmp)
-        tagged, info = tagged_model(export_dir, entry)
+        tagged, info = tagged_model(export_dir, entry, meta)
         prof = profile_prefill(tagged, export_dir, info["known"], lambda s: prefill_feeds(s, batch, seq, vocab, seed),
                                repeats, warmup, threads, tmp)
-    sessions = {"routed": _session(export_dir / entry["file"], threads)}
-    if dense_meta is not None:
-        sessions["dense"] = _session(Path(dense_dir) / dense_meta["graphs"]["model"]["file"], threads)
+    sessions = {"routed": ort_session(export_dir / entry["file"], "cpu", threads, meta=meta)}
+    if dense_meta is not None:  # the runtime's sessions: chunked prefill attention where it applies
+        sessions["dense"] = ort_session(Path(dense_dir) / dense_meta["graphs"]["model"]["file"], "cpu", threads,
+                                        meta=dense_meta)
     feeds = {k: prefill_feeds(s, batch, seq, vocab, seed) for k, s in sessions.items()}
     wall = _wall(sessions, feeds, repeats, warmup)
     ms = prof["ms"]
@@ -338,6 +349,7 @@ def ort_routing_cost(export_dir, dense_dir=None, seq: int = 1024, batch: int = 1
         "export": str(export_dir), "dense_export": str(dense_dir) if dense_dir is not None else None,
         "router": meta.get("router"), "model": meta.get("model"), "dtype": meta.get("dtype"),
         "seq": seq, "batch": batch, "repeats": repeats, "warmup": warmup, "threads": threads,
+        "attention_chunks": attention_chunks("cpu") if ort_chunks.eligible(meta) else 1,
         "onnxruntime": _ort_version(), "cpus": os.cpu_count(),
         "nodes": info["nodes"], "kernels_per_run": prof["kernels_per_run"],
         "router_ms": ms[ROUTER], "gather_ms": ms[GATHER], "scatter_ms": ms[SCATTER],

@@ -75,15 +75,62 @@ def session_options(threads: int | None = None):
     return opts
 
 
-def ort_session(path: Path, device: str = "cpu", threads: int | None = None):
-    """The one ONNX Runtime session factory (validation and the ORT backend)."""
+CHUNKS_ENV = "TOKENSKIP_ORT_ATTENTION_CHUNKS"
+
+
+def attention_chunks(device: str) -> int:
+    """Causal query chunks the CPU session applies to prefill attention (ort_chunks; the
+    environment's TOKENSKIP_ORT_ATTENTION_CHUNKS, default 4, 1 = off). CUDA sessions get none:
+    the GPU provider's own attention fusions want the one rectangle."""
+    from .ort_chunks import DEFAULT_CHUNKS
+
+    raw = os.environ.get(CHUNKS_ENV, str(DEFAULT_CHUNKS))
+    try:
+        chunks = int(raw)
+    except ValueError:
+        chunks = 0
+    if not 1 <= chunks <= 16:
+        raise UserError(f"{CHUNKS_ENV}={raw!r}: must be an integer from 1 (off) to 16")
+    return chunks if device == "cpu" else 1
+
+
+def ort_session(path: Path, device: str = "cpu", threads: int | None = None, meta: dict | None = None,
+                stats: dict | None = None):
+    """The one ONNX Runtime session factory (validation and the ORT backend). With the export's
+    sidecar (`meta`) on the CPU, prefill attention runs in causal query chunks where the export
+    allows it (ort_chunks: the graph is rewritten in memory; the file is not touched); `stats`
+    receives what was applied."""
     ort = import_ort()
     opts = session_options(threads)
+    model = str(path)
+    chunks = attention_chunks(device) if meta is not None else 1
+    if stats is not None:
+        stats.update(attention_chunks=1, chunked_rectangles=0)
+    if chunks > 1 and _chunkable(meta):
+        import onnx
+
+        from .ort_chunks import chunk_attention
+
+        proto = onnx.load(str(path), load_external_data=False)
+        cfg = meta["config"]
+        groups = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+        n = chunk_attention(proto, chunks, groups=groups, head_dim=cfg["head_dim"])
+        if n:
+            model = proto.SerializeToString()
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            if stats is not None:
+                stats.update(attention_chunks=chunks, chunked_rectangles=n)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(device))
+        return ort.InferenceSession(model, sess_options=opts, providers=ort_providers(device))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot load {path} in ONNX Runtime: {first}") from None
+
+
+def _chunkable(meta: dict) -> bool:
+    from .ort_chunks import eligible
+
+    return eligible(meta) and "num_attention_heads" in meta.get("config", {})
 
 
 def _bind_in(binding, name: str, t: Tensor) -> None:
@@ -130,7 +177,8 @@ class OrtBackend(PreallocatedBackend):
         self.dir = Path(export_dir)
         self.meta = read_export(self.dir, "--onnx")
         graph = self.meta["graphs"]["model"]
-        self.session = ort_session(self.dir / graph["file"], device, threads)
+        self.stats: dict = {}
+        self.session = ort_session(self.dir / graph["file"], device, threads, meta=self.meta, stats=self.stats)
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.layers = list(self.meta["cache"]["layers"])
         cfg = self.meta["config"]
@@ -149,7 +197,6 @@ class OrtBackend(PreallocatedBackend):
                             "re-export with `tokenskip export`")
         self.max_length = export_max_length(self.meta)
         self.limit_what = f"export ({self.dir})"
-        self.stats: dict = {}
 
     def _run(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: KVCache | None, in_place: bool):
         """One graph call. in_place (one token per row, so k = S = 1 in every routed block): the
