@@ -24,7 +24,6 @@ from tokenskip.deploy.runtime import ort_chunks  # noqa: E402
 from tokenskip.deploy.runtime.ort_backend import OrtBackend  # noqa: E402
 from tokenskip.errors import UserError  # noqa: E402
 from tokenskip.export.sidecar import read_export  # noqa: E402
-from tokenskip.routed import default_positions  # noqa: E402
 
 from conftest import export_tiny, random_learned_router  # noqa: E402
 
