@@ -190,10 +190,7 @@ def graph_attend_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tens
     scores = torch.cat([torch.matmul(qg, past_key.transpose(2, 3)),  # [B,nkv,g*q,Tp]
                         torch.matmul(qg, key.transpose(2, 3))], dim=-1)  # [B,nkv,g*q,T]
     nkeys = scores.shape[-1]
-    zero = torch.scalar_tensor(0.0, dtype=scores.dtype, device=scores.device)
-    low = torch.scalar_tensor(torch.finfo(scores.dtype).min / 2, dtype=scores.dtype, device=scores.device)
-    bias = torch.where(allowed, zero, low)[:, None, None]  # [B,1,1,q,T]
-    p = torch.softmax(scores.view(bsz, nkv, groups, nq, nkeys) + bias, dim=-1)
+    p = torch.softmax(scores.view(bsz, nkv, groups, nq, nkeys) + _graph_bias(allowed, scores), dim=-1)
     p = p.view(bsz, nkv, groups * nq, nkeys)  # [B,nkv,g*q,T]
     out = torch.matmul(p[..., :t_past], past_value) + torch.matmul(p[..., t_past:], value)  # [B,nkv,g*q,d]
     return out.view(bsz, nh, nq, d)
@@ -240,6 +237,14 @@ def graph_attend(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling
     return _graph_rectangle(q, key, value, allowed, scaling)
 
 
+def _graph_bias(allowed: Tensor, scores: Tensor) -> Tensor:
+    """allowed [B,q,T] -> the additive mask [B,1,1,q,T] in the scores' dtype: 0 where allowed, half
+    the dtype's lowest value elsewhere (finite: see graph_attend)."""
+    zero = torch.scalar_tensor(0.0, dtype=scores.dtype, device=scores.device)
+    low = torch.scalar_tensor(torch.finfo(scores.dtype).min / 2, dtype=scores.dtype, device=scores.device)
+    return torch.where(allowed, zero, low)[:, None, None]
+
+
 def _graph_rectangle(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, scaling: float) -> Tensor:
     """graph_attend over the whole q x T rectangle."""
     bsz, nh, nq, d = q.shape
@@ -247,10 +252,8 @@ def _graph_rectangle(q: Tensor, key: Tensor, value: Tensor, allowed: Tensor, sca
     groups = nh // nkv
     qg = (q * scaling).reshape(bsz, nkv, groups * nq, d)  # [B,nkv,g*q,d]
     scores = torch.matmul(qg, key.transpose(2, 3)).view(bsz, nkv, groups, nq, nkeys)  # [B,nkv,g,q,T]
-    zero = torch.scalar_tensor(0.0, dtype=scores.dtype, device=scores.device)
-    low = torch.scalar_tensor(torch.finfo(scores.dtype).min / 2, dtype=scores.dtype, device=scores.device)
-    bias = torch.where(allowed, zero, low)[:, None, None]  # [B,1,1,q,T]
-    p = torch.softmax(scores + bias, dim=-1).view(bsz, nkv, groups * nq, nkeys)  # [B,nkv,g*q,T]
+    p = torch.softmax(scores + _graph_bias(allowed, scores), dim=-1)
+    p = p.view(bsz, nkv, groups * nq, nkeys)  # [B,nkv,g*q,T]
     return torch.matmul(p, value).view(bsz, nh, nq, d)  # [B,nh,q,d]
 
 

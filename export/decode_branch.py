@@ -27,7 +27,7 @@ on smollm2-135m) are shared by structure. The graph's inputs and outputs are unc
 TensorRT-RTX 1.7 cannot compile plugin layers inside a conditional, so engine builds parse
 `routed_only(model)` (docs/export.md, "Decode path").
 
-Dense exports get the same If (`dense=True`): their decode trace attends to the cache without
+Dense exports get the same If (`always=True`, as the exporter calls it): their decode trace attends to the cache without
 joining the new row to it (tokenskip.attention.graph_attend_past: no copy of the cache per block
 and step) and their prefill trace may run attention in causal query chunks (graph_attend), so dense
 and routed prefill and decode run the same attention code (docs/export.md, "Attention in the graph").
@@ -52,8 +52,9 @@ def _is_custom(node: onnx.NodeProto) -> bool:
     return node.domain == onnx_ops.DOMAIN
 
 
-def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    """The nodes the outputs depend on, in their original (topological) order."""
+def live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in their original (topological) order (values read from an
+    enclosing graph have no producer here and end the walk)."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     keep, stack = set(), list(outputs)
     while stack:
@@ -156,16 +157,16 @@ def _merge_decode_constants(routed: onnx.GraphProto, shared: list[onnx.NodeProto
 
 
 def add_decode_branch(model: onnx.ModelProto, decode: onnx.ModelProto, base_dir: str | None = None,
-                      dense: bool = False) -> onnx.ModelProto:
+                      always: bool = False) -> onnx.ModelProto:
     """Rewrite `model` (the routed trace, in place, weights not loaded) into If(S == 1, decode,
     routed), `decode` being the dense trace of the same model (same inputs, the same outputs less
     index.*); base_dir: the folder of both traces' external data (to match folded tensors by
-    bytes). A graph with no tokenskip op (a dense export) is returned unchanged, unless `dense`:
-    then its prefill trace (attention.graph_attend, maybe in causal chunks) and its decode trace
-    (attention.graph_attend_past: the cache is not copied) are two paths too."""
+    bytes). A graph with no tokenskip op (a dense export) is returned unchanged, unless `always`
+    (what the exporter asks): its prefill trace (attention.graph_attend, maybe in causal chunks)
+    and its decode trace (attention.graph_attend_past: the cache is not copied) differ too."""
     g, d = model.graph, decode.graph
     nodes, shared = _split_constants(g)
-    if not dense and not any(_is_custom(n) for n in nodes):
+    if not always and not any(_is_custom(n) for n in nodes):
         return model
     if any(_has_subgraph(n) for n in nodes + list(d.node)):
         raise ValueError("add_decode_branch: a traced graph already holds subgraphs")
@@ -238,6 +239,17 @@ def add_decode_branch(model: onnx.ModelProto, decode: onnx.ModelProto, base_dir:
     return model
 
 
+def _decode_if(g: onnx.GraphProto) -> onnx.NodeProto | None:
+    return next((n for n in g.node if n.op_type == "If" and n.name == "decode_or_routed"), None)
+
+
+def prefill_graph(model: onnx.ModelProto) -> onnx.GraphProto:
+    """The graph a call with S > 1 runs, to edit in place: the If's routed (else) branch, or the
+    model's graph when it has no decode branch."""
+    node = _decode_if(model.graph)
+    return model.graph if node is None else next(a.g for a in node.attribute if a.name == "else_branch")
+
+
 def routed_only(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """The graph without the decode branch: the outer shape nodes and the routed branch inlined,
     outputs under their own names (the format before the decode branch), in place; None if `model`
@@ -245,14 +257,14 @@ def routed_only(model: onnx.ModelProto) -> onnx.ModelProto | None:
     inside a conditional ("custom_layer ... wksp with TYPE unspecified"): the engine runs the
     routed path for every S, as it did before (docs/export.md, "Decode path")."""
     g = model.graph
-    node = next((n for n in g.node if n.op_type == "If" and n.name == "decode_or_routed"), None)
+    node = _decode_if(g)
     if node is None:
         return None
-    routed = next(a.g for a in node.attribute if a.name == "else_branch")
+    routed = prefill_graph(model)
     names = {o.name: outer for o, outer in zip(routed.output, node.output)}
     outer = [n for n in g.node if n is not node]
     inlined = [_renamed(n, names) for n in routed.node]
-    nodes = _live(outer + inlined, [o.name for o in g.output])
+    nodes = live_nodes(outer + inlined, [o.name for o in g.output])
     value_info = [v for v in routed.value_info if v.name not in names]
     used = {x for n in nodes for x in n.input}
     inits = [t for t in g.initializer if t.name in used or not t.name.startswith(DECODE)]

@@ -240,7 +240,6 @@ def _add_decode_branch(routed: RoutedModel, proto, opset: int, max_seq_len: int,
     import onnx
 
     scratch = path.with_name("decode-trace.onnx")
-    dense = not StepGraph(routed).routed_layers  # no custom op, yet the If separates the attentions
     saved = routed.router
     routed.router = None  # every block runs every token: layer_is_routed() is False, no score window
     try:
@@ -248,7 +247,7 @@ def _add_decode_branch(routed: RoutedModel, proto, opset: int, max_seq_len: int,
         with attention.graph_chunks(1), attention.graph_split_past():
             decode = export_graph(routed, opset, max_seq_len, False, scratch, {})
         t0 = time.perf_counter()
-        proto = decode_branch.add_decode_branch(proto, decode, str(path.parent), dense=dense)
+        proto = decode_branch.add_decode_branch(proto, decode, str(path.parent), always=True)
         onnx.save_model(proto, str(path))
     finally:
         routed.router = saved

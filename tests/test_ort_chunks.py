@@ -23,6 +23,7 @@ from tokenskip.config import RoutingConfig, build_routed, save_routing  # noqa: 
 from tokenskip.deploy.runtime import ort_chunks  # noqa: E402
 from tokenskip.deploy.runtime.ort_backend import OrtBackend  # noqa: E402
 from tokenskip.errors import UserError  # noqa: E402
+from tokenskip.export import decode_branch  # noqa: E402
 from tokenskip.export.sidecar import read_export  # noqa: E402
 
 from conftest import export_tiny, random_learned_router  # noqa: E402
@@ -91,7 +92,7 @@ def test_rewrite_leaves_the_score_window_and_decode_alone(export_dir):
     ifs = [n for n in model.graph.node if n.op_type == "If"]
     decode = next(a.g for a in ifs[0].attribute if a.name == "then_branch")
     before = decode.SerializeToString()
-    prefill = ort_chunks._prefill_graph(model)
+    prefill = decode_branch.prefill_graph(model)
     softmax = sum(n.op_type == "Softmax" for n in prefill.node)
     n = ort_chunks.chunk_attention(model, 4, groups=2, head_dim=16) if ort_chunks.eligible(meta) else 0
     assert n == (4 if kv == "skip" else 0)

@@ -196,12 +196,10 @@ def tagged_model(export_dir: Path, graph_entry: dict, meta: dict | None = None) 
     import onnx
 
     model = onnx.load(str(export_dir / graph_entry["file"]), load_external_data=False)
-    if meta is not None and ort_chunks.eligible(meta):
-        cfg = meta["config"]
-        ort_chunks.chunk_attention(model, attention_chunks("cpu"),
-                                   groups=cfg["num_attention_heads"] // cfg["num_key_value_heads"],
-                                   head_dim=cfg["head_dim"])
+    chunks = attention_chunks("cpu") if meta is not None else 1
+    chunked = ort_chunks.chunk_export_graph(model, meta, chunks) if chunks > 1 else 0
     info = tag_model(model)
+    info["attention_chunks"] = chunks if chunked else 1
     return model.SerializeToString(), info
 
 
@@ -349,7 +347,7 @@ def ort_routing_cost(export_dir, dense_dir=None, seq: int = 1024, batch: int = 1
         "export": str(export_dir), "dense_export": str(dense_dir) if dense_dir is not None else None,
         "router": meta.get("router"), "model": meta.get("model"), "dtype": meta.get("dtype"),
         "seq": seq, "batch": batch, "repeats": repeats, "warmup": warmup, "threads": threads,
-        "attention_chunks": attention_chunks("cpu") if ort_chunks.eligible(meta) else 1,
+        "attention_chunks": info["attention_chunks"],
         "onnxruntime": _ort_version(), "cpus": os.cpu_count(),
         "nodes": info["nodes"], "kernels_per_run": prof["kernels_per_run"],
         "router_ms": ms[ROUTER], "gather_ms": ms[GATHER], "scatter_ms": ms[SCATTER],

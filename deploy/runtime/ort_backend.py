@@ -28,6 +28,7 @@ from tokenskip.routed import default_positions
 from .base import BackendSpec, CacheOps, Created, ModelFacts, facts_from_sidecar, load_tokenizer, register_backend
 from .kv_cache import FIELDS, KVCache, PreallocatedBackend, host_logits
 from .kv_rows import SEQ_MAJOR_OPS
+from .ort_chunks import DEFAULT_CHUNKS, chunk_export_graph, eligible
 
 _ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6,
               torch.bool: 9}
@@ -82,8 +83,6 @@ def attention_chunks(device: str) -> int:
     """Causal query chunks the CPU session applies to prefill attention (ort_chunks; the
     environment's TOKENSKIP_ORT_ATTENTION_CHUNKS, default 4, 1 = off). CUDA sessions get none:
     the GPU provider's own attention fusions want the one rectangle."""
-    from .ort_chunks import DEFAULT_CHUNKS
-
     raw = os.environ.get(CHUNKS_ENV, str(DEFAULT_CHUNKS))
     try:
         chunks = int(raw)
@@ -106,15 +105,11 @@ def ort_session(path: Path, device: str = "cpu", threads: int | None = None, met
     chunks = attention_chunks(device) if meta is not None else 1
     if stats is not None:
         stats.update(attention_chunks=1, chunked_rectangles=0)
-    if chunks > 1 and _chunkable(meta):
+    if chunks > 1 and eligible(meta):
         import onnx
 
-        from .ort_chunks import chunk_attention
-
         proto = onnx.load(str(path), load_external_data=False)
-        cfg = meta["config"]
-        groups = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
-        n = chunk_attention(proto, chunks, groups=groups, head_dim=cfg["head_dim"])
+        n = chunk_export_graph(proto, meta, chunks)
         if n:
             model = proto.SerializeToString()
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
@@ -125,12 +120,6 @@ def ort_session(path: Path, device: str = "cpu", threads: int | None = None, met
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot load {path} in ONNX Runtime: {first}") from None
-
-
-def _chunkable(meta: dict) -> bool:
-    from .ort_chunks import eligible
-
-    return eligible(meta) and "num_attention_heads" in meta.get("config", {})
 
 
 def _bind_in(binding, name: str, t: Tensor) -> None:

@@ -47,15 +47,6 @@ def eligible(meta: dict) -> bool:
     return (not routed or meta.get("kv_policy") == "skip") and int(meta.get("attention_chunks", 1)) == 1
 
 
-def _prefill_graph(model):
-    """The graph prefill runs: the If's else branch (tokenskip.export.decode_branch), else the main one."""
-    ifs = [n for n in model.graph.node if n.op_type == "If"]
-    if not ifs:
-        return model.graph
-    (node,) = ifs
-    return next(a.g for a in node.attribute if a.name == "else_branch")
-
-
 def _consumers(nodes) -> dict:
     out: dict = {}
     for n in nodes:
@@ -149,29 +140,15 @@ def _chunk_nodes(m: dict, tag: str, chunks: int, groups: int, head_dim: int):
     return nodes
 
 
-def _live(graph) -> None:
-    """Drop the nodes no graph output depends on (the rectangle's shape computations), in place.
-    Values read from an enclosing graph are not produced here and simply stop the walk."""
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
-    keep, stack = set(), [o.name for o in graph.output]
-    while stack:
-        i = producer.get(stack.pop())
-        if i is None or i in keep:
-            continue
-        keep.add(i)
-        stack += [x for x in graph.node[i].input if x]
-    nodes = [n for i, n in enumerate(graph.node) if i in keep]
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
 def chunk_attention(model, chunks: int, groups: int, head_dim: int) -> int:
     """Rewrite every attention rectangle of `model`'s prefill graph (a ModelProto loaded without
     its weights; in place) into `chunks` causal query chunks. groups: query heads per KV head;
     head_dim: d. Returns the number of rectangles rewritten (0 when chunks < 2)."""
+    from tokenskip.export.decode_branch import live_nodes, prefill_graph
+
     if chunks < 2:
         return 0
-    graph = _prefill_graph(model)
+    graph = prefill_graph(model)
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers = _consumers(nodes)
@@ -190,7 +167,17 @@ def chunk_attention(model, chunks: int, groups: int, head_dim: int) -> int:
             m["out"].input[0] = new[-1].output[0]
         if id(n) not in removed:
             rebuilt.append(n)
+    live = live_nodes(rebuilt, [o.name for o in graph.output])  # the rectangles' shape nodes go
     del graph.node[:]
-    graph.node.extend(rebuilt)
-    _live(graph)
+    graph.node.extend(live)
     return len(matches)
+
+
+def chunk_export_graph(model, meta: dict, chunks: int) -> int:
+    """chunk_attention on an export's graph (`meta`: its export.json) where `eligible` allows it,
+    with the head layout from the sidecar; the number of rectangles rewritten (0: none)."""
+    cfg = meta.get("config", {})
+    if not eligible(meta) or "num_attention_heads" not in cfg:
+        return 0
+    return chunk_attention(model, chunks, groups=cfg["num_attention_heads"] // cfg["num_key_value_heads"],
+                           head_dim=cfg["head_dim"])
